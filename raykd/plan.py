@@ -1,0 +1,151 @@
+"""Resolve a validated Config into a Plan: teacher, student layers, layer map, loss terms, FLOPs.
+
+Everything here runs before any cluster resource is used; every problem is a one-line
+`ConfigError`. Shapes come from meta-device models (no weights) unless the student cut
+needs the teacher's weights (`student.init: importance`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from raykd import models
+from raykd.capture import decoder_layers
+from raykd.config import Config, ConfigError
+from raykd.layer_map import layer_map, pick_pairs, select_layers
+
+
+@dataclass
+class ModelInfo:
+    source: str  # the spec or "cut from the teacher"
+    path: str  # local directory (teacher / HF student) or "" for a cut student
+    arch: str
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    params: int
+    matmul_params: int  # parameters that cost 2 FLOPs per token in a forward (layers + LM head)
+
+
+@dataclass
+class Plan:
+    teacher: ModelInfo
+    student: ModelInfo
+    kept: list[int] | None  # teacher layers a cut student keeps (None: an HF student)
+    importance: dict | None  # the scores that chose `kept` (student.init=importance)
+    pairs: list[tuple[int, int]]  # (teacher_layer, student_layer)
+    terms: dict[str, float]  # active loss terms and weights
+    flops_per_token: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def model_info(config, source: str, path: str, trust_remote_code: bool = False) -> ModelInfo:
+    meta = models.meta_model(config, trust_remote_code)
+    params = models.count_params(meta)
+    emb = meta.get_input_embeddings().weight
+    head_w = meta.get_output_embeddings().weight
+    tied = head_w is emb
+    matmul = params - emb.numel() + (head_w.numel() if tied else 0)
+    heads = getattr(config, "num_attention_heads", 0)
+    return ModelInfo(
+        source, path, type(meta).__name__, models.num_layers(config), config.hidden_size, heads,
+        getattr(config, "num_key_value_heads", None) or heads, config.vocab_size, params, matmul,
+    )
+
+
+def kd_flops_per_token(teacher: ModelInfo, student: ModelInfo, block: int) -> dict[str, float]:
+    """FLOPs per token: teacher forward 2·N_t, student forward+backward 6·N_s (N = matmul
+    parameters), plus causal attention scores 2·L·T·H forward per model (Kaplan et al. 2020)."""
+    t_fwd = 2 * teacher.matmul_params + 2 * teacher.layers * block * teacher.hidden
+    s_step = 3 * (2 * student.matmul_params + 2 * student.layers * block * student.hidden)
+    return {"teacher_forward": float(t_fwd), "student_step": float(s_step), "total": float(t_fwd + s_step)}
+
+
+def _check_attention_modules(model_config, field: str, trust_remote_code: bool) -> None:
+    attn = getattr(decoder_layers(models.meta_model(model_config, trust_remote_code))[0], "self_attn", None)
+    if attn is None or not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj")):
+        raise ConfigError(f"{field}: attention/relation terms need q_proj/k_proj/v_proj attention modules (Llama, Qwen, Mistral...); set the weight to 0 for this model")
+
+
+def _choose_kept(cfg: Config, teacher_dir: Path, depth: int, log) -> tuple[list[int], dict | None]:
+    s = cfg.student
+    if s.init != "importance":
+        return select_layers(s.init, depth, s.num_layers, s.layers, s.ends_first), None
+    select_layers("first", depth, s.num_layers)  # the depth check, before loading anything
+    from raykd.corpora import calibration_text
+    from raykd.importance import calibration_ids, importance_cut
+
+    log(f"raykd: scoring {s.importance_metric} cuts of the teacher on {s.calibration_tokens} calibration tokens")
+    teacher = models.load_model(teacher_dir, models.DTYPE["float32"], cfg.teacher.trust_remote_code, frozen=True)
+    tok = models.load_tokenizer(teacher_dir, cfg.teacher.trust_remote_code)
+    text = calibration_text(cfg.data.train, cfg.data.text_field, n_chars=8 * s.calibration_tokens)
+    ids = calibration_ids(tok, text, s.calibration_tokens, cfg.data.block_size)
+    kept, scores = importance_cut(teacher, s.num_layers, ids, s.importance_metric)
+    scores["calibration_tokens"] = int(ids.numel())
+    return kept, scores
+
+
+def build_plan(cfg: Config, log=print) -> Plan:
+    trc = cfg.teacher.trust_remote_code
+    teacher_dir = models.resolve_model(cfg.teacher.model, "teacher.model", log)
+    t_config = models.load_config(teacher_dir, trc)
+    teacher = model_info(t_config, cfg.teacher.model, str(teacher_dir), trc)
+    if cfg.student.model:
+        s_dir = models.resolve_model(cfg.student.model, "student.model", log)
+        s_config = models.load_config(s_dir, trc)
+        models.check_same_vocab(models.load_tokenizer(teacher_dir, trc), models.load_tokenizer(s_dir, trc))
+        student = model_info(s_config, cfg.student.model, str(s_dir), trc)
+        kept, importance = None, None
+    else:
+        kept, importance = _choose_kept(cfg, teacher_dir, teacher.layers, log)
+        s_config = models.student_config(t_config, kept)
+        student = model_info(s_config, f"cut from the teacher (init={cfg.student.init})", "", trc)
+    lm = cfg.layer_map
+    pairs = layer_map(lm.strategy, teacher.layers, student.layers, kept, lm.pairs, lm.num_pairs)
+    terms = cfg.loss.weights.active()
+    if "attention" in terms or "relation" in terms:
+        field = "loss.weights.attention" if "attention" in terms else "loss.weights.relation"
+        _check_attention_modules(t_config, field, trc)
+        _check_attention_modules(s_config, field, trc)
+        pick_pairs(pairs, cfg.loss.attention_pairs, "all", "loss.attention_pairs")
+    if "blockwise" in terms:
+        pick_pairs(pairs, cfg.loss.blockwise_pairs, "middle", "loss.blockwise_pairs")
+    plan = Plan(teacher, student, kept, importance, pairs, terms)
+    plan.flops_per_token = kd_flops_per_token(teacher, student, cfg.data.block_size)
+    return plan
+
+
+def _m(n: float) -> str:
+    return f"{n / 1e6:.1f} M"
+
+
+def format_plan(cfg: Config, plan: Plan) -> str:
+    t, s = plan.teacher, plan.student
+    lines = [
+        f"teacher    {t.source}  ({t.path})",
+        f"           {t.arch}: {t.layers} layers, hidden {t.hidden}, {t.heads} heads / {t.kv_heads} kv heads, vocab {t.vocab}, {_m(t.params)} params",
+        f"student    {s.source}: {s.layers} layers, hidden {s.hidden}, {_m(s.params)} params ({100 * s.params / t.params:.1f}% of the teacher)",
+    ]
+    if plan.kept is not None:
+        lines.append(f"           kept teacher layers {plan.kept}")
+    if plan.importance and "perplexity" in plan.importance:
+        best = sorted(plan.importance["perplexity"].items(), key=lambda kv: kv[1])[:3]
+        lines.append("           best cuts by calibration perplexity: " + "; ".join(f"[{k}] {v:.4g}" for k, v in best))
+    lines.append(f"layer map  ({cfg.layer_map.strategy}) teacher->student " + ", ".join(f"{a}->{b}" for a, b in plan.pairs))
+    parts = []
+    for name, wt in plan.terms.items():
+        detail = {"kd": f"({cfg.loss.kd}, T={cfg.loss.temperature:g})", "hidden": f"({cfg.loss.hidden})"}.get(name, "")
+        parts.append(f"{wt:g}*{name}{detail}")
+    lines.append("loss       " + " + ".join(parts))
+    f = plan.flops_per_token
+    lines.append(
+        f"flops/tok  teacher fwd {f['teacher_forward'] / 1e9:.3f} GF + student fwd+bwd {f['student_step'] / 1e9:.3f} GF = {f['total'] / 1e9:.3f} GF (block {cfg.data.block_size})"
+    )
+    sc = cfg.scale
+    lines.append(f"scale      {sc.num_workers} worker(s), {sc.strategy}, {'gpu' if sc.use_gpu else 'cpu'}; output {cfg.output_dir}")
+    return "\n".join(lines)

@@ -1,0 +1,71 @@
+import pytest
+import yaml
+
+from raykd.config import Config, ConfigError, from_dict, load_config
+
+
+def test_defaults_round_trip_through_a_plain_dict_and_yaml():
+    cfg = Config()
+    again = from_dict(cfg.to_dict())
+    assert again == cfg
+    assert from_dict(yaml.safe_load(cfg.to_yaml())) == cfg
+
+
+def test_jobs_load_and_overrides_apply(tmp_path):
+    cfg = load_config("jobs/demo.yaml", ["student.num_layers=12", "loss.weights.hidden=0.25", "output_dir=/tmp/x", "loss.kd_params.beta=0.3", "loss.kd=jsd"])
+    assert cfg.student.num_layers == 12
+    assert cfg.loss.weights.hidden == 0.25 and isinstance(cfg.loss.weights.hidden, float)
+    assert cfg.output_dir == "/tmp/x"
+    assert cfg.loss.kd == "jsd" and cfg.loss.kd_params == {"beta": 0.3}
+    assert load_config("jobs/smoke.yaml").teacher.model == "tiny-random"
+
+
+def test_teacher_shorthand():
+    assert from_dict({"teacher": "tiny-random"}).teacher.model == "tiny-random"
+    assert load_config(None, ["teacher.model=tiny-random"]).teacher.model == "tiny-random"
+
+
+@pytest.mark.parametrize(
+    "overrides, field, hint",
+    [
+        (["student.num_layer=3"], "student.num_layer", "did you mean 'num_layers'"),
+        (["studnt.num_layers=3"], "studnt", "did you mean 'student'"),
+        (["student.num_layers=0"], "student.num_layers", ">= 1"),
+        (["student.num_layers=ten"], "student.num_layers", "integer"),
+        (["loss.kd=forwrd_kl"], "loss.kd", "did you mean 'forward_kl'"),
+        (["loss.weights.hidden=-1"], "loss.weights.hidden", "use 0 to switch the term off"),
+        (["loss.weights.ce=0", "loss.weights.kd=0", "loss.weights.hidden=0"], "loss.weights", "positive weight"),
+        (["loss.kd=jsd", "loss.kd_params.beta=2"], "loss.kd_params.beta", ""),
+        (["loss.kd=jsd", "loss.kd_params.gamma=2"], "loss.kd_params.gamma", ""),
+        (["student.init=bogus"], "student.init", "choose one of"),
+        (["student.init=list"], "student.layers", "student.layers=[0,5,9]"),
+        (["layer_map.strategy=list"], "layer_map.pairs", "teacher_layer, student_layer"),
+        (["scale.strategy=fsdp"], "scale.strategy", "did you mean 'fsdp2'"),
+        (["train.lr=0"], "train.lr", "> 0"),
+        (["nonsense"], "nonsense", "key=value"),
+    ],
+)
+def test_bad_values_name_the_field_and_the_fix(overrides, field, hint):
+    with pytest.raises(ConfigError) as e:
+        load_config("jobs/demo.yaml", overrides)
+    msg = str(e.value)
+    assert msg.startswith(field + ":"), msg
+    assert hint in msg
+    assert "\n" not in msg
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match=r"^config: file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("student: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)
+
+
+def test_list_init_sets_depth_from_layers():
+    cfg = load_config(None, ["student.init=list", "student.layers=[0,3,5]"])
+    assert cfg.student.num_layers == 3

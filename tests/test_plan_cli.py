@@ -1,0 +1,80 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from raykd.cli import main
+from raykd.config import load_config
+from raykd.plan import build_plan
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "raykd.cli", *args], capture_output=True, text=True)
+
+
+def test_plan_smoke_prints_sizes_layers_map_terms_flops(capsys, tiny_teacher_dir):
+    assert main(["plan", "jobs/smoke.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "LlamaForCausalLM: 6 layers, hidden 64" in out
+    assert "kept teacher layers [0, 2, 5]" in out or "kept teacher layers [0, 3, 5]" in out
+    assert "layer map" in out and "1*ce" in out and "0.5*hidden(cosine)" in out and "0.1*attention" in out
+    assert "flops/tok" in out
+
+
+def test_plan_json_and_overrides(capsys, tiny_teacher_dir):
+    assert main(["plan", "jobs/smoke.yaml", "student.init=first", "student.num_layers=2", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["kept"] == [0, 1]
+    assert plan["pairs"] == [[0, 0], [1, 1]]
+    assert plan["student"]["layers"] == 2 and plan["student"]["params"] < plan["teacher"]["params"]
+    assert plan["flops_per_token"]["total"] > plan["flops_per_token"]["teacher_forward"] > 0
+
+
+@pytest.mark.parametrize(
+    "overrides, start",
+    [
+        (["student.num_layers=6"], "student.num_layers: 6 must be between 1 and 5"),
+        (["student.num_layrs=2"], "student.num_layrs: unknown key; did you mean 'num_layers'?"),
+        (["layer_map.strategy=list", "layer_map.pairs=[[9, 0]]"], "layer_map.pairs: pair [9, 0] out of range"),
+        (["teacher.model=/nonexistent/model"], "teacher.model: /nonexistent/model not found"),
+        (["loss.kd=kl"], "loss.kd: unknown logit loss"),
+        (["loss.weights.kd=-0.5"], "loss.weights.kd: negative weight"),
+        (["student.model=tiny-random:vocab=512"], "student.model: vocabulary differs"),
+        (["loss.attention_pairs=[7]"], "loss.attention_pairs: index 7 out of range"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(overrides, start, tiny_teacher_dir):
+    proc = run_cli("plan", "jobs/smoke.yaml", *overrides)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("raykd: error: " + start), lines[0]
+    assert proc.stdout == ""
+
+
+def test_missing_config_file_exits_2():
+    proc = run_cli("plan", "jobs/nope.yaml")
+    assert proc.returncode == 2 and "config: file not found: jobs/nope.yaml" in proc.stderr
+
+
+def test_hf_student_gets_a_uniform_map(tiny_teacher_dir):
+    from raykd.models import build_tiny_random
+
+    small = build_tiny_random("tiny-random:layers=2,hidden=32,heads=2,kv_heads=1")
+    cfg = load_config("jobs/smoke.yaml", [f"student.model={small}"])
+    plan = build_plan(cfg, log=lambda m: None)
+    assert plan.kept is None and plan.pairs == [(2, 0), (5, 1)]
+    assert plan.student.hidden == 32
+
+
+def test_importance_cut_on_the_tiny_teacher(tiny_teacher_dir):
+    cfg = load_config("jobs/smoke.yaml", ["student.init=importance", "student.calibration_tokens=256"])
+    plan = build_plan(cfg, log=lambda m: None)
+    scores = plan.importance["perplexity"]
+    best = min(scores, key=scores.get)
+    assert plan.kept == [int(i) for i in best.split(",")]
+    assert len(scores) == 5  # 4 contiguous drops of 3 of 6 layers + the uniform cut
+    cfg = load_config("jobs/smoke.yaml", ["student.init=importance", "student.importance_metric=block_influence", "student.calibration_tokens=128"])
+    plan = build_plan(cfg, log=lambda m: None)
+    assert len(plan.kept) == 3 and len(plan.importance["block_influence"]) == 6
