@@ -166,6 +166,7 @@ def build_tiny_random(spec: str = "tiny-random") -> Path:
 
 def _train_tiny_tokenizer(vocab: int):
     from pydoc_data.topics import topics
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

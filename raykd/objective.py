@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from raykd.capture import QKV, Capture, attention_kl, default_relation_heads, relation_loss, run_layers
+from raykd.attention import attention_kl, default_relation_heads, relation_loss
+from raykd.capture import QKV, Capture, run_layers
 from raykd.config import LossConfig, _build
 from raykd.layer_map import Projections, pick_pairs
 from raykd.losses import HIDDEN_LOSSES, fused_head_losses

@@ -8,17 +8,13 @@ import pytest
 import torch
 import transformers as tf
 
-from raykd.capture import (
-    QKV,
-    Capture,
+from raykd.attention import (
     attention_kl,
     attention_probs,
-    decoder_layers,
     default_relation_heads,
-    final_norm,
     relation_loss,
-    run_layers,
 )
+from raykd.capture import QKV, Capture, decoder_layers, final_norm, run_layers
 
 V, B, T = 128, 2, 11
 TEACHER = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=4,

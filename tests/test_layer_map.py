@@ -2,7 +2,14 @@ import pytest
 import torch
 
 from raykd.config import ConfigError
-from raykd.layer_map import Projections, contiguous_drops, evenly_spaced, layer_map, pick_pairs, select_layers
+from raykd.layer_map import (
+    Projections,
+    contiguous_drops,
+    evenly_spaced,
+    layer_map,
+    pick_pairs,
+    select_layers,
+)
 
 
 @pytest.mark.parametrize("L", [2, 6, 12, 30, 32])

@@ -4,7 +4,15 @@ import pytest
 import torch
 
 from raykd.config import ConfigError
-from raykd.models import build_tiny_random, check_same_vocab, count_params, cut_student, load_model, load_tokenizer, resolve_model
+from raykd.models import (
+    build_tiny_random,
+    check_same_vocab,
+    count_params,
+    cut_student,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+)
 
 
 def test_tiny_teacher_is_cached_and_deterministic(tiny_teacher_dir):
