@@ -132,3 +132,32 @@ def calibration_text(sources: list[str], text_field: str, n_chars: int) -> str:
     if not parts:
         raise ConfigError("data.train: the corpus holds no text; add documents")
     return "\n\n".join(parts)
+
+
+def clean_text(text: str) -> str:
+    """Normalise whitespace: unify newlines, strip trailing spaces, collapse runs of blank lines."""
+    lines = [" ".join(line.split()) for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
+    out, blank = [], 0
+    for line in lines:
+        blank = blank + 1 if not line else 0
+        if blank <= 1:
+            out.append(line)
+    return "\n".join(out).strip()
+
+
+def pack_blocks(token_lists, block_size: int, eos_id: int, carry: list[int] | None = None):
+    """Pack documents into [n, block_size] blocks, EOS after each document, no padding.
+
+    `token_lists`: iterable of token-id lists (one per document). Returns (blocks as a list
+    of lists, leftover tokens shorter than a block); pass the leftover back as `carry` to
+    continue packing across batches, or drop it at the end.
+    """
+    buf = list(carry or [])
+    blocks = []
+    for ids in token_lists:
+        buf.extend(ids)
+        buf.append(eos_id)
+        while len(buf) >= block_size:
+            blocks.append(buf[:block_size])
+            buf = buf[block_size:]
+    return blocks, buf

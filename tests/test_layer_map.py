@@ -83,3 +83,13 @@ def test_projections_identity_and_learned():
     assert proj(0, torch.randn(2, 3, 48)).shape == (2, 3, 64)
     assert sum(p.numel() for p in proj.parameters()) == 2 * 48 * 64
     assert pick_pairs(pairs, None, "middle", "x") == [(5, 1)]
+
+
+def test_pack_blocks_and_clean_text():
+    from raykd.corpora import clean_text, pack_blocks
+
+    blocks, rest = pack_blocks([[1, 2, 3], [4, 5], [6]], 4, eos_id=0)
+    assert blocks == [[1, 2, 3, 0], [4, 5, 0, 6]] and rest == [0]
+    blocks, rest = pack_blocks([[7, 8, 9]], 4, eos_id=0, carry=rest)
+    assert blocks == [[0, 7, 8, 9]] and rest == [0]
+    assert clean_text("  a   b \r\n\n\n\n c\t d  ") == "a b\n\nc d"
