@@ -83,7 +83,9 @@ class Distiller(nn.Module):
         w = self.weights
         self.attn_pairs = pick_pairs(self.pairs, self.cfg.attention_pairs, "all", "loss.attention_pairs") if ("attention" in w or "relation" in w) else []
         self.block_pairs = pick_pairs(self.pairs, self.cfg.blockwise_pairs, "middle", "loss.blockwise_pairs") if "blockwise" in w else []
-        self.projections = Projections(self.pairs, student.config.hidden_size, teacher_width)
+        # only the terms that compare hidden states own projections (no unused parameters under DDP)
+        projected = self.pairs if ("hidden" in w or "blockwise" in w) else []
+        self.projections = Projections(projected, student.config.hidden_size, teacher_width)
         self.relation_heads = self.cfg.relation_heads
 
     # which layers each side must capture ------------------------------------------------
