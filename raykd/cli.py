@@ -39,9 +39,41 @@ def cmd_fetch(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from raykd.evaluate import format_eval, run_eval
+
+    metrics = run_eval(
+        args.student, args.teacher, args.data, block_size=args.block_size, max_blocks=args.max_blocks,
+        text_field=args.text_field, trust_remote_code=args.trust_remote_code, generation=not args.no_generation,
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    print(json.dumps(metrics, indent=2) if args.json else format_eval(metrics))
+    return 0
+
+
+def cmd_distill(args) -> int:
+    from raykd.config import load_config
+    from raykd.train import distill
+
+    cfg = load_config(args.config, args.overrides)
+    t0 = time.time()
+    metrics = distill(cfg, log=lambda m: print(m, file=sys.stderr))
+    keys = ("init_val_perplexity", "val_perplexity", "teacher_val_perplexity", "top1_agreement", "rougeL", "bleu",
+            "tokens_seen", "tokens_per_s", "train_wall_s")
+    print(f"raykd: distilled into {cfg.output_dir}/student in {time.time() - t0:.0f} s")
+    for k in keys:
+        v = metrics.get(k)
+        print(f"  {k:24s} {v:.4g}" if isinstance(v, (int, float)) else f"  {k:24s} {v}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raykd", description="Feature-alignment knowledge distillation of causal LMs on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
+    distill = sub.add_parser("distill", help="distil the teacher into the student on Ray (starts Ray or joins RAY_ADDRESS); writes OUTPUT/student, metrics.json, config.yaml; re-running resumes")
+    distill.add_argument("config", help="YAML config, e.g. jobs/smoke.yaml")
+    distill.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100")
+    distill.set_defaults(fn=cmd_distill)
     plan = sub.add_parser("plan", help="validate a config and print teacher/student sizes, kept layers, layer map, loss terms, FLOPs; starts nothing")
     plan.add_argument("config", help="YAML config, e.g. jobs/demo.yaml")
     plan.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. student.num_layers=10")
@@ -51,6 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("what", choices=["teacher", "corpus"])
     fetch.add_argument("name", nargs="?", help="teacher spec (default smollm2-135m) or corpus name (sotu)")
     fetch.set_defaults(fn=cmd_fetch)
+    ev = sub.add_parser("eval", help="perplexity, top-1 agreement, greedy-generation overlap and speed of a student against its teacher")
+    ev.add_argument("--student", required=True, metavar="DIR", help="saved student (OUTPUT/student from raykd distill)")
+    ev.add_argument("--teacher", required=True, metavar="SPEC", help="HF model dir, FILE.gguf, smollm2-135m or tiny-random")
+    ev.add_argument("--data", required=True, nargs="+", metavar="PATH", help="validation text: files, dirs, globs, or sotu/pydoc (their validation split)")
+    ev.add_argument("--block-size", type=int, default=256, help="tokens per block (default 256)")
+    ev.add_argument("--max-blocks", type=int, default=32, help="evaluate at most this many blocks (default 32)")
+    ev.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet files (default text)")
+    ev.add_argument("--no-generation", action="store_true", help="skip greedy generation (ROUGE-L, BLEU)")
+    ev.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the model directories")
+    ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    ev.set_defaults(fn=cmd_eval)
     return p
 
 

@@ -1,0 +1,331 @@
+"""Evaluation of a student against its teacher: perplexity, agreement, generation overlap, speed.
+
+Pure torch + transformers + rouge_score + sacrebleu; no Ray (the train loop and `raykd eval`
+both call these). Blocks are packed token ids, ``LongTensor[N, T]`` (no padding), moved to the
+model's device batch by batch. Every metric runs the model in eval mode under ``no_grad`` and
+puts it back in the mode it was in.
+
+Memory stays bounded by ``batch_size``: one batch's logits ``[B, T, V]`` at a time, reduced at
+once to summed NLL (fp32 cross-entropy) and argmax ids ``[B, T]``; nothing of size ``V`` is kept.
+``evaluate_pair`` runs each model over the blocks once for perplexity and top-1 agreement.
+
+ROUGE-L and BLEU use the ``rouge_score`` and ``sacrebleu`` packages directly
+(``evaluate.load`` needs the hub, which is offline here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from raykd.config import ConfigError
+
+METRIC_KEYS = (
+    "val_perplexity", "teacher_val_perplexity", "top1_agreement", "rougeL", "bleu",
+    "student_tokens_per_s", "teacher_tokens_per_s", "student_params", "teacher_params", "val_tokens",
+)
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _inference(model):
+    """Eval mode + no_grad for the block; restores the model's training flag afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _check_blocks(blocks: torch.Tensor, min_len: int = 2) -> None:
+    if blocks.dim() != 2 or blocks.shape[0] == 0 or blocks.shape[1] < min_len:
+        raise ValueError(f"blocks must be a LongTensor[N, T] with N >= 1 and T >= {min_len}, got shape {tuple(blocks.shape)}")
+
+
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """ids: LongTensor[B, T] on the model's device -> logits [B, T, V] (model dtype)."""
+    return model(input_ids=ids, use_cache=False).logits
+
+
+def _forward_stats(model, blocks: torch.Tensor, batch_size: int = 8, want_nll: bool = True, want_argmax: bool = True):
+    """One pass over `blocks` [N, T]: (summed next-token NLL as float, count N*(T-1), argmax [N, T] on CPU or None).
+
+    The NLL is fp32 cross-entropy of logits[:, :-1] against ids[:, 1:], summed in float64.
+    """
+    _check_blocks(blocks)
+    device = _device(model)
+    nll, count, argmax = 0.0, 0, []
+    with _inference(model):
+        for start in range(0, blocks.shape[0], batch_size):
+            ids = blocks[start:start + batch_size].to(device)
+            logits = _logits(model, ids)  # [B, T, V]
+            if want_nll:
+                flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # [B*(T-1), V]
+                nll += F.cross_entropy(flat, ids[:, 1:].reshape(-1), reduction="sum").double().item()
+                count += ids[:, 1:].numel()
+                del flat
+            if want_argmax:
+                argmax.append(logits.argmax(dim=-1).cpu())  # [B, T]
+            del logits
+    return nll, count, (torch.cat(argmax) if want_argmax else None)
+
+
+def _ppl(nll: float, count: int) -> float:
+    return math.exp(nll / count) if nll / count < 700 else float("inf")
+
+
+# --- metrics ----------------------------------------------------------------------------------
+
+
+def perplexity(model, blocks: torch.Tensor, batch_size: int = 8) -> float:
+    """exp(mean next-token NLL) over all N*(T-1) predictions of `blocks` LongTensor[N, T].
+
+    Equals exp of Hugging Face's own ``labels=`` loss on the same blocks (one batch).
+    """
+    nll, count, _ = _forward_stats(model, blocks, batch_size, want_nll=True, want_argmax=False)
+    return _ppl(nll, count)
+
+
+def top1_agreement(student, teacher, blocks: torch.Tensor, batch_size: int = 8) -> float:
+    """Share of the N*T positions of `blocks` [N, T] where argmax student logits == argmax teacher logits."""
+    _, _, s = _forward_stats(student, blocks, batch_size, want_nll=False)
+    _, _, t = _forward_stats(teacher, blocks, batch_size, want_nll=False)
+    return (s == t).double().mean().item()
+
+
+def greedy_continuations(model, prompts: torch.Tensor, new_tokens: int, pad_token_id: int, eos_token_id=None) -> torch.Tensor:
+    """Greedy decoding from `prompts` LongTensor[P, L] (no padding) -> new ids LongTensor[P, <= new_tokens] (CPU).
+
+    Uses its own GenerationConfig, so a model's saved sampling defaults do not apply.
+    """
+    from transformers import GenerationConfig
+
+    gen = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, pad_token_id=pad_token_id, eos_token_id=eos_token_id)
+    ids = prompts.to(_device(model))
+    with _inference(model):
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen)
+    return out[:, ids.shape[1]:].cpu()
+
+
+def _decode(tokenizer, rows: torch.Tensor, pad_token_id: int, eos_token_id) -> list[str]:
+    """rows [P, K] of new token ids -> P strings; cut at the first EOS (generate pads after it)."""
+    stops = {pad_token_id} if eos_token_id is None else set(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id])
+    texts = []
+    for row in rows.tolist():
+        cut = next((i for i, tok in enumerate(row) if tok in stops), len(row))
+        row = row[:cut]
+        texts.append(tokenizer.decode(row, skip_special_tokens=True) if tokenizer is not None else " ".join(map(str, row)))
+    return texts
+
+
+def _rouge_l(predictions: list[str], references: list[str]) -> float:
+    """Mean ROUGE-L F-measure; identical strings score 1.0 even where rouge_score finds no words."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    scores = [1.0 if p == r else scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
+    return sum(scores) / len(scores)
+
+
+def generation_agreement(student, teacher, blocks: torch.Tensor, tokenizer=None, prompt_tokens: int = 32,
+                         new_tokens: int = 32, num_prompts: int = 8) -> dict:
+    """Greedy continuations of student vs teacher from the same prompts -> {"rougeL", "bleu"}.
+
+    Prompts are the first `prompt_tokens` ids of the first `num_prompts` blocks of `blocks`
+    LongTensor[N, T]: a LongTensor[P, L] with P = min(num_prompts, N), L = min(prompt_tokens, T).
+    Each model adds up to `new_tokens`, cut at EOS, decoded with `tokenizer` (without one, the
+    token ids written as words are compared). `rougeL`: mean ROUGE-L F-measure in [0, 1] over
+    prompts; `bleu`: sacrebleu corpus BLEU in [0, 100] of the student's texts against the
+    teacher's as the reference, with effective order (n-gram orders that the short texts
+    never reach are skipped instead of zeroing the score).
+    """
+    from sacrebleu.metrics import BLEU
+
+    _check_blocks(blocks, min_len=1)
+    prompts = blocks[:num_prompts, :prompt_tokens]
+    pad = eos = None
+    if tokenizer is not None:
+        eos = tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    eos = eos if eos is not None else getattr(teacher.generation_config, "eos_token_id", None)
+    pad = pad if pad is not None else (eos if isinstance(eos, int) else 0)
+    ref = _decode(tokenizer, greedy_continuations(teacher, prompts, new_tokens, pad, eos), pad, eos)
+    hyp = _decode(tokenizer, greedy_continuations(student, prompts, new_tokens, pad, eos), pad, eos)
+    bleu = BLEU(effective_order=True).corpus_score(hyp, [ref]).score
+    return {"rougeL": _rouge_l(hyp, ref), "bleu": min(float(bleu), 100.0)}
+
+
+def tokens_per_s(model, blocks: torch.Tensor, batch_size: int = 8, repeats: int = 1, max_batches: int | None = None) -> float:
+    """Prefill (one forward, full logits, no KV cache) throughput in tokens/s wall-clock.
+
+    One warm-up batch first (not timed), then `repeats` passes over the batches of `blocks`
+    LongTensor[N, T] (the first `max_batches` of them, if given).
+    """
+    _check_blocks(blocks, min_len=1)
+    device = _device(model)
+    batches = [blocks[i:i + batch_size] for i in range(0, blocks.shape[0], batch_size)][:max_batches]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with _inference(model):
+        _logits(model, batches[0].to(device))
+        sync()
+        t0, tokens = time.perf_counter(), 0
+        for _ in range(max(1, repeats)):
+            for batch in batches:
+                _logits(model, batch.to(device))
+                tokens += batch.numel()
+        sync()
+    return tokens / max(time.perf_counter() - t0, 1e-9)
+
+
+def evaluate_pair(student, teacher, tokenizer, blocks: torch.Tensor, batch_size: int = 8, generation: bool = True,
+                  speed_batches: int | None = 4) -> dict:
+    """All metrics of `student` against `teacher` on validation `blocks` LongTensor[N, T].
+
+    Keys: val_perplexity, teacher_val_perplexity, top1_agreement (over N*T positions), rougeL,
+    bleu (None when `generation` is False), student_tokens_per_s, teacher_tokens_per_s (prefill,
+    over at most `speed_batches` batches), student_params, teacher_params, val_tokens (N*T).
+    Each model runs once over the blocks for perplexity and agreement together.
+    """
+    from raykd.models import count_params
+
+    s_nll, count, s_top = _forward_stats(student, blocks, batch_size)
+    t_nll, _, t_top = _forward_stats(teacher, blocks, batch_size)
+    gen = generation_agreement(student, teacher, blocks, tokenizer) if generation else {"rougeL": None, "bleu": None}
+    return {
+        "val_perplexity": _ppl(s_nll, count),
+        "teacher_val_perplexity": _ppl(t_nll, count),
+        "top1_agreement": (s_top == t_top).double().mean().item(),
+        "rougeL": gen["rougeL"],
+        "bleu": gen["bleu"],
+        "student_tokens_per_s": tokens_per_s(student, blocks, batch_size, max_batches=speed_batches),
+        "teacher_tokens_per_s": tokens_per_s(teacher, blocks, batch_size, max_batches=speed_batches),
+        "student_params": count_params(student),
+        "teacher_params": count_params(teacher),
+        "val_tokens": blocks.numel(),
+    }
+
+
+# --- `raykd eval`: reading text without Ray ------------------------------------------------------
+
+
+def eval_blocks(sources: list[str], tokenizer, block_size: int, max_blocks: int, text_field: str = "text",
+                field: str = "data.validation") -> torch.Tensor:
+    """Validation text -> LongTensor[n, block_size], n <= max_blocks, documents packed with EOS between.
+
+    `sources`: files, directories, globs or named corpora (their validation split unless
+    `field` is "data.train"). Documents are cleaned, tokenized without special tokens and
+    packed in order; reading stops once `max_blocks` blocks are full, and a final partial
+    block is dropped. `field` names the setting in error messages.
+    """
+    from raykd.corpora import clean_text, pack_blocks, read_documents, resolve_sources
+
+    if block_size < 2:
+        raise ConfigError(f"{field}: block size {block_size} is too small; use at least 2 tokens")
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"{field}: the tokenizer has no EOS token to separate documents; use a tokenizer with eos_token set")
+    blocks, carry, n_tokens = [], [], 0
+    for path in resolve_sources(sources, field):
+        for doc in read_documents(path, text_field):
+            text = clean_text(doc or "")
+            if not text:
+                continue
+            ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+            n_tokens += len(ids) + 1
+            new, carry = pack_blocks([ids], block_size, tokenizer.eos_token_id, carry)
+            blocks.extend(new)
+            if len(blocks) >= max_blocks:
+                return torch.tensor(blocks[:max_blocks], dtype=torch.long)
+    if not blocks:
+        raise ConfigError(f"{field}: the text holds {n_tokens} tokens, fewer than one block of {block_size}; add more text or use a smaller block size")
+    return torch.tensor(blocks, dtype=torch.long)
+
+
+_CLI_FIELDS = {"data.text_field": "--text-field", "data.train": "--data", "teacher.model": "--teacher"}
+
+
+def run_eval(student_dir, teacher_spec: str, data: list[str], block_size: int = 256, max_blocks: int = 32,
+             text_field: str = "text", trust_remote_code: bool = False, generation: bool = True, log=print) -> dict:
+    """`raykd eval`: load a saved student and a teacher spec, read validation blocks, evaluate_pair.
+
+    Blocks come from the teacher's tokenizer; both models are loaded frozen in fp32.
+    Bad input raises ConfigError naming the command-line flag.
+    """
+    try:
+        return _run_eval(student_dir, teacher_spec, data, block_size, max_blocks, text_field, trust_remote_code, generation, log)
+    except ConfigError as e:  # messages from shared readers name config keys; name the flags instead
+        msg = str(e)
+        for key, flag in _CLI_FIELDS.items():
+            if msg.startswith(key + ":"):
+                raise ConfigError(flag + msg[len(key):]) from None
+        raise
+
+
+def _run_eval(student_dir, teacher_spec, data, block_size, max_blocks, text_field, trust_remote_code, generation, log) -> dict:
+    from raykd import models
+
+    if block_size < 2:
+        raise ConfigError(f"--block-size: {block_size} is too small; use at least 2")
+    if max_blocks < 1:
+        raise ConfigError(f"--max-blocks: {max_blocks} must be at least 1")
+    student_dir = Path(student_dir).expanduser()
+    if not student_dir.is_dir():
+        raise ConfigError(f"--student: {student_dir} is not a directory; pass a saved student (OUTPUT/student from raykd distill)")
+    if not models._is_model_dir(student_dir):
+        raise ConfigError(f"--student: {student_dir} is not a Hugging Face model directory (needs config.json and weights); pass OUTPUT/student from raykd distill")
+    teacher_dir = models.resolve_model(teacher_spec, "--teacher", log=log)
+    tokenizer = models.load_tokenizer(teacher_dir, trust_remote_code)
+    s_config = models.load_config(student_dir, trust_remote_code)
+    t_config = models.load_config(teacher_dir, trust_remote_code)
+    if _has_tokenizer(student_dir):
+        models.check_same_vocab(tokenizer, models.load_tokenizer(student_dir, trust_remote_code), "--student")
+    elif getattr(s_config, "vocab_size", None) != getattr(t_config, "vocab_size", None):
+        raise ConfigError(f"--student: vocabulary size {s_config.vocab_size} differs from the teacher's {t_config.vocab_size}; use a student cut from this teacher")
+    limit = getattr(t_config, "max_position_embeddings", None)
+    if limit and block_size > limit:
+        raise ConfigError(f"--block-size: {block_size} exceeds the teacher's context of {limit} tokens; use at most {limit}")
+    blocks = eval_blocks(data, tokenizer, block_size, max_blocks, text_field, field="--data")
+    log(f"raykd: evaluating on {blocks.shape[0]} blocks x {block_size} tokens")
+    student = models.load_model(student_dir, torch.float32, trust_remote_code, frozen=True)
+    teacher = models.load_model(teacher_dir, torch.float32, trust_remote_code, frozen=True)
+    return evaluate_pair(student, teacher, tokenizer, blocks, batch_size=8, generation=generation)
+
+
+def _has_tokenizer(path: Path) -> bool:
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    return any((path / name).is_file() for name in names)
+
+
+def format_eval(metrics: dict) -> str:
+    """The metrics of evaluate_pair as an aligned two-column (student / teacher) table."""
+
+    def num(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    m = metrics
+    rows = [
+        ("", "student", "teacher"),
+        ("perplexity", num(m["val_perplexity"], ".3f"), num(m["teacher_val_perplexity"], ".3f")),
+        ("parameters", num(m["student_params"], ","), num(m["teacher_params"], ",")),
+        ("tokens/s (prefill)", num(m["student_tokens_per_s"], ".1f"), num(m["teacher_tokens_per_s"], ".1f")),
+        ("top-1 agreement", num(m["top1_agreement"], ".4f"), ""),
+        ("ROUGE-L (greedy)", num(m["rougeL"], ".4f"), ""),
+        ("BLEU (greedy)", num(m["bleu"], ".2f"), ""),
+        ("validation tokens", num(m["val_tokens"], ","), ""),
+    ]
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    w2 = max(len(r[2]) for r in rows)
+    return "\n".join(f"{a:<{w0}}  {b:>{w1}}  {c:>{w2}}".rstrip() for a, b, c in rows)
