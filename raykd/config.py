@@ -163,6 +163,8 @@ class DataConfig:
     min_chars: int = 32  # drop documents shorter than this after cleaning
     dedupe: bool = True  # drop exact duplicate documents
     max_val_blocks: int = 64  # validation blocks used for perplexity / agreement
+    bad_rows: str = "error"  # a JSONL/Parquet/datasets row without usable text (no field, null, bad JSON): error | skip (skipped rows are counted)
+    task_cpus: float = 0.25  # logical CPUs each Ray Data read/tokenize/shuffle task reserves (small, so Data runs beside Train workers)
 
     def __post_init__(self):
         if isinstance(self.train, str):
@@ -175,6 +177,8 @@ class DataConfig:
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"data.val_fraction: must be in [0, 1), got {self.val_fraction}")
         _positive("data.max_val_blocks", self.max_val_blocks)
+        _choice("data.bad_rows", self.bad_rows, ("error", "skip"))
+        _positive("data.task_cpus", self.task_cpus)
 
 
 @dataclass
@@ -189,6 +193,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 only where the hardware has it) | fp32 | bf16
     report_every: int = 10  # steps between metric reports
     checkpoint_every: int = 50  # steps between checkpoints (0 = only at the end)
+    generation_eval: bool = True  # after training: ROUGE-L / BLEU of greedy student continuations vs the teacher's
 
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "grad_accum", "report_every"):
@@ -209,6 +214,8 @@ class ScaleConfig:
     use_gpu: bool = False  # one GPU per worker
     cpus_per_worker: float = 1.0  # logical CPUs each worker reserves (fractions leave room for Ray Data on small machines)
     max_failures: int = 0  # worker failures the run survives by restarting from the last checkpoint
+    torch_threads: int = 0  # intra-op threads per worker (0 = the node's cores / workers on it)
+    storage_path: str | None = None  # Ray Train checkpoint storage (shared FS or s3://... on clusters; default OUTPUT/)
 
     def __post_init__(self):
         _positive("scale.num_workers", self.num_workers)
@@ -216,6 +223,11 @@ class ScaleConfig:
         _choice("scale.zero_stage", self.zero_stage, (1, 2, 3))
         _positive("scale.cpus_per_worker", self.cpus_per_worker)
         _positive("scale.max_failures", self.max_failures, allow_zero=True)
+        _positive("scale.torch_threads", self.torch_threads, allow_zero=True)
+        if self.deepspeed_config and not os.path.isfile(self.deepspeed_config):
+            raise ConfigError(f"scale.deepspeed_config: {self.deepspeed_config} does not exist; give a DeepSpeed JSON file or drop the key to use the generated config")
+        if self.strategy != "deepspeed" and self.deepspeed_config:
+            raise ConfigError("scale.deepspeed_config: only used with scale.strategy=deepspeed; set the strategy or drop the key")
 
 
 @dataclass

@@ -174,7 +174,11 @@ class Engine:
         if self.strategy == "deepspeed":
             self.model.save_checkpoint(str(directory / DS_DIR), tag=f"step{step}")
             return
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_sd = get_model_state_dict(self.distiller, options=opts)
@@ -188,7 +192,11 @@ class Engine:
         if self.strategy == "deepspeed":
             self.model.load_checkpoint(str(directory / DS_DIR), tag=f"step{step}")
             return
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
         model_sd = torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True)
         extra = torch.load(directory / OPTIM_FILE, map_location="cpu", weights_only=True)
@@ -205,7 +213,10 @@ class Engine:
 
             with deepspeed.zero.GatheredParameters(list(student.parameters()), modifier_rank=None):
                 return {k: v.detach().cpu().clone() for k, v in student.state_dict().items()} if rank == 0 else None
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
 
         sd = get_model_state_dict(self.distiller, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if rank != 0:

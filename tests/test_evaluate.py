@@ -11,7 +11,13 @@ from raykd import models
 from raykd.cli import main
 from raykd.config import ConfigError
 from raykd.evaluate import (
-    METRIC_KEYS, eval_blocks, evaluate_pair, generation_agreement, perplexity, tokens_per_s, top1_agreement,
+    METRIC_KEYS,
+    eval_blocks,
+    evaluate_pair,
+    generation_agreement,
+    perplexity,
+    tokens_per_s,
+    top1_agreement,
 )
 
 

@@ -1,0 +1,298 @@
+"""The Ray Data pipeline on a real local Ray (2 CPUs): formats, packing, split, dedupe, bad
+input, seeded order, and Ray Train workers streaming their shards without deadlock."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from raykd import data
+from raykd.config import ConfigError, DataConfig
+from raykd.corpora import clean_text
+
+pytestmark = pytest.mark.ray
+
+BLOCK = 32
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+    import ray.data
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_teacher_dir):
+    from raykd.models import load_tokenizer
+
+    return load_tokenizer(Path(tiny_teacher_dir))
+
+
+def _docs(n, start=0):
+    """Distinct documents with messy whitespace (cleaning must normalise it)."""
+    words = "the module defines classes for functions and statements used by the interpreter".split()
+    out = []
+    for i in range(start, start + n):
+        body = " ".join(words[(i + k) % len(words)] for k in range(5 + i % 17))
+        out.append(f"  Document {i}:\t{body}.\r\n\r\n\r\n  Second   line of {i} \n")
+    return out
+
+
+def _write_txt(root: Path, docs, prefix="d"):
+    root.mkdir(parents=True, exist_ok=True)
+    for i, d in enumerate(docs):
+        (root / f"{prefix}{i:03d}.txt").write_text(d)
+    return root
+
+
+def _rows(ds):
+    return [tuple(np.asarray(r["input_ids"]).tolist()) for r in ds.take_all()]
+
+
+def _unshuffled(ds):
+    return getattr(ds, data._PROBE)[0]  # the training blocks before the seeded shuffle
+
+
+def _assert_packed(rows, tok, docs):
+    """`rows` (in order) are the cleaned, tokenized `docs` joined by EOS, cut into blocks: each
+    packing batch starts at a document and drops its last < BLOCK tokens (ending in EOS)."""
+    eos = tok.eos_token_id
+    stream = [t for d in docs for t in tok(clean_text(d), add_special_tokens=False)["input_ids"] + [eos]]
+    assert rows and all(len(r) == BLOCK for r in rows)
+    pos = 0
+    for row in rows:
+        starts = [pos] + [p for p in range(pos + 1, pos + BLOCK) if stream[p - 1] == eos]  # continue, or a new batch
+        match = [p for p in starts if tuple(stream[p:p + BLOCK]) == row]
+        assert match, f"block at token {pos} is not the packed stream"
+        pos = match[0] + BLOCK
+    assert len(stream) - pos < BLOCK  # only the last batch's leftover is missing at the end
+
+
+def _cfg(**kw):
+    kw.setdefault("block_size", BLOCK)
+    return DataConfig(**kw)
+
+
+# --- formats, packing, explicit validation --------------------------------------------------
+
+
+def test_txt_dir_packs_exact_blocks_with_eos(local_ray, tiny_teacher_dir, tok, tmp_path):
+    train_docs, val_docs = _docs(30), _docs(8, start=100)
+    _write_txt(tmp_path / "train", train_docs)
+    _write_txt(tmp_path / "val", val_docs)
+    cfg = _cfg(train=[str(tmp_path / "train")], validation=[str(tmp_path / "val")])
+    summary = data.preflight(cfg)
+    assert summary["train_files"] == 30 and summary["validation_files"] == 8 and summary["train_documents"] == 30
+    train, val = data.build_datasets(cfg, str(tiny_teacher_dir), seed=0)
+    val_rows = _rows(val)  # validation keeps corpus order
+    _assert_packed(val_rows, tok, val_docs)
+    ordered, train_rows = _rows(_unshuffled(train)), _rows(train)
+    _assert_packed(ordered, tok, train_docs)
+    assert sorted(train_rows) == sorted(ordered) and train_rows != ordered  # shuffled, same blocks
+    assert data.take_blocks(val, 3).tolist() == [list(r) for r in val_rows[:3]]
+
+
+def test_glob_jsonl_parquet_and_datasets_dir(local_ray, tiny_teacher_dir, tok, tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs, val_docs = _docs(20), _docs(6, start=200)
+    _write_txt(tmp_path / "val", val_docs)
+    _write_txt(tmp_path / "mixed", docs, prefix="a")
+    (tmp_path / "mixed" / "skip.md").write_text("not matched by the glob " * 5)
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"id": i, "body": d}) for i, d in enumerate(docs)) + "\n\n")
+    pq.write_table(pa.table({"body": docs, "n": list(range(len(docs)))}), tmp_path / "c.parquet")
+    datasets.Dataset.from_dict({"body": docs}).save_to_disk(str(tmp_path / "hf"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"body": docs}),
+                          "validation": datasets.Dataset.from_dict({"body": val_docs})}).save_to_disk(str(tmp_path / "hfdict"))
+    nest = tmp_path / "nest"  # a directory holding a DatasetDict: only its train split is training data
+    shutil.copytree(tmp_path / "hfdict", nest / "hfdict")
+    assert data.preflight(_cfg(train=[str(nest)], validation=[str(tmp_path / "val")], text_field="body"))["train_documents"] == len(docs)
+    for source in (str(tmp_path / "mixed" / "a*.txt"), str(jsonl), str(tmp_path / "c.parquet"), str(tmp_path / "hf"), str(tmp_path / "hfdict")):
+        validation = None if source.endswith("hfdict") else [str(tmp_path / "val")]  # a DatasetDict brings its own split
+        cfg = _cfg(train=[source], validation=validation, text_field="body")
+        assert data.preflight(cfg)["train_documents"] == len(docs), source
+        train, val = data.build_datasets(cfg, str(tiny_teacher_dir))
+        _assert_packed(_rows(_unshuffled(train)), tok, docs)
+        _assert_packed(_rows(val), tok, val_docs)
+
+
+# --- dedupe, split, order ------------------------------------------------------------------
+
+
+def test_dedupe_drops_exact_duplicates(local_ray, tiny_teacher_dir, tok, tmp_path):
+    docs = _docs(12)
+    _write_txt(tmp_path / "train", docs)
+    (tmp_path / "train" / "z_copy.txt").write_text(docs[3] + "\n\n   ")  # same text after cleaning
+    (tmp_path / "train" / "z.jsonl").write_text(json.dumps({"text": docs[5]}) + "\n" + json.dumps({"text": docs[5]}) + "\n")
+    _write_txt(tmp_path / "val", [docs[0], *_docs(4, start=50)])  # a training document leaking into validation
+    cfg = _cfg(train=[str(tmp_path / "train")], validation=[str(tmp_path / "val")])
+    summary = data.preflight(cfg)
+    assert summary["duplicates"] == 4 and summary["train_documents"] == 12 and summary["validation_documents"] == 4
+    train, val = data.build_datasets(cfg, str(tiny_teacher_dir))
+    _assert_packed(_rows(_unshuffled(train)), tok, docs)
+    _assert_packed(_rows(val), tok, _docs(4, start=50))
+    train_all, _ = data.build_datasets(_cfg(train=cfg.train, validation=cfg.validation, dedupe=False), str(tiny_teacher_dir))
+    assert train_all.count() > train.count()
+
+
+def test_hash_split_is_deterministic_and_disjoint(local_ray, tiny_teacher_dir, tmp_path):
+    docs = _docs(60)
+    _write_txt(tmp_path / "train", docs)
+    cfg = _cfg(train=[str(tmp_path / "train")], val_fraction=0.25)
+    summary = data.preflight(cfg)
+    assert summary["train_documents"] + summary["validation_documents"] == 60 and summary["validation_documents"] > 5
+
+    def texts(want):  # the documents each split keeps (before tokenizing)
+        plan = data._plan(cfg)
+        items = plan.train if want == "train" else plan.validation
+        return [r["text"] for r in data._documents_ds(plan, items, cfg, want, {}, keys_only=False).take_all()]
+
+    tr, va = texts("train"), texts("validation")
+    assert not set(tr) & set(va) and sorted(tr + va) == sorted(clean_text(d) for d in docs)
+    a = data.build_datasets(cfg, str(tiny_teacher_dir), seed=3)
+    b = data.build_datasets(cfg, str(tiny_teacher_dir), seed=3)
+    assert _rows(a[1]) == _rows(b[1]) and _rows(a[0]) == _rows(b[0])  # same split, same seeded order
+    c = data.build_datasets(cfg, str(tiny_teacher_dir), seed=4)
+    assert _rows(c[0]) != _rows(a[0]) and sorted(_rows(c[0])) == sorted(_rows(a[0]))
+
+
+def test_named_pydoc_corpus_uses_its_own_split(local_ray, tiny_teacher_dir):
+    cfg = _cfg(train=["pydoc"], block_size=256)
+    summary = data.preflight(cfg)
+    assert summary["train_documents"] > 10 * summary["validation_documents"] > 0
+    train, val = data.build_datasets(cfg, str(tiny_teacher_dir))
+    data.check_blocks(train, "data.train")
+    data.check_blocks(val, "data.validation")
+    assert data.take_blocks(val, 4).shape == (4, 256)
+
+
+def test_imports_in_tasks_are_not_interrupted():
+    """Ray cancels a running task with `_thread.interrupt_main`; inside `_no_interrupts` the
+    KeyboardInterrupt waits until the block (an import, the tokenizer load) has finished."""
+    import _thread
+
+    finished = False
+    with pytest.raises(KeyboardInterrupt):
+        with data._no_interrupts():
+            _thread.interrupt_main()
+            for _ in range(10000):
+                pass
+            finished = True
+    assert finished
+
+
+# --- bad input: one line naming the field, before Ray work -------------------------------------
+
+
+def _error(cfg) -> str:
+    with pytest.raises(ConfigError) as e:
+        data.preflight(cfg)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_bad_inputs_fail_in_preflight(tmp_path):
+    _write_txt(tmp_path / "ok", _docs(5))
+    ok = str(tmp_path / "ok")
+    assert _error(_cfg(train=[str(tmp_path / "missing")])).startswith("data.train: ")
+    assert _error(_cfg(train=[ok], validation=[str(tmp_path / "nope.txt")])).startswith("data.validation: ")
+    (tmp_path / "empty").mkdir()
+    assert _error(_cfg(train=[str(tmp_path / "empty")])).startswith("data.train: ")
+    (tmp_path / "short").mkdir()
+    (tmp_path / "short" / "a.txt").write_text("  tiny \n\n")
+    assert "no document" in _error(_cfg(train=[str(tmp_path / "short")]))
+    (tmp_path / "ok" / "latin1.txt").write_bytes("caf\xe9 au lait, a fine document of some length".encode("latin-1"))
+    msg = _error(_cfg(train=[ok]))
+    assert msg.startswith("data.train: ") and "latin1.txt is not UTF-8" in msg
+    (tmp_path / "ok" / "latin1.txt").unlink()
+    val = tmp_path / "v.txt"
+    val.write_bytes(b"\xff\xfe bad bytes in a validation file that is long enough")
+    assert _error(_cfg(train=[ok], validation=[str(val)])).startswith("data.validation: ")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["x" * 40]}), tmp_path / "p.parquet")
+    assert "no column 'text'" in _error(_cfg(train=[str(tmp_path / "p.parquet")]))
+    assert _error(_cfg(train=[ok], val_fraction=0.0)).startswith("data.val_fraction: ")
+
+
+def test_jsonl_row_without_field_error_and_skip(local_ray, tiny_teacher_dir, tok, tmp_path):
+    docs = _docs(10)
+    rows = [{"text": d} for d in docs]
+    rows[4] = {"body": "no text field here"}
+    path = tmp_path / "c.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n{not json\n")
+    _write_txt(tmp_path / "val", _docs(3, start=40))
+    cfg = _cfg(train=[str(path)], validation=[str(tmp_path / "val")])
+    msg = _error(cfg)
+    assert msg.startswith("data.text_field: ") and f"{path}:5 has no field 'text'" in msg and "data.bad_rows=skip" in msg
+    skip = _cfg(train=[str(path)], validation=[str(tmp_path / "val")], bad_rows="skip")
+    assert data.preflight(skip)["bad_rows_skipped"] == 2
+    with pytest.raises(ConfigError) as e:  # no preflight: the Ray task's error still comes back as one line
+        data.build_datasets(cfg, str(tiny_teacher_dir))
+    assert str(e.value) == msg
+    train, _ = data.build_datasets(skip, str(tiny_teacher_dir))
+    kept = docs[:4] + docs[5:]
+    _assert_packed(_rows(_unshuffled(train)), tok, kept)
+    with pytest.raises(ConfigError, match="data.bad_rows"):
+        DataConfig(bad_rows="ignore")
+
+
+def test_corpus_too_short_for_one_block(local_ray, tiny_teacher_dir, tmp_path):
+    _write_txt(tmp_path / "t", _docs(2))
+    cfg = _cfg(train=[str(tmp_path / "t")], validation=[str(tmp_path / "t" / "d000.txt")], dedupe=False, block_size=4096)
+    data.preflight(cfg)  # readable text; too short only shows once tokenized
+    train, val = data.build_datasets(cfg, str(tiny_teacher_dir))
+    with pytest.raises(ConfigError) as e:
+        data.check_blocks(train, "data.train")
+    assert str(e.value) == "data.train: the corpus is too short for one block of 4096 tokens; add text or lower data.block_size"
+
+
+# --- Ray Train: 2 workers x 0.5 CPU on a 2-CPU Ray stream their shards --------------------------
+
+
+def test_train_workers_stream_shards_without_deadlock(local_ray, tiny_teacher_dir, tmp_path):
+    import ray.train
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    def count_rows(config):  # defined here: pickled by value (workers cannot import this test module)
+        import ray.train
+
+        ctx = ray.train.get_context()
+        n = sum(len(b["input_ids"]) for b in ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=2))
+        Path(config["out"], f"rank{ctx.get_world_rank()}").write_text(str(n))
+        ray.train.report({"rows": n})
+
+    _write_txt(tmp_path / "train", _docs(40))
+    cfg = _cfg(train=[str(tmp_path / "train")], val_fraction=0.1)
+    train, val = data.build_datasets(cfg, str(tiny_teacher_dir), seed=0)
+    total = train.count()
+    trainer = TorchTrainer(
+        count_rows,
+        train_loop_config={"out": str(tmp_path)},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+        run_config=RunConfig(name="shards", storage_path=str(tmp_path / "runs")),
+        datasets={"train": train, "validation": val},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=data.ingest_options()),
+    )
+    trainer.fit()
+    seen = [int((tmp_path / f"rank{r}").read_text()) for r in range(2)]
+    assert min(seen) > 0
+    assert sum(seen) == total - total % 2  # equal shards: an odd last block is dropped

@@ -1,0 +1,179 @@
+"""End to end on local Ray: `raykd distill` of the smoke job with each strategy, resume after a
+stopped driver, a killed worker, and `ray job submit` against a `ray start --head`."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.ray
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "jobs" / "smoke.yaml")
+KEYS = {"val_perplexity", "teacher_val_perplexity", "init_val_perplexity", "top1_agreement", "student_params",
+        "teacher_params", "tokens_seen", "tokens_per_s", "train_wall_s"}
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def _cfg(tmp_path, *overrides):
+    from raykd.config import load_config
+
+    return load_config(SMOKE, [f"output_dir={tmp_path / 'out'}", *overrides])
+
+
+def _check_output(out: Path, steps: int) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert KEYS <= set(metrics)
+    assert metrics["steps"] == steps
+    assert metrics["val_perplexity"] < metrics["init_val_perplexity"]
+    history = [h["loss"] for h in metrics["history"]]
+    assert history[-1] < history[0], history  # falling loss
+    student = AutoModelForCausalLM.from_pretrained(out / "student")  # no raykd needed to load it
+    assert student.config.num_hidden_layers == 3
+    assert sum(p.numel() for p in student.parameters()) > 0
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no half-written leftovers
+    assert "init: list" in (out / "config.yaml").read_text()  # the resolved config
+    return metrics
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "deepspeed"])
+def test_smoke_job_each_strategy(strategy, local_ray, tmp_path):
+    from raykd.train import distill
+
+    extra = ["scale.zero_stage=3"] if strategy == "deepspeed" else []
+    cfg = _cfg(tmp_path, f"scale.strategy={strategy}", "train.max_steps=8", "train.report_every=2", *extra)
+    metrics = distill(cfg)
+    assert metrics["strategy"] == strategy and metrics["num_workers"] == 2
+    assert metrics["tokens_seen"] == 8 * 4 * 64 * 2
+    _check_output(tmp_path / "out", 8)
+
+
+def _ray_workers(since: float):
+    """Ray Train worker processes started after `since` (older ones belong to earlier runs)."""
+    import psutil
+
+    for p in psutil.process_iter(["cmdline", "create_time"]):
+        if "RayTrainWorker" in " ".join(p.info["cmdline"] or []) and p.info["create_time"] >= since:
+            yield p
+
+
+def test_killed_worker_restarts_from_checkpoint(local_ray, tmp_path):
+    from raykd.train import distill
+
+    steps = 40
+    cfg = _cfg(tmp_path, f"train.max_steps={steps}", "train.checkpoint_every=2", "train.report_every=2", "scale.max_failures=2")
+    result = {}
+    started = time.time() - 1
+    run = threading.Thread(target=lambda: result.update(metrics=distill(cfg)))
+    run.start()
+    deadline = time.time() + 240
+    snapshot = tmp_path / "out" / "train" / "checkpoint_manager_snapshot.json"  # written once Ray registered a checkpoint
+    while not snapshot.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    victims = list(_ray_workers(started))
+    assert len(victims) == 2, victims  # this run's two workers
+    victims[-1].kill()
+    run.join(timeout=400)
+    assert result, "the run did not finish after a worker was killed"
+    assert result["metrics"]["steps"] == steps
+    assert result["metrics"]["tokens_seen"] == steps * 4 * 64 * 2
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert len(metrics["resumed_at"]) == 1 and 2 <= metrics["resumed_at"][0] < steps  # restarted once, from a checkpoint
+
+
+def _distill_cmd(out: Path, *extra) -> list[str]:
+    return [sys.executable, "-m", "raykd.cli", "distill", SMOKE, f"output_dir={out}", *extra]
+
+
+def test_resume_after_stopped_driver(tmp_path):
+    out = tmp_path / "out"
+    cmd = _distill_cmd(out, "train.max_steps=24", "train.checkpoint_every=3", "train.report_every=3")
+    env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 240
+    while not (out / "train" / "checkpoint_manager_snapshot.json").exists() and time.time() < deadline and first.poll() is None:
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGINT)  # Ctrl-C the driver mid-run
+    first.communicate(timeout=120)
+    assert not (out / "metrics.json").exists()
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    log = second.stdout + second.stderr
+    assert "resuming from step" in log, log[-3000:]
+    resumed = int(log.split("resuming from step ")[1].split()[0])
+    assert resumed >= 3
+    metrics = _check_output(out, 24)
+    assert metrics["resumed_at"] == [resumed]
+    assert metrics["tokens_seen"] == 24 * 4 * 64 * 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_against_local_head(tmp_path):
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
+    env.pop("RAY_ADDRESS", None)
+    if (Path.home() / ".ray" / "auth_token").exists():
+        env["RAY_AUTH_MODE"] = "token"
+    gcs, dash = _free_port(), _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # Ray's socket paths must stay under 107 characters
+    head_log = tmp_path / "head.log"
+    head = subprocess.Popen(
+        [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
+         "--dashboard-host=127.0.0.1", "--num-cpus=4", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+         # free ports for the agents too: another Ray on this machine may hold the defaults (52365, ...)
+         f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+         f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"],
+        env=env, stdout=head_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        address = f"http://127.0.0.1:{dash}"
+        deadline = time.time() + 120
+        while time.time() < deadline and head.poll() is None:
+            ok = subprocess.run([str(bin_dir / "ray"), "job", "list", "--address", address], env=env, capture_output=True)
+            if ok.returncode == 0:
+                break
+            time.sleep(1)
+        assert head.poll() is None, head_log.read_text()[-2000:]
+        out = tmp_path / "job-out"
+        for _ in range(30):  # the dashboard answers before its job agent is up
+            submit = subprocess.run(
+                [str(bin_dir / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+                 "raykd", "distill", "jobs/smoke.yaml", f"output_dir={out}", "train.max_steps=4", "train.report_every=2"],
+                env=env, capture_output=True, text=True, timeout=500,
+            )
+            if "No available agent" not in submit.stderr:
+                break
+            time.sleep(2)
+        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+        assert "succeeded" in submit.stdout.lower()
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["steps"] == 4 and (out / "student" / "config.json").exists()
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+        shutil.rmtree(temp_dir, ignore_errors=True)
