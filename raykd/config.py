@@ -226,6 +226,8 @@ class ScaleConfig:
         _positive("scale.torch_threads", self.torch_threads, allow_zero=True)
         if self.deepspeed_config and not os.path.isfile(self.deepspeed_config):
             raise ConfigError(f"scale.deepspeed_config: {self.deepspeed_config} does not exist; give a DeepSpeed JSON file or drop the key to use the generated config")
+        if self.shard_teacher and self.strategy != "fsdp2":
+            raise ConfigError(f"scale.shard_teacher: sharding the teacher is implemented for strategy fsdp2, not {self.strategy}; set scale.strategy=fsdp2 or scale.shard_teacher=false")
         if self.strategy != "deepspeed" and self.deepspeed_config:
             raise ConfigError("scale.deepspeed_config: only used with scale.strategy=deepspeed; set the strategy or drop the key")
 

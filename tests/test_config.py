@@ -42,6 +42,10 @@ def test_teacher_shorthand():
         (["layer_map.strategy=list"], "layer_map.pairs", "teacher_layer, student_layer"),
         (["scale.strategy=fsdp"], "scale.strategy", "did you mean 'fsdp2'"),
         (["train.lr=0"], "train.lr", "> 0"),
+        (["scale.shard_teacher=true"], "scale.shard_teacher", "scale.strategy=fsdp2"),
+        (["scale.strategy=deepspeed", "scale.deepspeed_config=/no/such.json"], "scale.deepspeed_config", "does not exist"),
+        (["scale.torch_threads=-1"], "scale.torch_threads", ""),
+        (["data.bad_rows=ignore"], "data.bad_rows", "choose one of"),
         (["nonsense"], "nonsense", "key=value"),
     ],
 )

@@ -24,7 +24,7 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, strategy, port, teacher_dir, out, grad_accum):
+def _worker(rank, world, strategy, port, teacher_dir, out, grad_accum, shard_teacher=False):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
@@ -34,7 +34,7 @@ def _worker(rank, world, strategy, port, teacher_dir, out, grad_accum):
     from raykd.objective import Distiller, teacher_forward
     from raykd.parallel import Engine
 
-    cfg = from_dict({**CFG, "scale": {"strategy": strategy, "zero_stage": 3, "num_workers": world},
+    cfg = from_dict({**CFG, "scale": {"strategy": strategy, "zero_stage": 3, "num_workers": world, "shard_teacher": shard_teacher},
                      "train": {**CFG["train"], "grad_accum": grad_accum, "batch_size": 4 // world // grad_accum}})
     torch.manual_seed(0)
     teacher = load_model(teacher_dir, frozen=True)
@@ -61,9 +61,10 @@ def _worker(rank, world, strategy, port, teacher_dir, out, grad_accum):
     dist.destroy_process_group()
 
 
-def _run(world, strategy, tiny_teacher_dir, tmp_path, grad_accum=1):
+def _run(world, strategy, tiny_teacher_dir, tmp_path, grad_accum=1, shard_teacher=False):
     out = tmp_path / f"{strategy}-{world}-{grad_accum}.pt"
-    mp.start_processes(_worker, args=(world, strategy, _port(), str(tiny_teacher_dir), str(out), grad_accum), nprocs=world, start_method="spawn")
+    args = (world, strategy, _port(), str(tiny_teacher_dir), str(out), grad_accum, shard_teacher)
+    mp.start_processes(_worker, args=args, nprocs=world, start_method="spawn")
     return torch.load(out, weights_only=True)
 
 
@@ -72,9 +73,11 @@ def reference(tiny_teacher_dir, tmp_path_factory):
     return _run(1, "ddp", tiny_teacher_dir, tmp_path_factory.mktemp("ref"))
 
 
-@pytest.mark.parametrize("strategy,grad_accum", [("ddp", 1), ("ddp", 2), ("fsdp2", 1), ("fsdp2", 2), ("deepspeed", 1)])
-def test_two_workers_match_one(strategy, grad_accum, reference, tiny_teacher_dir, tmp_path):
-    got = _run(2, strategy, tiny_teacher_dir, tmp_path, grad_accum)
+@pytest.mark.parametrize("strategy,grad_accum,shard_teacher", [
+    ("ddp", 1, False), ("ddp", 2, False), ("fsdp2", 1, False), ("fsdp2", 2, False), ("fsdp2", 1, True), ("deepspeed", 1, False),
+])
+def test_two_workers_match_one(strategy, grad_accum, shard_teacher, reference, tiny_teacher_dir, tmp_path):
+    got = _run(2, strategy, tiny_teacher_dir, tmp_path, grad_accum, shard_teacher)
     ref = reference["state"]
     assert set(got["state"]) == set(ref)
     moved = max((ref[k] - reference["init"][k]).abs().max().item() for k in ref)
