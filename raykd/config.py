@@ -194,11 +194,14 @@ class TrainConfig:
     report_every: int = 10  # steps between metric reports
     checkpoint_every: int = 50  # steps between checkpoints (0 = only at the end)
     generation_eval: bool = True  # after training: ROUGE-L / BLEU of greedy student continuations vs the teacher's
+    eval_every: int = 0  # steps between validation-loss checks reported as val_loss (0 = none during training; sweeps set it)
+    eval_blocks: int = 8  # validation blocks per check, split across workers
 
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "grad_accum", "report_every"):
             _positive(f"train.{name}", getattr(self, name))
-        for name in ("warmup_steps", "grad_clip", "weight_decay", "checkpoint_every"):
+        _positive("train.eval_blocks", self.eval_blocks)
+        for name in ("warmup_steps", "grad_clip", "weight_decay", "checkpoint_every", "eval_every"):
             _positive(f"train.{name}", getattr(self, name), allow_zero=True)
         _positive("train.lr", self.lr)
         _choice("train.precision", self.precision, PRECISIONS)
@@ -232,6 +235,46 @@ class ScaleConfig:
             raise ConfigError("scale.deepspeed_config: only used with scale.strategy=deepspeed; set the strategy or drop the key")
 
 
+SEARCHES = ("random", "grid", "optuna")
+SCHEDULERS = ("asha", "fifo")
+DOMAINS = ("choice", "grid", "uniform", "loguniform", "randint")
+
+
+@dataclass
+class SweepConfig:
+    params: dict[str, Any] = field(default_factory=dict)  # dotted config key -> {choice|grid: [...]} or {uniform|loguniform|randint: [lo, hi]}
+    num_samples: int = 4  # trials sampled (random / optuna); with grid keys: repeats of the grid
+    search: str = "random"  # random | grid (grid keys only, no sampling) | optuna (TPE)
+    scheduler: str = "asha"  # asha (stop poor trials early on val_loss) | fifo (run every trial to the end)
+    grace_period: int = 4  # ASHA: steps every trial runs before it can be stopped
+    reduction_factor: int = 2  # ASHA: keep 1 / reduction_factor of the trials at each rung
+    eval_every: int = 4  # steps between val_loss reports (ASHA's signal); sets train.eval_every and report_every
+    max_concurrent: int = 2  # trials running at once (more where the cluster has room)
+    trial_cpus: float = 0.1  # logical CPUs the Tune trial process itself reserves (its Train workers ask for their own)
+
+    def __post_init__(self):
+        if not self.params:
+            raise ConfigError("sweep.params: nothing to search; add e.g. `student.num_layers: {choice: [2, 3, 4]}`")
+        for key, spec in self.params.items():
+            if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DOMAINS:
+                raise ConfigError(f"sweep.params.{key}: give one of {', '.join(DOMAINS)}, e.g. {{choice: [1, 2]}} or {{loguniform: [1e-4, 1e-2]}}")
+            kind, values = next(iter(spec.items()))
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"sweep.params.{key}.{kind}: expected a non-empty list of values")
+            if kind in ("uniform", "loguniform", "randint") and (len(values) != 2 or not values[0] < values[1]):
+                raise ConfigError(f"sweep.params.{key}.{kind}: expected [low, high] with low < high, got {values}")
+            if kind == "loguniform" and values[0] <= 0:
+                raise ConfigError(f"sweep.params.{key}.loguniform: bounds must be > 0, got {values}")
+        _positive("sweep.num_samples", self.num_samples)
+        _choice("sweep.search", self.search, SEARCHES)
+        _choice("sweep.scheduler", self.scheduler, SCHEDULERS)
+        for name in ("grace_period", "reduction_factor", "eval_every", "max_concurrent"):
+            _positive(f"sweep.{name}", getattr(self, name))
+        _positive("sweep.trial_cpus", self.trial_cpus, allow_zero=True)
+        if self.search == "grid" and any(next(iter(v)) not in ("choice", "grid") for v in self.params.values()):
+            raise ConfigError("sweep.search: grid search takes only choice/grid params; use search: random for ranges")
+
+
 @dataclass
 class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)  # the frozen model distilled from
@@ -243,7 +286,11 @@ class Config:
     scale: ScaleConfig = field(default_factory=ScaleConfig)  # workers and parallel strategy
     output_dir: str = "runs/default"  # where student/, metrics.json, config.yaml and checkpoints go
     seed: int = 0  # seeds model init, data order and dropout
-    sweep: dict[str, Any] | None = None  # `raykd sweep` search space (see raykd.sweep)
+    sweep: dict[str, Any] | None = None  # `raykd sweep` search space and scheduler (fields: SweepConfig)
+
+    def __post_init__(self):
+        if self.sweep is not None:
+            _build(SweepConfig, self.sweep, "sweep")  # validated here, used by raykd.sweep
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

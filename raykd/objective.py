@@ -70,7 +70,8 @@ class Distiller(nn.Module):
 
     Next-token targets come from `input_ids` (packed blocks, no padding): positions 0..T-2
     predict 1..T-1. `mask` (bool, optional) marks real tokens; a position counts when it and
-    its target are both real.
+    its target are both real. `eval_ce` (validation, no backward) always fills terms["ce"],
+    even when the CE weight is 0 (the total is then not the training objective).
     """
 
     def __init__(self, student: nn.Module, loss_cfg: LossConfig | dict, pairs: list[tuple[int, int]], teacher_width: int, teacher_depth: int):
@@ -106,7 +107,7 @@ class Distiller(nn.Module):
         return Needs(hidden=sorted(hidden), qkv=sorted({s for _, s in self.attn_pairs}), want_v="relation" in w)
 
     # the objective -------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, teacher: TeacherOutputs, mask: torch.Tensor | None = None):
+    def forward(self, input_ids: torch.Tensor, teacher: TeacherOutputs, mask: torch.Tensor | None = None, eval_ce: bool = False):
         w, cfg = self.weights, self.cfg
         last, cap = forward_with_capture(self.student, input_ids, self.student_needs())
         targets = input_ids[:, 1:].reshape(-1)
@@ -118,7 +119,7 @@ class Distiller(nn.Module):
         kd_on = "kd" in w
         total, terms = fused_head_losses(
             flat(last), s_w, flat(teacher.last_hidden) if kd_on else None, t_w if kd_on else None, targets, pos_mask,
-            kd=cfg.kd, temperature=cfg.temperature, kd_params=cfg.kd_params, ce_weight=w.get("ce", 0.0),
+            kd=cfg.kd, temperature=cfg.temperature, kd_params=cfg.kd_params, ce_weight=w.get("ce", 0.0) or float(eval_ce),
             kd_weight=w.get("kd", 0.0), chunk_size=cfg.chunk_size, student_bias=s_b, teacher_bias=t_b,
         )
         terms = dict(terms)

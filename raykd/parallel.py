@@ -127,9 +127,9 @@ class Engine:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def forward(self, input_ids: torch.Tensor, teacher_out):
+    def forward(self, input_ids: torch.Tensor, teacher_out, eval_ce: bool = False):
         with self.autocast():
-            return self.model(input_ids, teacher_out)
+            return self.model(input_ids, teacher_out, eval_ce=eval_ce) if eval_ce else self.model(input_ids, teacher_out)
 
     def backward(self, loss: torch.Tensor, last_micro_step: bool) -> None:
         if self.strategy == "deepspeed":

@@ -108,6 +108,27 @@ class _Batches:
             return batch
 
 
+def _val_loss(engine, teacher, needs, blocks: torch.Tensor, rank: int, world: int, batch_size: int, device) -> float:
+    """Mean next-token CE (nats) of the student on `blocks` [N, T]; every rank takes its share
+    (sharded strategies need every rank in every forward) and the sums are all-reduced."""
+    import torch.distributed as dist
+
+    if len(blocks) < world:  # too few blocks for one each: repeat them
+        blocks = blocks.repeat(world, 1)
+    mine = blocks[: len(blocks) // world * world][rank::world]
+    sums = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        for ids in mine.split(batch_size):
+            ids = ids.to(device)
+            with engine.autocast():
+                t_out = teacher_forward(teacher, ids, needs)
+            _, terms = engine.forward(ids, t_out, eval_ce=True)
+            sums += torch.tensor([float(terms["ce"]) * len(ids), len(ids)], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    return float(sums[0] / sums[1])
+
+
 def _fmt_eta(seconds: float) -> str:
     seconds = int(max(0, seconds))
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
@@ -129,7 +150,8 @@ def train_loop_per_worker(config: dict) -> None:
     cfg.train.precision = _precision(cfg, device)
     torch.manual_seed(cfg.seed)  # identical model init on every rank
     teacher_dir, teacher, distiller = _build_models(cfg, device)
-    val = _val_blocks(cfg.data.max_val_blocks) if rank == 0 else None
+    periodic = cfg.train.eval_every > 0
+    val = _val_blocks(max(cfg.data.max_val_blocks, cfg.train.eval_blocks)) if (rank == 0 or periodic) else None
     state = {"step": 0, "tokens_seen": 0, "train_wall_s": 0.0, "epoch": 0, "batch_index": 0, "init_val_perplexity": None, "history": [], "resumed_at": []}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and rank == 0:
@@ -174,7 +196,8 @@ def train_loop_per_worker(config: dict) -> None:
         state.update(step=step, tokens_seen=state["tokens_seen"] + tokens_per_step, epoch=batches.epoch, batch_index=batches.index)
         final = step == t.max_steps
         save = final or (t.checkpoint_every and step % t.checkpoint_every == 0)
-        if not (final or save or step % t.report_every == 0):
+        check = periodic and (final or step % t.eval_every == 0)
+        if not (final or save or check or step % t.report_every == 0):
             continue
         if dist.is_initialized():
             dist.all_reduce(window)
@@ -186,10 +209,12 @@ def train_loop_per_worker(config: dict) -> None:
             tokens_per_s=run_tokens / max(elapsed_run, 1e-9),
         )
         window.zero_()
-        state["history"].append({k: round(v, 5) for k, v in metrics.items() if k in TERMS or k in ("step", "tokens_per_s", "lr")})
+        if check:
+            metrics["val_loss"] = _val_loss(engine, teacher, needs, val[: t.eval_blocks], rank, world, t.batch_size, device)
+        state["history"].append({k: round(v, 5) for k, v in metrics.items() if k in TERMS or k in ("step", "tokens_per_s", "lr", "val_loss")})
         if rank == 0:
             eta = (t.max_steps - step) * elapsed_run / (run_tokens / tokens_per_step)
-            terms_txt = " ".join(f"{k} {metrics[k]:.4g}" for k in TERMS if k in metrics)
+            terms_txt = " ".join(f"{k} {metrics[k]:.4g}" for k in (*TERMS, "val_loss") if k in metrics)
             print(f"raykd: step {step}/{t.max_steps}  {terms_txt}  {metrics['tokens_per_s']:.1f} tok/s  eta {_fmt_eta(eta)}", flush=True)
         if not save:
             ray.train.report(metrics)
@@ -231,6 +256,7 @@ def _export_and_evaluate(engine, teacher, teacher_dir, cfg, state, wall, tokens_
     if cfg.scale.strategy == "fsdp2" and cfg.scale.shard_teacher:
         teacher = models.load_model(teacher_dir, models.resolve_dtype(cfg.teacher.dtype), cfg.teacher.trust_remote_code, frozen=True).to(device)
     metrics = evaluate_pair(student, teacher, tok, val.to(device), batch_size=cfg.train.batch_size, generation=cfg.train.generation_eval)
+    metrics["student_latency_ms"] = 1000.0 * val.shape[1] / metrics["student_tokens_per_s"]  # one block's forward
     metrics.update(
         init_val_perplexity=state["init_val_perplexity"], tokens_seen=state["tokens_seen"], tokens_per_s=tokens_per_s,
         train_wall_s=wall, steps=state["step"], history=state["history"], resumed_at=state["resumed_at"], strategy=cfg.scale.strategy, num_workers=cfg.scale.num_workers,
@@ -283,7 +309,7 @@ def init_ray(cfg: Config) -> None:
     ray.init(num_cpus=max(os.cpu_count() or 1, need))  # (the dashboard's State API is what Train's cleanup polls)
 
 
-def build_trainer(cfg: Config, log=print):
+def build_trainer(cfg: Config, log=print, callbacks: list | None = None):
     """A `TorchTrainer` for a resolved config: Ray Data shards, scaling, storage, failure policy."""
     import ray.train
     from ray.data import DataContext
@@ -318,6 +344,7 @@ def build_trainer(cfg: Config, log=print):
             failure_config=FailureConfig(max_failures=sc.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             logging_config=LoggingConfig(log_level="WARNING"),  # raykd prints one progress line per report
+            callbacks=callbacks,  # a sweep forwards the reports to Tune
         ),
         datasets={"train": train_ds, "validation": val_ds},
         # every worker streams its own shard of train; rank 0 reads validation whole; order is deterministic

@@ -46,6 +46,10 @@ def test_teacher_shorthand():
         (["scale.strategy=deepspeed", "scale.deepspeed_config=/no/such.json"], "scale.deepspeed_config", "does not exist"),
         (["scale.torch_threads=-1"], "scale.torch_threads", ""),
         (["data.bad_rows=ignore"], "data.bad_rows", "choose one of"),
+        (["sweep={params: {}}"], "sweep.params", "nothing to search"),
+        (["sweep={params: {train.lr: {loguniform: [0, 1]}}}"], "sweep.params.train.lr.loguniform", "> 0"),
+        (["sweep={params: {train.lr: {uniform: [1, 2]}}, search: grid}"], "sweep.search", "choice/grid"),
+        (["sweep={params: {train.lr: {choice: [1]}}, schedular: asha}"], "sweep.schedular", "did you mean 'scheduler'"),
         (["nonsense"], "nonsense", "key=value"),
     ],
 )

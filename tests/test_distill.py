@@ -61,8 +61,10 @@ def test_smoke_job_each_strategy(strategy, local_ray, tmp_path):
     from raykd.train import distill
 
     extra = ["scale.zero_stage=3"] if strategy == "deepspeed" else []
-    cfg = _cfg(tmp_path, f"scale.strategy={strategy}", "train.max_steps=8", "train.report_every=2", *extra)
+    cfg = _cfg(tmp_path, f"scale.strategy={strategy}", "train.max_steps=8", "train.report_every=2", "train.eval_every=4", *extra)
     metrics = distill(cfg)
+    checks = [h["val_loss"] for h in metrics["history"] if "val_loss" in h]
+    assert len(checks) == 2 and checks[1] < checks[0]  # held-out CE at steps 4 and 8, every worker taking part
     assert metrics["strategy"] == strategy and metrics["num_workers"] == 2
     assert metrics["tokens_seen"] == 8 * 4 * 64 * 2
     _check_output(tmp_path / "out", 8)
