@@ -67,6 +67,26 @@ def cmd_distill(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from raykd.config import load_config
+    from raykd.sweep import sweep
+
+    cfg = load_config(args.config, args.overrides)
+    result = sweep(cfg, resume=args.resume, log=lambda m: print(m, file=sys.stderr))
+    trials = result["trials"]
+    done = sum(t["status"] == "TERMINATED" for t in trials)
+    print(f"raykd: {len(trials)} trials ({done} finished) in {result['meta']['wall_s']:.0f} s; report: {result['paths'].get('html', cfg.output_dir)}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from raykd.sweep import rebuild_report
+
+    result = rebuild_report(args.dir, log=lambda m: print(m, file=sys.stderr))
+    print(f"raykd: report for {len(result['trials'])} trials: {result['paths'].get('html', args.dir)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raykd", description="Feature-alignment knowledge distillation of causal LMs on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -74,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("config", help="YAML config, e.g. jobs/smoke.yaml")
     distill.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100")
     distill.set_defaults(fn=cmd_distill)
+    sw = sub.add_parser("sweep", help="Ray Tune sweep over the config's sweep: section (ASHA on val_loss); writes report.html, report.md, trials.csv, pareto.csv, best_config.yaml, plots")
+    sw.add_argument("config", help="YAML config with a sweep: section, e.g. jobs/sweep-smoke.yaml")
+    sw.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. output_dir=runs/sweep2")
+    sw.add_argument("--resume", action="store_true", help="continue an interrupted sweep in output_dir (finished trials are kept)")
+    sw.set_defaults(fn=cmd_sweep)
+    rep = sub.add_parser("report", help="rebuild the sweep report from an existing sweep output directory")
+    rep.add_argument("dir", help="the output_dir of a raykd sweep")
+    rep.set_defaults(fn=cmd_report)
     plan = sub.add_parser("plan", help="validate a config and print teacher/student sizes, kept layers, layer map, loss terms, FLOPs; starts nothing")
     plan.add_argument("config", help="YAML config, e.g. jobs/demo.yaml")
     plan.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. student.num_layers=10")

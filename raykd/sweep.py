@@ -1,0 +1,234 @@
+"""Ray Tune sweeps over loss weights, layer maps, student depths, LR ... (`raykd sweep`).
+
+Train V2 pattern: a Tune *function trainable* builds and fits one `TorchTrainer` per trial
+(`raykd.train.build_trainer`, the same code as `raykd distill`) and forwards every report
+of rank 0 to Tune with `TuneReportCallback`. Every report of a sweep trial carries
+`val_loss` (student CE on held-out blocks, `sweep.eval_every` steps apart), which ASHA
+(Li et al. 2020, "A System for Massively Parallel Hyperparameter Tuning") uses to stop
+poor trials early; the final report adds `val_perplexity`, `top1_agreement`,
+`student_params` and the measured `student_latency_ms`. A sampled combination that is not
+a valid config (or crashes, or runs out of memory) fails only its own trial: Tune records
+the error and the sweep goes on. Results go to `raykd.report.write_report`.
+
+Layout of `output_dir`: `tune/` (the Tune experiment; `--resume` restores it), `trials/ID/`
+(each trial's Train checkpoints), and the report files.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+from raykd.config import Config, ConfigError, SweepConfig, _build, from_dict, set_dotted
+
+EXPERIMENT = "tune"
+
+
+def search_space(sweep: SweepConfig) -> dict:
+    """`sweep.params` as Tune domains, keyed by the dotted config key."""
+    from ray import tune
+
+    space = {}
+    for key, spec in sweep.params.items():
+        kind, values = next(iter(spec.items()))
+        if kind == "grid" or (kind == "choice" and sweep.search == "grid"):
+            space[key] = tune.grid_search(values)
+        elif kind == "choice":
+            space[key] = tune.choice(values)
+        elif kind == "uniform":
+            space[key] = tune.uniform(*values)
+        elif kind == "loguniform":
+            space[key] = tune.loguniform(*values)
+        else:
+            space[key] = tune.randint(values[0], values[1] + 1)
+    return space
+
+
+def trial_config(base: dict, params: dict, sweep: SweepConfig, trial_dir: str) -> Config:
+    """The complete config of one trial: base + sampled params, evaluating every `eval_every` steps."""
+    d = copy.deepcopy(base)
+    for key, value in params.items():
+        set_dotted(d, key, value)
+    d["sweep"] = None
+    d["output_dir"] = trial_dir
+    # every report carries val_loss (Tune's metric); one checkpoint at the end; no generation metrics
+    d["train"].update(eval_every=sweep.eval_every, report_every=sweep.eval_every, checkpoint_every=0, generation_eval=False)
+    return from_dict(d)
+
+
+def _check_space(base: dict, sweep: SweepConfig) -> None:
+    """Every listed choice must make a valid config on its own (caught here, before Ray)."""
+    for key, spec in sweep.params.items():
+        kind, values = next(iter(spec.items()))
+        for value in values if kind in ("choice", "grid") else values[:2]:
+            try:
+                trial_config(base, {key: value}, sweep, "check")
+            except ConfigError as e:
+                raise ConfigError(f"sweep.params.{key}: the value {value!r} makes an invalid config ({e})") from None
+
+
+def _trainable(params: dict, base: dict, sweep_dict: dict, trials_root: str) -> None:
+    """One Tune trial: a whole `raykd distill` run whose reports become Tune results."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raykd.train import build_trainer, resolve
+
+    sweep = _build(SweepConfig, sweep_dict, "sweep")
+    trial_dir = os.path.join(trials_root, tune.get_context().get_trial_id())
+    cfg = trial_config(base, params, sweep, trial_dir)
+    resolved, _ = resolve(cfg, log=lambda m: None)
+    trainer = build_trainer(resolved, callbacks=[TuneReportCallback()])
+    trainer.fit()
+
+
+def sweep(cfg: Config, resume: bool = False, log=print) -> dict:
+    """Run (or resume) the sweep in `cfg.sweep`; write the report into `cfg.output_dir`."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from raykd import data, models
+    from raykd.report import write_report
+
+    if cfg.sweep is None:
+        raise ConfigError("sweep: the config has no sweep: section; add sweep.params (see jobs/sweep-smoke.yaml)")
+    sw = _build(SweepConfig, cfg.sweep, "sweep")
+    base = cfg.to_dict()
+    _check_space(base, sw)
+    data.preflight(cfg.data)
+    models.resolve_model(cfg.teacher.model, "teacher.model", log)  # fetch/convert once, before trials race for it
+    out = Path(cfg.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init()
+        else:  # logical CPUs for the concurrent trials' workers plus Ray Data tasks
+            per_trial = cfg.scale.num_workers * cfg.scale.cpus_per_worker + sw.trial_cpus
+            ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(sw.max_concurrent * per_trial) + 1))
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable, base=base, sweep_dict=cfg.sweep, trials_root=str(out / "trials")),
+        {"CPU": sw.trial_cpus},
+    )
+    t0 = time.time()
+    path = out / EXPERIMENT
+    record = out / "sweep.json"  # what `raykd report DIR` needs to rebuild the report later
+    if resume:
+        if not tune.Tuner.can_restore(str(path)):
+            raise ConfigError(f"--resume: no sweep to resume in {path}; run without --resume to start one")
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=False, restart_errored=False)
+    else:
+        if path.exists():
+            raise ConfigError(f"output_dir: {out} already holds a sweep; pass --resume to continue it or choose another output_dir")
+        scheduler = (
+            ASHAScheduler(time_attr="step", max_t=cfg.train.max_steps, grace_period=sw.grace_period, reduction_factor=sw.reduction_factor)
+            if sw.scheduler == "asha" else FIFOScheduler()
+        )
+        search_alg = None
+        if sw.search == "optuna":
+            from ray.tune.search.optuna import OptunaSearch
+
+            search_alg = OptunaSearch(seed=cfg.seed)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=search_space(sw),
+            tune_config=tune.TuneConfig(metric="val_loss", mode="min", scheduler=scheduler, search_alg=search_alg,
+                                        num_samples=sw.num_samples, max_concurrent_trials=sw.max_concurrent),
+            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out), verbose=1,
+                                      failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
+        )
+    meta = {"experiment": str(path), "scheduler": sw.scheduler, "search": sw.search, "metric": "val_loss"}
+    if not resume:
+        record.write_text(json.dumps({"config": base, "meta": meta}, indent=1))
+    results = tuner.fit()
+    trials = collect_trials(results, base, sw, cfg.train.max_steps)
+    meta["wall_s"] = time.time() - t0
+    unfinished = max(_unfinished(results), expected_trials(sw) - len(trials))
+    meta["interrupted"] = bool(unfinished)
+    if unfinished:
+        log(f"raykd: sweep interrupted with {unfinished} trial(s) unfinished; `raykd sweep CONFIG --resume` continues it")
+    record.write_text(json.dumps({"config": base, "meta": meta}, indent=1))
+    paths = write_report(out, trials, meta)
+    return {"trials": trials, "paths": paths, "meta": meta}
+
+
+def expected_trials(sweep: SweepConfig) -> int:
+    """num_samples x the size of the grid (Tune's semantics for grid_search in a param space)."""
+    grid = 1
+    for spec in sweep.params.values():
+        kind, values = next(iter(spec.items()))
+        if kind == "grid" or (kind == "choice" and sweep.search == "grid"):
+            grid *= len(values)
+    return sweep.num_samples * grid
+
+
+def _unfinished(results) -> int:
+    """Trials Tune has not ended (an interrupted sweep); ASHA-stopped trials count as ended."""
+    analysis = getattr(results, "_experiment_analysis", None)
+    return sum(t.status not in ("TERMINATED", "ERROR") for t in getattr(analysis, "trials", None) or [])
+
+
+def _status(result, max_steps: int) -> str:
+    if result.error is not None:
+        return "ERROR"
+    return "TERMINATED" if (result.metrics or {}).get("step", 0) >= max_steps else "EARLY_STOPPED"
+
+
+METRICS = ("val_perplexity", "top1_agreement", "student_params", "student_latency_ms", "student_tokens_per_s", "val_loss")
+
+
+def _params_file(trial_path: str | None) -> dict:
+    """The sampled params Tune wrote next to a trial (a restored errored trial may carry no config)."""
+    path = Path(trial_path or "") / "params.json"
+    return json.loads(path.read_text()) if trial_path and path.is_file() else {}
+
+
+def collect_trials(results, base: dict, sweep: SweepConfig, max_steps: int) -> list[dict]:
+    """Tune's ResultGrid as the trial dicts `raykd.report.write_report` takes."""
+    trials = []
+    for result in results:
+        config = result.config or (result.metrics or {}).get("config") or _params_file(result.path)
+        params = {k: config[k] for k in sweep.params if k in config}
+        metrics = result.metrics or {}
+        history = []
+        df = result.metrics_dataframe
+        if df is not None and "val_loss" in df:
+            for row in df[["step", "val_loss", *(["loss"] if "loss" in df else [])]].dropna(subset=["val_loss"]).to_dict("records"):
+                history.append({k: (int(v) if k == "step" else float(v)) for k, v in row.items()})
+        try:
+            config = trial_config(base, params, sweep, "runs/best").to_dict()
+        except ConfigError:
+            config = None
+        error = None
+        if result.error is not None:
+            error = (str(result.error).strip().splitlines() or ["error"])[-1][:300]
+        trials.append({
+            "trial_id": str(metrics.get("trial_id") or (Path(result.path).name if result.path else len(trials))),
+            "status": _status(result, max_steps), "error": error, "params": params,
+            "metrics": {k: metrics.get(k) for k in METRICS}, "steps": int(metrics.get("step", 0) or 0), "max_steps": max_steps,
+            "history": history, "config": config,
+        })
+    return trials
+
+
+def rebuild_report(directory: str, log=print) -> dict:
+    """`raykd report DIR`: the report again from the Tune experiment in DIR/tune."""
+    from ray import tune
+
+    from raykd.report import write_report
+
+    out = Path(directory).resolve()
+    path = out / EXPERIMENT
+    if not tune.Tuner.can_restore(str(path)):
+        raise ConfigError(f"report: {path} holds no Tune experiment; pass the output_dir of a raykd sweep")
+    saved = json.loads((out / "sweep.json").read_text())
+    cfg = from_dict(saved["config"])
+    sw = _build(SweepConfig, cfg.sweep, "sweep")
+    results = tune.Tuner.restore(str(path), trainable=_trainable).get_results()
+    trials = collect_trials(results, cfg.to_dict(), sw, cfg.train.max_steps)
+    meta = {**saved.get("meta", {}), "experiment": str(path)}
+    return {"trials": trials, "paths": write_report(out, trials, meta), "meta": meta}

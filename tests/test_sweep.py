@@ -1,0 +1,75 @@
+"""`raykd sweep` end to end on local Ray: the smoke sweep with ASHA, a failing trial recorded,
+the report set, best_config.yaml accepted by `raykd plan`, and resume after an interrupt."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.ray
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP = str(ROOT / "jobs" / "sweep-smoke.yaml")
+ENV = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
+
+
+def _sweep_cmd(out, *extra):
+    return [sys.executable, "-m", "raykd.cli", "sweep", SWEEP, f"output_dir={out}", *extra]
+
+
+def test_smoke_sweep_asha_failed_trial_and_report(tmp_path):
+    from raykd.cli import main
+
+    out = tmp_path / "sweep"
+    # a grid of 3 depths x 2 logit losses; depth 6 equals the teacher's, so those 2 trials fail
+    grid = ("sweep={search: grid, num_samples: 1, scheduler: asha, grace_period: 4, reduction_factor: 2, eval_every: 4, "
+            "max_concurrent: 2, params: {student.num_layers: {grid: [2, 3, 6]}, loss.kd: {choice: [forward_kl, jsd]}}}")
+    proc = subprocess.run(_sweep_cmd(out, grid, "train.max_steps=12"), env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    for name in ("report.html", "report.md", "trials.csv", "pareto.csv", "best_config.yaml"):
+        assert (out / name).is_file(), name
+    assert list(out.glob("*.png"))
+    rows = list(csv.DictReader((out / "trials.csv").open()))
+    assert len(rows) == 6
+    failed = [r for r in rows if r["status"] == "ERROR"]
+    assert len(failed) == 2 and all("student.num_layers" in r["error"] for r in failed)
+    assert all(r["student.num_layers"] == "6" for r in failed)
+    finished = [r for r in rows if r["status"] == "TERMINATED"]
+    stopped = [r for r in rows if r["status"] == "EARLY_STOPPED"]
+    assert finished and len(finished) + len(stopped) == 4
+    assert sum(int(r["steps"]) for r in finished + stopped) <= 4 * 12
+    assert main(["plan", str(out / "best_config.yaml")]) == 0
+    # the report rebuilds from the experiment directory alone
+    (out / "report.md").unlink()
+    assert main(["report", str(out)]) == 0 and (out / "report.md").is_file()
+
+
+def _files(directory: Path) -> dict:
+    return {str(p): p.stat().st_mtime_ns for p in directory.rglob("*") if p.is_file()}
+
+
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
+    out = tmp_path / "sweep"
+    extra = ["sweep.max_concurrent=1", "sweep.num_samples=3", "sweep.scheduler=fifo", "train.max_steps=8"]
+    first = subprocess.Popen(_sweep_cmd(out, *extra), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
+    deadline = time.time() + 400
+    while time.time() < deadline and first.poll() is None and not list(out.glob("trials/*/train/checkpoint_*")):
+        time.sleep(0.5)
+    time.sleep(3)  # let Tune record the finished trial
+    os.killpg(first.pid, signal.SIGINT)  # Ctrl-C the sweep
+    log, _ = first.communicate(timeout=120)
+    finished = {p.parents[1] for p in out.glob("trials/*/train/checkpoint_*")}
+    assert finished, "no trial finished before the interrupt"
+    assert "--resume" in log, log[-3000:]  # the partial report says how to continue
+    before = {d: _files(d) for d in finished}
+    proc = subprocess.run(_sweep_cmd(out, *extra, "--resume"), env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = list(csv.DictReader((out / "trials.csv").open()))
+    assert len(rows) == 3 and all(r["status"] == "TERMINATED" for r in rows)
+    assert {d: _files(d) for d in finished} == before  # finished trials were not run again
