@@ -1,14 +1,14 @@
 """The sweep report: trials.csv, pareto.csv, best_config.yaml, PNG plots, report.md, report.html.
 
-Pure Python + matplotlib (no Ray). Input: one dict per trial, as `raykd.sweep.collect_trials`
-builds them: trial_id, status (TERMINATED | EARLY_STOPPED | ERROR), error, params (dotted
-key -> sampled value), metrics (val_perplexity, top1_agreement, student_params,
-student_latency_ms, student_tokens_per_s, val_loss), steps, max_steps, history
-([{step, val_loss, loss}]), config (the trial's complete config dict).
+Pure Python + matplotlib (Agg; no Ray). Input: one dict per trial, as `raykd.sweep.collect_trials`
+builds them: trial_id, status (TERMINATED | EARLY_STOPPED | ERROR), error, params (dotted key ->
+sampled value), metrics (METRIC_COLUMNS), steps, max_steps, history ([{step, val_loss, loss}]),
+config (the complete config dict). Missing/None fields are tolerated (a failed trial may carry no metrics).
 
-The efficiency/accuracy trade-off is the Pareto front (both minimised) of validation
-perplexity against student parameters and against measured student latency. Early-stopped
-trials have no final perplexity; their last `val_loss` shows in the learning curves.
+The efficiency/accuracy trade-off is the Pareto front (both minimised) of validation perplexity
+against student parameters (`front=params`) and against measured student latency
+(`front=latency`); pareto.csv holds both, told apart by its `front` column. Early-stopped trials
+have no final perplexity: they appear in the learning curves and tables, not on the fronts.
 """
 
 from __future__ import annotations
@@ -17,54 +17,77 @@ import base64
 import csv
 import html
 import math
+import numbers
 from pathlib import Path
 
 METRIC_COLUMNS = ("val_perplexity", "top1_agreement", "student_params", "student_latency_ms", "student_tokens_per_s", "val_loss")
 FRONTS = {"params": "student_params", "latency": "student_latency_ms"}
+AXIS = {"params": "student parameters", "latency": "student latency per block (ms)"}
+DEPTH = "student.num_layers"
+PLOTS = ("ppl_vs_params", "ppl_vs_latency", "learning_curves", "sensitivity")
 
 
 def _num(x) -> float | None:
-    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+    """x as a finite float, or None (None, NaN, inf, bools and non-numbers)."""
+    return float(x) if isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) else None  # numpy too
 
 
 def pareto_front(points: list[tuple]) -> list[int]:
-    """Indices of the non-dominated points, both coordinates minimised; None/NaN points skipped.
-    A point is dominated when another is <= in both coordinates and < in at least one."""
+    """Indices (ascending) of the non-dominated points, both coordinates minimised.
+
+    A point is dominated when another is <= in both coordinates and < in at least one, so exact
+    duplicates of a front point are all on the front. Points with a None/NaN/inf coordinate are
+    skipped. O(n log n): sort by (x, y), sweep keeping the lowest y seen."""
     ok = [(i, (_num(a), _num(b))) for i, (a, b) in enumerate(points)]
-    ok = [(i, p) for i, p in ok if None not in p]
-    order = sorted(ok, key=lambda ip: (ip[1][0], ip[1][1]))
-    front, best_b = [], math.inf
-    for k, (i, (a, b)) in enumerate(order):
-        if b < best_b:
+    order = sorted(((i, p) for i, p in ok if None not in p), key=lambda ip: ip[1])
+    front, last = [], None
+    for i, p in order:
+        if last is None or p[1] < last[1] or p == last:
             front.append(i)
-            best_b = b
-        elif b == best_b and front and points[front[-1]][0] == a:  # an exact duplicate of a front point
-            front.append(i)
+            last = p
     return sorted(front)
 
 
 def asha_savings(trials: list[dict]) -> dict:
-    ran = sum(int(t.get("steps") or 0) for t in trials if t["status"] != "ERROR")
-    full = sum(int(t.get("max_steps") or 0) for t in trials if t["status"] != "ERROR")
-    return {"trial_steps": ran, "full_steps": full, "saved_fraction": (1 - ran / full) if full else 0.0,
-            "early_stopped": sum(t["status"] == "EARLY_STOPPED" for t in trials)}
+    """Trial-steps run against trial-steps a full run of every trial would take.
+
+    Failed (ERROR) trials are left out of both sums: their lost steps are not savings."""
+    ran = [t for t in map(_norm, trials) if t["status"] != "ERROR"]
+    done, full = sum(t["steps"] for t in ran), sum(t["max_steps"] for t in ran)
+    return {"trial_steps": done, "full_steps": full, "saved_fraction": (1 - done / full) if full else 0.0,
+            "early_stopped": sum(t["status"] == "EARLY_STOPPED" for t in ran)}
 
 
-def _fronts(trials: list[dict]) -> dict[str, list[int]]:
-    return {name: pareto_front([(t["metrics"].get("val_perplexity"), t["metrics"].get(key)) for t in trials]) for name, key in FRONTS.items()}
+def _norm(t: dict) -> dict:
+    """A trial dict with every field present and of the expected kind."""
+    m = t.get("metrics") or {}
+    return {
+        "trial_id": str(t.get("trial_id", "?")), "status": str(t.get("status") or "UNKNOWN"),
+        "error": " ".join(str(t["error"]).split()) if t.get("error") else None,
+        "params": dict(t.get("params") or {}), "metrics": {k: m.get(k) for k in METRIC_COLUMNS},
+        "steps": int(_num(t.get("steps")) or 0), "max_steps": int(_num(t.get("max_steps")) or 0),
+        "history": [h for h in t.get("history") or [] if isinstance(h, dict)], "config": t.get("config"),
+    }
 
 
-def _best(trials: list[dict]) -> dict | None:
-    scored = [t for t in trials if _num(t["metrics"].get("val_perplexity")) is not None and t.get("config")]
-    done = [t for t in scored if t["status"] == "TERMINATED"] or scored
-    return min(done, key=lambda t: t["metrics"]["val_perplexity"]) if done else None
+def _ppl(t: dict) -> float | None:
+    return _num(t["metrics"]["val_perplexity"])
+
+
+def _best_of(trials: list[dict], need_config: bool = False) -> dict | None:
+    """Lowest val_perplexity among finished (TERMINATED) trials, else among any with one."""
+    scored = [t for t in trials if _ppl(t) is not None and (t["config"] or not need_config)]
+    pool = [t for t in scored if t["status"] == "TERMINATED"] or scored
+    return min(pool, key=_ppl) if pool else None
 
 
 def _fmt(x) -> str:
-    if x is None:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
         return ""
     if isinstance(x, float):
-        return f"{x:.4g}"
+        return f"{x:,.0f}" if abs(x) >= 1e4 else f"{x:.4g}"
+    if isinstance(x, int) and not isinstance(x, bool) and abs(x) >= 10000:
+        return f"{x:,}"
     return str(x)
 
 
@@ -72,184 +95,310 @@ def _fmt(x) -> str:
 
 
 def _write_csvs(out: Path, trials: list[dict], params: list[str], fronts: dict) -> None:
-    head = ["trial_id", "status", *params, *METRIC_COLUMNS, "steps", "max_steps", "error"]
+    cols = [*params, *METRIC_COLUMNS, "steps", "max_steps"]
+
+    def values(t):
+        return [*(t["params"].get(p) for p in params), *(t["metrics"][m] for m in METRIC_COLUMNS), t["steps"], t["max_steps"]]
+
     with (out / "trials.csv").open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(head)
-        for t in trials:
-            w.writerow([t["trial_id"], t["status"], *(t["params"].get(p) for p in params),
-                        *(t["metrics"].get(m) for m in METRIC_COLUMNS), t["steps"], t["max_steps"], t.get("error") or ""])
+        w.writerow(["trial_id", "status", *cols, "error"])
+        w.writerows([t["trial_id"], t["status"], *values(t), t["error"] or ""] for t in trials)
     with (out / "pareto.csv").open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["front", "trial_id", *params, *METRIC_COLUMNS])
+        w.writerow(["front", "trial_id", "status", *cols])
         for name, idx in fronts.items():
             for i in idx:
-                t = trials[i]
-                w.writerow([name, t["trial_id"], *(t["params"].get(p) for p in params), *(t["metrics"].get(m) for m in METRIC_COLUMNS)])
+                w.writerow([name, trials[i]["trial_id"], trials[i]["status"], *values(trials[i])])
 
 
 def _write_best(out: Path, best: dict) -> Path:
+    """best_config.yaml; its output_dir is OUT/best, relative to the working directory when OUT
+    lies below it (so the file stays portable), else runs/best."""
     from raykd.config import from_dict
 
+    try:
+        rerun_dir = (out.resolve() / "best").relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        rerun_dir = "runs/best"
     cfg = dict(best["config"])
-    cfg.update(sweep=None, output_dir="runs/best")
+    cfg.update(sweep=None, output_dir=rerun_dir)
+    text = from_dict(cfg).to_yaml()  # validates: a ConfigError leaves no file behind
+    sampled = ", ".join(f"{k}={v}" for k, v in sorted(best["params"].items()))
+    head = (f"# best trial {best['trial_id']} of the sweep: val_perplexity {_ppl(best):.4g}\n# sampled: {sampled}\n"
+            "# rerun: raykd distill best_config.yaml   (check: raykd plan best_config.yaml)\n")
     path = out / "best_config.yaml"
-    header = f"# best trial {best['trial_id']} of the sweep (val_perplexity {best['metrics']['val_perplexity']:.4g}); `raykd distill` reruns it\n"
-    path.write_text(header + from_dict(cfg).to_yaml())
+    path.write_text(head + text)
     return path
 
 
-def _plots(out: Path, trials: list[dict], params: list[str], fronts: dict) -> dict[str, Path]:
+# --- plots -------------------------------------------------------------------------------------
+
+
+def _plots(out: Path, trials: list[dict], params: list[str], fronts: dict, meta: dict) -> dict[str, Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     paths = {}
+    groups = sorted({t["params"].get(DEPTH) for t in trials}, key=str) if DEPTH in params else [None]
     for name, key in FRONTS.items():
-        fig, ax = plt.subplots(figsize=(6, 4))
-        pts = [(t["metrics"].get(key), t["metrics"].get("val_perplexity")) for t in trials]
-        xs = [x for x, y in pts if _num(x) is not None and _num(y) is not None]
-        ys = [y for x, y in pts if _num(x) is not None and _num(y) is not None]
-        ax.scatter(xs, ys, color="tab:blue", label="trials")
-        front = sorted((pts[i] for i in fronts[name]), key=lambda p: p[0])
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for g in groups:
+            pts = [(_num(t["metrics"][key]), _ppl(t)) for t in trials if g is None or t["params"].get(DEPTH) == g]
+            pts = [p for p in pts if None not in p]
+            if pts:
+                ax.scatter(*zip(*pts), s=28, alpha=0.8, label="finished trials" if g is None else f"{g} layers")
+        front = sorted((_num(trials[i]["metrics"][key]), _ppl(trials[i])) for i in fronts[name])
         if front:
-            ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="tab:red")
-            ax.scatter([p[0] for p in front], [p[1] for p in front], color="tab:red", zorder=3, label="Pareto front")
-        if ys:
-            ax.set_yscale("log")
-        ax.set_xlabel("student parameters" if name == "params" else "student latency per block (ms)")
-        ax.set_ylabel("validation perplexity")
-        ax.legend()
-        paths[f"ppl_vs_{name}"] = _save(fig, out / f"ppl_vs_{name}.png")
-    fig, ax = plt.subplots(figsize=(6, 4))
+            xs, ys = zip(*front)
+            ax.step(xs, ys, where="post", color="tab:red", lw=1.2)
+            ax.scatter(xs, ys, s=90, facecolors="none", edgecolors="tab:red", lw=1.6, zorder=3, label="Pareto front")
+            if teacher := _num(meta.get("teacher_val_perplexity")):
+                ax.axhline(teacher, color="gray", ls=":", lw=1, label=f"teacher ({teacher:.3g})")
+            _logy(ax)
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no finished trial with this metric", ha="center", transform=ax.transAxes)
+        ax.set(xlabel=AXIS[name], ylabel="validation perplexity (log)", title=f"perplexity vs {AXIS[name]}")
+        paths[f"ppl_vs_{name}"] = _save(plt, fig, out / f"ppl_vs_{name}.png")
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    drawn = 0
     for t in trials:
-        h = [(p["step"], p["val_loss"]) for p in t.get("history") or [] if _num(p.get("val_loss")) is not None]
+        h = sorted(p for p in ((_num(p.get("step")), _num(p.get("val_loss"))) for p in t["history"]) if None not in p)
         if h:
-            ax.plot(*zip(*h), linestyle="--" if t["status"] == "EARLY_STOPPED" else "-", marker=".", label=t["trial_id"][-8:])
-    ax.set_xlabel("step")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title("learning curves (dashed: stopped early by ASHA)")
-    paths["learning_curves"] = _save(fig, out / "learning_curves.png")
-    fig, axes = plt.subplots(1, max(1, len(params)), figsize=(3.2 * max(1, len(params)), 3.2), squeeze=False)
-    for ax, p in zip(axes[0], params):
-        vals = [(t["params"].get(p), t["metrics"].get("val_perplexity")) for t in trials if _num(t["metrics"].get("val_perplexity")) is not None]
-        cats = sorted({str(v) for v, _ in vals if _num(v) is None})
-        xs = [(_num(v) if _num(v) is not None else cats.index(str(v))) for v, _ in vals]
-        ax.scatter(xs, [y for _, y in vals])
-        if cats:
-            ax.set_xticks(range(len(cats)), cats, rotation=20)
-        ax.set_xlabel(p)
-        ax.set_ylabel("val perplexity")
-        if vals:
-            ax.set_yscale("log")
-    fig.suptitle("sensitivity of perplexity to each searched parameter (finished trials)")
-    paths["sensitivity"] = _save(fig, out / "sensitivity.png")
+            style = {"EARLY_STOPPED": "--", "ERROR": ":"}.get(t["status"], "-")
+            ax.plot(*zip(*h), ls=style, marker=".", label=f"{t['trial_id'][-8:]} {t['status'].lower()}")
+            drawn += 1
+    if drawn and drawn <= 16:
+        ax.legend(fontsize=7, ncol=2, loc="best")
+    elif not drawn:
+        ax.text(0.5, 0.5, "no validation-loss history", ha="center", transform=ax.transAxes)
+    ax.set(xlabel="optimizer step", ylabel="validation loss (nats/token)", title="learning curves (dashed: stopped early)")
+    paths["learning_curves"] = _save(plt, fig, out / "learning_curves.png")
+
+    cols = min(4, max(1, len(params)))
+    rows = math.ceil(max(1, len(params)) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 3.0 * rows), squeeze=False)
+    scored = [t for t in trials if _ppl(t) is not None]
+    for k, ax in enumerate(axes.flat):
+        if k >= len(params):
+            ax.axis("off")
+            if not params:
+                ax.text(0.5, 0.5, "no searched parameters", ha="center", transform=ax.transAxes)
+            continue
+        _sensitivity(ax, params[k], scored)
+    fig.suptitle("sensitivity of validation perplexity to each searched parameter (finished trials)", fontsize=10)
+    paths["sensitivity"] = _save(plt, fig, out / "sensitivity.png")
     return paths
 
 
-def _save(fig, path: Path) -> Path:
+def _sensitivity(ax, param: str, scored: list[dict]) -> None:
+    vals = [(t["params"].get(param), _ppl(t)) for t in scored]
+    ax.set_xlabel(param, fontsize=8)
+    ax.set_ylabel("val perplexity", fontsize=8)
+    ax.tick_params(labelsize=7)
+    if not vals:
+        ax.text(0.5, 0.5, "no finished trials", ha="center", transform=ax.transAxes, fontsize=8)
+        return
+    numeric = all(_num(v) is not None for v, _ in vals)
+    if numeric:
+        xs = [_num(v) for v, _ in vals]
+        ax.scatter(xs, [y for _, y in vals], s=20)
+        if min(xs) > 0 and max(xs) / min(xs) >= 20:
+            ax.set_xscale("log")
+    else:  # categorical: one column of points per value, spread a little so ties stay visible
+        cats = sorted({str(v) for v, _ in vals})
+        seen: dict[str, int] = {}
+        xs = []
+        for v, _ in vals:
+            c = str(v)
+            seen[c] = seen.get(c, 0) + 1
+            xs.append(cats.index(c) + 0.06 * (seen[c] // 2) * (-1) ** seen[c])
+        ax.scatter(xs, [y for _, y in vals], s=20)
+        ax.set_xticks(range(len(cats)), cats, rotation=20, fontsize=7)
+        ax.set_xlim(-0.6, len(cats) - 0.4)
+    _logy(ax)
+
+
+def _logy(ax) -> None:
+    """Log-scale y axis labelled with plain numbers (500, 600) rather than 5x10^2."""
+    from matplotlib.ticker import LogFormatter
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(LogFormatter())
+    ax.yaxis.set_minor_formatter(LogFormatter())
+
+
+def _save(plt, fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    import matplotlib.pyplot as plt
-
     plt.close(fig)
     return path
 
 
-# --- report.md / report.html ---------------------------------------------------------------
+# --- report.md / report.html -------------------------------------------------------------------
 
 
-def _sections(trials, params, fronts, meta, savings, best):
-    """(title, header, rows) tables shared by the Markdown and HTML reports."""
-    order = sorted(range(len(trials)), key=lambda i: (trials[i]["status"] == "ERROR", trials[i]["metrics"].get("val_perplexity") or math.inf))
-    head = ["trial", "status", *params, "val ppl", "top-1", "params", "latency ms", "steps", "error"]
+def _row(t: dict, params: list[str], error: bool = False) -> list[tuple[str, float | None]]:
+    """Table cells as (text, numeric sort key or None)."""
+    m = t["metrics"]
+    cells = [(t["trial_id"], None), (t["status"], None)]
+    cells += [(_fmt(t["params"].get(p)), _num(t["params"].get(p))) for p in params]
+    cells += [(_fmt(m[k]), _num(m[k])) for k in METRIC_COLUMNS]
+    cells.append((f"{t['steps']}/{t['max_steps']}", t["steps"]))
+    return cells + ([(t["error"] or "", None)] if error else [])
 
-    def row(t):
-        m = t["metrics"]
-        return [t["trial_id"], t["status"], *(_fmt(t["params"].get(p)) for p in params), _fmt(m.get("val_perplexity")),
-                _fmt(m.get("top1_agreement")), _fmt(m.get("student_params")), _fmt(m.get("student_latency_ms")),
-                f"{t['steps']}/{t['max_steps']}", t.get("error") or ""]
 
+def _sections(trials, params, fronts, meta, savings, best, best_note):
+    """Summary lines and (title, header, rows, trial ids to highlight) tables shared by md and HTML."""
+    head = ["trial", "status", *params, "val ppl", "top-1 agree", "student params", "latency ms", "tokens/s", "val loss", "steps"]
+    scored = [t for t in trials if _ppl(t) is not None]
     tables = []
-    depth_key = "student.num_layers"
-    scored = [t for t in trials if _num(t["metrics"].get("val_perplexity")) is not None]
-    if depth_key in params and scored:
-        by_depth = {}
-        for t in scored:
-            d = t["params"][depth_key]
-            if d not in by_depth or t["metrics"]["val_perplexity"] < by_depth[d]["metrics"]["val_perplexity"]:
-                by_depth[d] = t
-        tables.append(("Best configuration per student depth", head, [row(by_depth[d]) for d in sorted(by_depth)], set()))
-    for name in FRONTS:
-        tables.append((f"Pareto front: perplexity vs {name}", head, [row(trials[i]) for i in fronts[name]], set()))
-    front_ids = {trials[i]["trial_id"] for idx in fronts.values() for i in idx}
-    tables.append(("All trials (sorted by validation perplexity; failed trials last)", head, [row(trials[i]) for i in order], front_ids))
-    n = len(trials)
+    if DEPTH in params and scored:
+        depths = sorted({t["params"].get(DEPTH) for t in scored}, key=lambda d: (_num(d) is None, _num(d) or 0, str(d)))
+        picks = [_best_of([t for t in scored if t["params"].get(DEPTH) == d]) for d in depths]
+        tables.append(("Best configuration per student depth", head, [_row(t, params) for t in picks], set()))
+    elif best is not None:
+        tables.append(("Best configuration", head, [_row(best, params)], set()))
+    for name, idx in fronts.items():
+        tables.append((f"Pareto front: validation perplexity vs {AXIS[name]}", head, [_row(trials[i], params) for i in idx], set()))
+    order = sorted(trials, key=lambda t: (t["status"] == "ERROR", _ppl(t) is None, _ppl(t) or 0.0))
+    on_front = {trials[i]["trial_id"] for idx in fronts.values() for i in idx}
+    tables.append(("All trials (by validation perplexity; failed trials last, with their error)", [*head, "error"],
+                   [_row(t, params, error=True) for t in order], on_front))
+
+    counts: dict[str, int] = {}
+    for t in trials:
+        counts[t["status"]] = counts.get(t["status"], 0) + 1
+    other = sum(v for k, v in counts.items() if k not in ("TERMINATED", "EARLY_STOPPED", "ERROR"))
+    wall = _num(meta.get("wall_s"))
     summary = [
-        f"{n} trials: {sum(t['status'] == 'TERMINATED' for t in trials)} finished, {savings['early_stopped']} stopped early, "
-        f"{sum(t['status'] == 'ERROR' for t in trials)} failed; search {meta.get('search', '?')}, scheduler {meta.get('scheduler', '?')}, "
-        f"wall {meta.get('wall_s', 0):.0f} s.",
-        f"Trial-steps run: {savings['trial_steps']} of {savings['full_steps']} ({100 * savings['saved_fraction']:.0f}% saved by early stopping).",
-        (f"Best: trial {best['trial_id']}, validation perplexity {best['metrics']['val_perplexity']:.4g} — `best_config.yaml`." if best
-         else "No trial finished with a validation perplexity: no best_config.yaml."),
+        f"Experiment `{meta.get('experiment', '?')}`: search {meta.get('search', '?')}, scheduler {meta.get('scheduler', '?')}, "
+        f"metric {meta.get('metric', 'val_loss')}" + (f", wall time {wall:.0f} s ({wall / 60:.1f} min)." if wall is not None else "."),
+        f"{len(trials)} trials: {counts.get('TERMINATED', 0)} finished, {counts.get('EARLY_STOPPED', 0)} stopped early, "
+        f"{counts.get('ERROR', 0)} failed" + (f", {other} unfinished." if other else "."),
+        (f"Early stopping: the trials ran {savings['trial_steps']} of {savings['full_steps']} trial-steps "
+         f"({100 * savings['saved_fraction']:.0f}% saved; failed trials not counted)."),
     ]
+    tp, tppl = _num(meta.get("teacher_params")), _num(meta.get("teacher_val_perplexity"))
+    if tp or tppl:
+        summary.append(f"Teacher: {_fmt(int(tp)) if tp else '?'} parameters, validation perplexity {_fmt(tppl) or '?'}.")
+    failed = [t for t in trials if t["status"] == "ERROR"]
+    summary += [f"Failed trial {t['trial_id']}: {t['error'] or 'no error message'}" for t in failed[:5]]
+    summary += [f"... and {len(failed) - 5} more failed trials (errors in the trials table)."] if len(failed) > 5 else []
+    if meta.get("interrupted"):
+        summary.append("The sweep was interrupted: `raykd sweep CONFIG --resume` continues it.")
+    if best is not None:
+        summary.append(f"Best: trial {best['trial_id']} ({best['status'].lower()}), validation perplexity {_ppl(best):.4g}, "
+                       + ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(best["params"].items())) + f". {best_note}")
+    else:
+        summary.append(f"No trial finished with a validation perplexity. {best_note}")
     return summary, tables
 
 
 def _markdown(summary, tables, images) -> str:
-    lines = ["# raykd sweep report", "", *summary, ""]
-    for title, head, rows, _ in tables:
-        lines += [f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in rows]
-        lines.append("")
+    lines = ["# raykd sweep report", "", *(f"- {s}" for s in summary), ""]
+    for title, head, rows, mark in tables:
+        lines += [f"## {title}", ""]
+        if not rows:
+            lines += ["(none)", ""]
+            continue
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in rows:
+            cells = [c.replace("|", "\\|") for c, _ in r]
+            if r[0][0] in mark:
+                cells[0] = f"**{cells[0]}**"
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", "Bold trial ids are on a Pareto front.", ""] if mark else [""]
     lines += ["## Plots", ""] + [f"![{k}]({p.name})" for k, p in images.items()]
     return "\n".join(lines) + "\n"
 
 
-_JS = """function sortBy(th){const t=th.closest('table'),i=[...th.parentNode.children].indexOf(th),b=t.tBodies[0],
-asc=th.dataset.asc!=='1';th.dataset.asc=asc?'1':'0';const v=r=>{const x=r.children[i].textContent;const n=parseFloat(x);return isNaN(n)?x:n};
-[...b.rows].sort((p,q)=>{const a=v(p),c=v(q);return (a>c?1:a<c?-1:0)*(asc?1:-1)}).forEach(r=>b.appendChild(r));}"""
+_JS = """function sortBy(th){const t=th.closest('table'),i=[...th.parentNode.children].indexOf(th),b=t.tBodies[0];
+const asc=th.dataset.asc!=='1';t.querySelectorAll('th').forEach(h=>{delete h.dataset.asc;h.classList.remove('up','down')});
+th.dataset.asc=asc?'1':'0';th.classList.add(asc?'up':'down');
+const key=r=>{const c=r.children[i],v=c.dataset.v;return v!==undefined?[0,parseFloat(v)]:c.textContent===''?[2,'']:[1,c.textContent]};
+[...b.rows].sort((p,q)=>{const a=key(p),c=key(q);if(a[0]!==c[0]||a[0]===2)return a[0]-c[0];
+return (a[1]>c[1]?1:a[1]<c[1]?-1:0)*(asc?1:-1)}).forEach(r=>b.appendChild(r));}"""
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1400px}h1{margin-top:0}
+table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px}
+th{background:#eef;cursor:pointer;user-select:none;white-space:nowrap}th.up::after{content:' \\25B2'}th.down::after{content:' \\25BC'}
+td.num{text-align:right;font-variant-numeric:tabular-nums}tr.front td{background:#fff2cc}tr.front td:first-child{font-weight:bold}
+tr.ERROR td{color:#888}td.err{color:#b00020;min-width:18em;max-width:40em}.scroll{overflow-x:auto}.note{color:#555;font-size:13px}
+figure{display:inline-block;margin:6px;vertical-align:top}figure img{max-width:640px;border:1px solid #ddd}
+figcaption{font-size:12px;color:#555}"""
 
 
 def _html(summary, tables, images) -> str:
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>raykd sweep report</title><style>",
-             "body{font-family:sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:1em 0}",
-             "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}th{cursor:pointer;background:#eee}",
-             "tr.front{background:#fde8e8;font-weight:bold}tr.ERROR{color:#999}img{max-width:48%;margin:4px}</style>",
-             f"<script>{_JS}</script></head><body><h1>raykd sweep report</h1>"]
-    parts += [f"<p>{html.escape(s)}</p>" for s in summary]
-    for title, head, rows, highlight in tables:
-        parts.append(f"<h2>{html.escape(title)}</h2><table><thead><tr>")
-        parts += [f"<th onclick='sortBy(this)'>{html.escape(h)}</th>" for h in head]
-        parts.append("</tr></thead><tbody>")
+    def md_code(s: str) -> str:  # `x` -> <code>x</code> after escaping
+        parts = html.escape(s).split("`")
+        return "".join(f"<code>{p}</code>" if k % 2 else p for k, p in enumerate(parts))
+
+    out = ["<!doctype html><html lang='en'><head><meta charset='utf-8'><title>raykd sweep report</title>",
+           f"<style>{_CSS}</style><script>{_JS}</script></head><body><h1>raykd sweep report</h1><ul>"]
+    out += [f"<li>{md_code(s)}</li>" for s in summary]
+    out.append("</ul>")
+    for title, head, rows, mark in tables:
+        out.append(f"<h2>{html.escape(title)}</h2>")
+        if not rows:
+            out.append("<p class='note'>(none)</p>")
+            continue
+        if mark:
+            out.append("<p class='note'>Highlighted rows are on a Pareto front. Click a column header to sort.</p>")
+        out.append("<div class='scroll'><table><thead><tr>" + "".join(f"<th onclick='sortBy(this)'>{html.escape(h)}</th>" for h in head)
+                   + "</tr></thead><tbody>")
         for r in rows:
-            cls = " ".join(c for c in (("front" if r[0] in highlight else ""), r[1]) if c)
-            parts.append(f"<tr class='{cls}'>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>")
-        parts.append("</tbody></table>")
-    parts.append("<h2>Plots</h2>")
+            cls = " ".join(c for c in ("front" if r[0][0] in mark else "", r[1][0]) if c)
+            tds = []
+            for k, (text, v) in enumerate(r):
+                err = k == len(head) - 1 and head[-1] == "error"
+                attrs = f" class='num' data-v='{v!r}'" if v is not None else " class='err'" if err else ""
+                tds.append(f"<td{attrs}>{html.escape(text)}</td>")
+            out.append(f"<tr class='{html.escape(cls)}'>" + "".join(tds) + "</tr>")
+        out.append("</tbody></table></div>")
+    out.append("<h2>Plots</h2>")
     for k, p in images.items():
-        data = base64.b64encode(p.read_bytes()).decode()
-        parts.append(f"<img alt='{k}' src='data:image/png;base64,{data}'>")
-    parts.append("</body></html>")
-    return "".join(parts)
+        data = base64.b64encode(p.read_bytes()).decode("ascii")
+        out.append(f"<figure><img alt='{k}' src='data:image/png;base64,{data}'><figcaption>{k} ({p.name})</figcaption></figure>")
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
 
 
 def write_report(out_dir, trials: list[dict], meta: dict) -> dict[str, Path]:
-    """Write the whole report set into `out_dir`; returns {name: path}."""
+    """Write the report set into `out_dir`; returns {name: path} with keys trials, pareto,
+    best_config (only when some trial has a validation perplexity and a config), the PLOTS,
+    md, html. Failed trials and missing metrics never raise."""
+    from raykd.config import ConfigError
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    trials = [_norm(t) for t in trials]
+    meta = dict(meta or {})
     params = sorted({k for t in trials for k in t["params"]})
-    fronts = _fronts(trials)
+    fronts = {}  # name -> trial indices on that front, smallest student / lowest latency first
+    for name, key in FRONTS.items():
+        idx = pareto_front([(_ppl(t), t["metrics"][key]) for t in trials])
+        fronts[name] = sorted(idx, key=lambda i, key=key: (_num(trials[i]["metrics"][key]), _ppl(trials[i])))
     savings = asha_savings(trials)
-    best = _best(trials)
     paths = {"trials": out / "trials.csv", "pareto": out / "pareto.csv"}
     _write_csvs(out, trials, params, fronts)
+    best, note = _best_of(trials, need_config=True), "No best_config.yaml written."
+    stale = out / "best_config.yaml"
     if best is not None:
-        paths["best_config"] = _write_best(out, best)
-    images = _plots(out, trials, params, fronts)
+        try:
+            paths["best_config"] = _write_best(out, best)
+            note = "Its complete config: `best_config.yaml`."
+        except ConfigError as e:
+            note = f"best_config.yaml not written: {e}"
+    if "best_config" not in paths and stale.exists():
+        stale.unlink()  # a rebuilt report must not keep a best config from an older run
+    images = _plots(out, trials, params, fronts, meta)
     paths.update(images)
-    summary, tables = _sections(trials, params, fronts, meta, savings, best)
+    summary, tables = _sections(trials, params, fronts, meta, savings, best or _best_of(trials), note)
     (out / "report.md").write_text(_markdown(summary, tables, images))
     (out / "report.html").write_text(_html(summary, tables, images))
     paths.update(md=out / "report.md", html=out / "report.html")

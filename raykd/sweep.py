@@ -48,13 +48,19 @@ def search_space(sweep: SweepConfig) -> dict:
     return space
 
 
-def trial_config(base: dict, params: dict, sweep: SweepConfig, trial_dir: str) -> Config:
-    """The complete config of one trial: base + sampled params, evaluating every `eval_every` steps."""
+def rerun_config(base: dict, params: dict, output_dir: str) -> dict:
+    """base + sampled params as a plain config dict without the sweep (what best_config.yaml holds)."""
     d = copy.deepcopy(base)
     for key, value in params.items():
-        set_dotted(d, key, value)
+        set_dotted(d, key, value.item() if hasattr(value, "item") else value)  # numpy scalars from Tune's samplers
     d["sweep"] = None
-    d["output_dir"] = trial_dir
+    d["output_dir"] = output_dir
+    return d
+
+
+def trial_config(base: dict, params: dict, sweep: SweepConfig, trial_dir: str) -> Config:
+    """The complete config of one trial: base + sampled params, evaluating every `eval_every` steps."""
+    d = rerun_config(base, params, trial_dir)
     # every report carries val_loss (Tune's metric); one checkpoint at the end; no generation metrics
     d["train"].update(eval_every=sweep.eval_every, report_every=sweep.eval_every, checkpoint_every=0, generation_eval=False)
     return from_dict(d)
@@ -199,8 +205,8 @@ def collect_trials(results, base: dict, sweep: SweepConfig, max_steps: int) -> l
         if df is not None and "val_loss" in df:
             for row in df[["step", "val_loss", *(["loss"] if "loss" in df else [])]].dropna(subset=["val_loss"]).to_dict("records"):
                 history.append({k: (int(v) if k == "step" else float(v)) for k, v in row.items()})
-        try:
-            config = trial_config(base, params, sweep, "runs/best").to_dict()
+        try:  # the config to rerun this trial with `raykd distill` (the sweep's eval/checkpoint settings left out)
+            config = from_dict(rerun_config(base, params, "runs/best")).to_dict()
         except ConfigError:
             config = None
         error = None

@@ -1,8 +1,14 @@
-"""The sweep report without Ray: the Pareto front against brute force, ASHA savings, and the
-report set written from synthetic trials (including failed and early-stopped ones)."""
+"""The sweep report without Ray: the Pareto front against brute force, ASHA savings, the report
+set written from synthetic trials (finished, early-stopped and failed ones), and the HTML
+rendered in headless Chromium (Debian's `chromium`, installed here when missing)."""
 
 import csv
+import math
 import random
+import re
+import shutil
+import subprocess
+import time
 
 import pytest
 
@@ -11,93 +17,216 @@ from raykd.report import asha_savings, pareto_front, write_report
 
 
 def _brute(points):
-    ok = [i for i, p in enumerate(points) if None not in p]
-    return sorted(i for i in ok if not any(
-        points[j][0] <= points[i][0] and points[j][1] <= points[i][1] and points[j] != points[i] for j in ok))
+    """O(n^2): i is on the front unless some j is <= in both coordinates and < in one."""
+    def ok(p):
+        return all(isinstance(v, (int, float)) and math.isfinite(v) for v in p)
+
+    idx = [i for i, p in enumerate(points) if ok(p)]
+    return [i for i in idx if not any(
+        points[j][0] <= points[i][0] and points[j][1] <= points[i][1] and (points[j][0] < points[i][0] or points[j][1] < points[i][1])
+        for j in idx)]
 
 
-@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("seed", range(12))
 def test_pareto_front_matches_brute_force(seed):
     rng = random.Random(seed)
-    points = [(rng.randint(0, 6), rng.randint(0, 6)) for _ in range(rng.randint(1, 40))]
-    points += [(None, 1.0), (2.0, float("nan"))]
-    assert pareto_front(points) == _brute([(a, None if b != b else b) for a, b in points])
+    n = rng.randint(0, 60)
+    if seed % 2:  # small integer grid: many ties and exact duplicates
+        points = [(rng.randint(0, 5), rng.randint(0, 5)) for _ in range(n)]
+    else:
+        points = [(rng.lognormvariate(3, 1), rng.choice([1e6, 2e6, 3e6]) if seed % 4 else rng.random()) for _ in range(n)]
+        points += [points[k] for k in range(0, n, 7)]  # duplicates of float points
+    points += [(None, 1.0), (2.0, float("nan")), (float("inf"), 0.0), (None, None)]
+    rng.shuffle(points)
+    assert pareto_front(points) == _brute(points)
 
 
-def _trial(i, depth, hidden, status, ppl=None, steps=12, error=None):
-    cfg = load_config("jobs/smoke.yaml", [f"student.num_layers={depth}", f"loss.weights.hidden={hidden}"]).to_dict()
+def test_pareto_front_small_cases():
+    assert pareto_front([]) == []
+    assert pareto_front([(1, 1), (1, 1), (2, 0), (0, 2), (2, 2), (1, 2)]) == [0, 1, 2, 3]
+    assert pareto_front([(3.0, 1), (3, 1.0)]) == [0, 1]  # int/float duplicates are duplicates
+    np = pytest.importorskip("numpy")
+    assert pareto_front([(np.float64(1), np.int64(5)), (2, 3), (np.float32(3), np.int64(9))]) == [0, 1]  # Tune's numpy scalars
+
+
+def test_asha_savings():
+    trials = [
+        {"status": "TERMINATED", "steps": 12, "max_steps": 12},
+        {"status": "EARLY_STOPPED", "steps": 4, "max_steps": 12},
+        {"status": "EARLY_STOPPED", "steps": 8, "max_steps": 12},
+        {"status": "ERROR", "steps": 3, "max_steps": 12},  # failures are not savings: left out
+    ]
+    assert asha_savings(trials) == {"trial_steps": 24, "full_steps": 36, "saved_fraction": pytest.approx(1 / 3), "early_stopped": 2}
+    assert asha_savings([]) == {"trial_steps": 0, "full_steps": 0, "saved_fraction": 0.0, "early_stopped": 0}
+
+
+# --- the report set ----------------------------------------------------------------------------
+
+def _trial(i, depth, hidden, kd, status, ppl=None, lat=None, steps=12, error=None):
+    params = {"student.num_layers": depth, "loss.weights.hidden": hidden, "loss.kd": kd}
+    cfg = load_config("jobs/smoke.yaml", [f"{k}={v}" for k, v in params.items()]).to_dict()
+    finished = ppl is not None
     return {
-        "trial_id": f"t{i}", "status": status, "error": error,
-        "params": {"student.num_layers": depth, "loss.weights.hidden": hidden},
-        "metrics": {"val_perplexity": ppl, "top1_agreement": 0.1 if ppl else None, "student_params": 1000 * depth if ppl else None,
-                    "student_latency_ms": 0.5 * depth if ppl else None, "student_tokens_per_s": None, "val_loss": 6.0},
-        "steps": steps, "max_steps": 12, "history": [{"step": s, "val_loss": 7 - s / 10} for s in range(4, steps + 1, 4)],
+        "trial_id": f"t{i}", "status": status, "error": error, "params": params,
+        "metrics": None if status == "ERROR" else {
+            "val_perplexity": ppl, "top1_agreement": 0.2 if finished else None, "student_params": 1000 * depth if finished else None,
+            "student_latency_ms": lat, "student_tokens_per_s": 64000 / lat if lat else None, "val_loss": math.log(ppl) if finished else 6.5},
+        "steps": steps, "max_steps": 12, "history": [{"step": s, "val_loss": 7 - s / (10 + i), "loss": 7.0} for s in range(4, steps + 1, 4)],
         "config": cfg,
     }
 
 
-def test_asha_savings():
-    trials = [_trial(0, 2, 0.1, "TERMINATED", 500), _trial(1, 3, 0.2, "EARLY_STOPPED", steps=4), _trial(2, 6, 0.1, "ERROR", steps=0)]
-    s = asha_savings(trials)
-    assert s == {"trial_steps": 16, "full_steps": 24, "saved_fraction": pytest.approx(1 / 3), "early_stopped": 1}
+OOM = "RuntimeError: CUDA out of memory | tried to allocate 2.00 GiB"
 
 
-def test_report_set(tmp_path):
-    trials = [
-        _trial(0, 2, 0.1, "TERMINATED", 600.0), _trial(1, 2, 0.9, "TERMINATED", 550.0), _trial(2, 3, 0.1, "TERMINATED", 500.0),
-        _trial(3, 3, 0.5, "EARLY_STOPPED", steps=4), _trial(4, 4, 0.5, "TERMINATED", 520.0),
-        _trial(5, 6, 0.3, "ERROR", steps=0, error="ConfigError: student.num_layers: 6 is not below the teacher's depth"),
+@pytest.fixture(scope="module")
+def trials():
+    """2 depths x hidden weights x kd: 5 finished, 2 stopped early, 1 failed (no metrics at all)."""
+    return [
+        _trial(0, 2, 0.1, "forward_kl", "TERMINATED", 600.0, 1.0),
+        _trial(1, 2, 0.5, "jsd", "TERMINATED", 550.0, 1.2),
+        _trial(2, 2, 0.9, "forward_kl", "TERMINATED", 550.0, 1.2),  # exact duplicate of t1: both on the fronts
+        _trial(3, 3, 0.1, "jsd", "TERMINATED", 500.0, 1.1),
+        _trial(4, 3, 0.5, "forward_kl", "TERMINATED", 520.0, 0.9),
+        _trial(5, 3, 0.9, "jsd", "EARLY_STOPPED", steps=4),
+        _trial(6, 2, 0.9, "jsd", "EARLY_STOPPED", steps=8),
+        _trial(7, 3, 0.5, "jsd", "ERROR", steps=0, error=OOM),
     ]
-    paths = write_report(tmp_path, trials, {"wall_s": 12.0, "scheduler": "asha", "search": "grid"})
-    rows = list(csv.DictReader((tmp_path / "trials.csv").open()))
-    assert len(rows) == 6 and {"student.num_layers", "loss.weights.hidden", "val_perplexity"} <= set(rows[0])
-    front = {r["trial_id"] for r in csv.DictReader((tmp_path / "pareto.csv").open()) if r["front"] == "params"}
-    assert front == {"t1", "t2"}  # (550, 2000) and (500, 3000); t0 and t4 are dominated
-    best = load_config(paths["best_config"])
-    assert best.student.num_layers == 3 and best.sweep is None
-    md = (tmp_path / "report.md").read_text()
-    assert "not below the teacher's depth" in md and "1 stopped early" in md and "1 failed" in md
-    page = (tmp_path / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 4 and "src='http" not in page and 'src="http' not in page
+
+
+META = {"experiment": "runs/sweep/tune", "wall_s": 93.0, "scheduler": "asha", "search": "grid", "teacher_params": 4_000_000,
+        "teacher_val_perplexity": 300.0, "metric": "val_loss"}
+
+
+def _brute_ids(trials, key):
+    pts = [((t["metrics"] or {}).get("val_perplexity"), (t["metrics"] or {}).get(key)) for t in trials]
+    pts = [(a if a is not None else math.nan, b if b is not None else math.nan) for a, b in pts]
+    return {trials[i]["trial_id"] for i in _brute(pts)}
+
+
+def test_report_set(tmp_path, trials, capsys, tiny_teacher_dir):
+    from raykd.cli import main
+
+    paths = write_report(tmp_path, trials, META)
+    for name in ("trials", "pareto", "best_config", "md", "html", "ppl_vs_params", "ppl_vs_latency", "learning_curves", "sensitivity"):
+        assert paths[name].is_file() and paths[name].parent == tmp_path, name
     for name in ("ppl_vs_params", "ppl_vs_latency", "learning_curves", "sensitivity"):
-        assert paths[name].stat().st_size > 1000
+        assert paths[name].name == f"{name}.png" and paths[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    rows = list(csv.DictReader((tmp_path / "trials.csv").open()))
+    assert [r["trial_id"] for r in rows] == [f"t{i}" for i in range(8)]
+    assert {"student.num_layers", "loss.weights.hidden", "loss.kd", "val_perplexity", "student_params", "student_latency_ms",
+            "status", "steps", "max_steps", "error"} <= set(rows[0])
+    assert rows[5]["status"] == "EARLY_STOPPED" and rows[5]["steps"] == "4" and rows[5]["val_perplexity"] == ""
+    assert rows[7]["error"] == OOM and rows[7]["loss.kd"] == "jsd"
+
+    pareto = list(csv.DictReader((tmp_path / "pareto.csv").open()))
+    for front, key in (("params", "student_params"), ("latency", "student_latency_ms")):
+        got = [r["trial_id"] for r in pareto if r["front"] == front]
+        assert len(got) == len(set(got)) and set(got) == _brute_ids(trials, key)
+    assert {r["trial_id"] for r in pareto if r["front"] == "params"} == {"t1", "t2", "t3"}
+    assert {r["trial_id"] for r in pareto if r["front"] == "latency"} == {"t3", "t4"}
+
+    best = load_config(paths["best_config"])
+    assert best.student.num_layers == 3 and best.loss.kd == "jsd" and best.loss.weights.hidden == 0.1 and best.sweep is None
+    assert main(["plan", str(paths["best_config"])]) == 0  # `raykd plan best_config.yaml` accepts it
+    assert "kept teacher layers" in capsys.readouterr().out
+
+    md = (tmp_path / "report.md").read_text()
+    assert "CUDA out of memory \\| tried to allocate" in md  # the failed trial's error, table-safe
+    assert "8 trials: 5 finished, 2 stopped early, 1 failed" in md and "72 of 84 trial-steps (14% saved" in md and "93 s" in md
+    assert "Best configuration per student depth" in md and "Pareto front" in md and "![sensitivity](sensitivity.png)" in md
+    all_trials = md.split("## All trials")[1].split("##")[0]
+    order = [line.split("|")[1].strip(" *") for line in all_trials.splitlines() if line.startswith("| ") and "|---" not in line][1:]
+    assert order[:5] == ["t3", "t4", "t1", "t2", "t0"] and order[-1] == "t7"  # by perplexity, failed last
+
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("src='data:image/png;base64,") == 4
+    refs = re.findall(r"(?:src|href)\s*=\s*['\"]?([^'\"\s>]*)", page)
+    assert len(refs) == 4 and all(r.startswith("data:image/png;base64,") for r in refs)  # no external assets
+    assert "http://" not in page and "https://" not in page
+    assert "@import" not in page and "url(" not in page
+    assert "Failed trial t7: RuntimeError: CUDA out of memory | tried to allocate" in page and "<tr class='front TERMINATED'>" in page
 
 
-def test_report_with_no_finished_trial(tmp_path):
-    trials = [_trial(0, 6, 0.3, "ERROR", steps=0, error="boom")]
-    paths = write_report(tmp_path, trials, {})
-    assert "best_config" not in paths and "No trial finished" in (tmp_path / "report.md").read_text()
+def test_best_config_output_dir_relative_to_cwd(tmp_path, trials, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    paths = write_report("runs/sweep", trials, META)
+    assert load_config(paths["best_config"]).output_dir == "runs/sweep/best"
+
+
+def test_report_without_finished_trials(tmp_path, trials):
+    failed = [{"trial_id": "bad", "status": "ERROR", "error": "boom: no teacher", "params": None, "metrics": None, "steps": None,
+               "max_steps": 12, "history": None, "config": None}]
+    (tmp_path / "best_config.yaml").write_text("stale: true\n")
+    for case in (failed, [*failed, trials[5], trials[6]], []):
+        paths = write_report(tmp_path, case, {})
+        assert "best_config" not in paths and not (tmp_path / "best_config.yaml").exists()
+        md = (tmp_path / "report.md").read_text()
+        assert "No trial finished with a validation perplexity" in md
+        assert all(paths[k].is_file() for k in ("trials", "pareto", "md", "html", "sensitivity", "learning_curves"))
+        assert len(list(csv.reader((tmp_path / "pareto.csv").open()))) == 1  # header only
+    paths = write_report(tmp_path, failed, {})
+    assert "boom: no teacher" in (tmp_path / "report.md").read_text() and "boom: no teacher" in (tmp_path / "report.html").read_text()
+
+
+# --- headless Chromium -------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
 def chromium():
-    """Debian's chromium for headless rendering, installed here when missing (about 75 s)."""
-    import shutil
-    import subprocess
-
+    """Debian's chromium, installed once with apt-get when missing (about 70 s here); skips only if that fails."""
     exe = shutil.which("chromium")
     if exe is None and shutil.which("apt-get"):
-        for cmd in (["apt-get", "install", "-y", "-q", "chromium"], ["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "chromium"]):
-            subprocess.run(cmd, capture_output=True, timeout=600)
+        t0 = time.time()
+        install = ["apt-get", "install", "-y", "-q", "chromium"]
+        for cmd in (install, ["apt-get", "update", "-q"], install):  # update + retry only when the package lists are stale
+            try:
+                subprocess.run(cmd, check=False, capture_output=True, timeout=900)
+            except (OSError, subprocess.TimeoutExpired):
+                break
             exe = shutil.which("chromium")
             if exe:
+                print(f"\nchromium installed with apt-get in {time.time() - t0:.0f} s")
                 break
     if exe is None:
-        pytest.skip("chromium is not installed and apt-get could not install it")
+        pytest.skip("chromium is not installed and `apt-get install -y -q chromium` failed")
     return exe
 
 
-def test_report_renders_in_headless_chromium(chromium, tmp_path):
-    import subprocess
+def _chromium(exe, tmp_path, *args):
+    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}", *args]
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=180)
 
+
+def test_report_renders_in_headless_chromium(chromium, tmp_path, trials):
     import matplotlib.image
 
-    trials = [_trial(0, 2, 0.1, "TERMINATED", 600.0), _trial(1, 3, 0.5, "TERMINATED", 500.0), _trial(2, 4, 0.2, "EARLY_STOPPED", steps=4)]
-    write_report(tmp_path, trials, {"wall_s": 3.0})
+    write_report(tmp_path, trials, META)
     shot = tmp_path / "shot.png"
-    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}", "--window-size=1200,1600",
-                    (tmp_path / "report.html").as_uri()], capture_output=True, timeout=120)
+    proc = _chromium(chromium, tmp_path, f"--screenshot={shot}", "--window-size=1200,2000", (tmp_path / "report.html").as_uri())
+    assert shot.is_file(), proc.stderr[-2000:]
     pixels = matplotlib.image.imread(shot)[..., :3]
-    assert pixels.shape[0] == 1600 and pixels.shape[1] == 1200
+    assert pixels.shape[:2] == (2000, 1200)
     non_white = (pixels.min(axis=-1) < 0.9).mean()
-    assert non_white > 0.02 and pixels.std() > 0.05  # text, tables and embedded plots were drawn
+    assert non_white > 0.03 and pixels.std() > 0.05, (non_white, pixels.std())  # text, tables, plots were drawn
+    colored = (pixels.max(axis=-1) - pixels.min(axis=-1) > 0.2).mean()
+    assert colored > 0.001, colored  # the highlighted Pareto rows and the embedded plots have colour
+
+
+def test_trial_table_sorts_on_header_click(chromium, tmp_path, trials):
+    """Clicking 'val ppl' twice sorts the trials table descending; trials without perplexity stay last."""
+    write_report(tmp_path, trials, META)
+    probe = """<script>const t=[...document.querySelectorAll('table')].pop();
+const th=[...t.tHead.rows[0].cells].find(c=>c.textContent==='val ppl');th.click();th.click();
+document.body.setAttribute('data-order',[...t.tBodies[0].rows].map(r=>r.cells[0].textContent).join(','));</script>"""
+    page = tmp_path / "probe.html"
+    page.write_text((tmp_path / "report.html").read_text().replace("</body>", probe + "</body>"))
+    proc = _chromium(chromium, tmp_path, "--dump-dom", page.as_uri())
+    found = re.search(r'data-order="([^"]*)"', proc.stdout)
+    assert found, proc.stderr[-2000:]
+    order = found.group(1).split(",")
+    ppl = {t["trial_id"]: (t["metrics"] or {}).get("val_perplexity") for t in trials}
+    assert sorted(order) == sorted(ppl)
+    values = [ppl[i] for i in order]
+    assert values[:5] == sorted(values[:5], reverse=True) and values[:5][0] == 600.0 and values[5:] == [None] * 3
