@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -94,12 +93,12 @@ def _trainable(params: dict, base: dict, sweep_dict: dict, trials_root: str) -> 
 
 def sweep(cfg: Config, resume: bool = False, log=print) -> dict:
     """Run (or resume) the sweep in `cfg.sweep`; write the report into `cfg.output_dir`."""
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from raykd import data, models
     from raykd.report import write_report
+    from raykd.train import init_ray
 
     if cfg.sweep is None:
         raise ConfigError("sweep: the config has no sweep: section; add sweep.params (see jobs/sweep-smoke.yaml)")
@@ -110,12 +109,7 @@ def sweep(cfg: Config, resume: bool = False, log=print) -> dict:
     models.resolve_model(cfg.teacher.model, "teacher.model", log)  # fetch/convert once, before trials race for it
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init()
-        else:  # logical CPUs for the concurrent trials' workers plus Ray Data tasks
-            per_trial = cfg.scale.num_workers * cfg.scale.cpus_per_worker + sw.trial_cpus
-            ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(sw.max_concurrent * per_trial) + 1))
+    init_ray(cfg, runs=sw.max_concurrent, per_run_extra=sw.trial_cpus)
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, base=base, sweep_dict=cfg.sweep, trials_root=str(out / "trials")),
         {"CPU": sw.trial_cpus},

@@ -293,9 +293,10 @@ def resolve(cfg: Config, log=print):
     return from_dict(d), plan
 
 
-def init_ray(cfg: Config) -> None:
+def init_ray(cfg: Config, runs: int = 1, per_run_extra: float = 0.0) -> None:
     """Join the cluster in RAY_ADDRESS (set by `ray job submit`), else start a local instance with
-    enough logical CPUs for the train workers plus Ray Data tasks (no deadlock on 2 cores)."""
+    enough logical CPUs for `runs` concurrent runs' train workers (+ `per_run_extra` each, e.g. a
+    Tune trial process) plus one for Ray Data tasks (no deadlock on 2 cores)."""
     import math
 
     import ray
@@ -305,7 +306,7 @@ def init_ray(cfg: Config) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
         return
-    need = math.ceil(cfg.scale.num_workers * cfg.scale.cpus_per_worker) + 1
+    need = math.ceil(runs * (cfg.scale.num_workers * cfg.scale.cpus_per_worker + per_run_extra)) + 1
     ray.init(num_cpus=max(os.cpu_count() or 1, need))  # (the dashboard's State API is what Train's cleanup polls)
 
 
