@@ -237,6 +237,7 @@ class ScaleConfig:
 
 SEARCHES = ("random", "grid", "optuna")
 SCHEDULERS = ("asha", "fifo")
+OBJECTIVES = ("val_loss", "student_params")
 DOMAINS = ("choice", "grid", "uniform", "loguniform", "randint")
 
 
@@ -251,6 +252,7 @@ class SweepConfig:
     eval_every: int = 4  # steps between val_loss reports (ASHA's signal); sets train.eval_every and report_every
     max_concurrent: int = 2  # trials running at once (more where the cluster has room)
     trial_cpus: float = 0.1  # logical CPUs the Tune trial process itself reserves (its Train workers ask for their own)
+    objectives: list[str] = field(default_factory=lambda: ["val_loss"])  # minimised; optuna takes several (multi-objective TPE): val_loss, student_params
 
     def __post_init__(self):
         if not self.params:
@@ -271,6 +273,12 @@ class SweepConfig:
         for name in ("grace_period", "reduction_factor", "eval_every", "max_concurrent"):
             _positive(f"sweep.{name}", getattr(self, name))
         _positive("sweep.trial_cpus", self.trial_cpus, allow_zero=True)
+        if not self.objectives or any(o not in OBJECTIVES for o in self.objectives) or len(set(self.objectives)) != len(self.objectives):
+            raise ConfigError(f"sweep.objectives: expected distinct names from {', '.join(OBJECTIVES)}, got {self.objectives}")
+        if self.objectives[0] != "val_loss":
+            raise ConfigError("sweep.objectives: val_loss must come first (ASHA stops trials on it); e.g. [val_loss, student_params]")
+        if len(self.objectives) > 1 and self.search != "optuna":
+            raise ConfigError("sweep.objectives: several objectives need search: optuna (multi-objective TPE)")
         if self.search == "grid" and any(next(iter(v)) not in ("choice", "grid") for v in self.params.values()):
             raise ConfigError("sweep.search: grid search takes only choice/grid params; use search: random for ranges")
 

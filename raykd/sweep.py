@@ -128,20 +128,24 @@ def sweep(cfg: Config, resume: bool = False, log=print) -> dict:
             ASHAScheduler(time_attr="step", max_t=cfg.train.max_steps, grace_period=sw.grace_period, reduction_factor=sw.reduction_factor)
             if sw.scheduler == "asha" else FIFOScheduler()
         )
-        search_alg = None
+        search_alg, space = None, search_space(sw)
         if sw.search == "optuna":
             from ray.tune.search.optuna import OptunaSearch
 
-            search_alg = OptunaSearch(seed=cfg.seed)
+            if len(sw.objectives) > 1:  # multi-objective TPE: the searcher owns the space and its metrics
+                search_alg = OptunaSearch(space=space, metric=list(sw.objectives), mode=["min"] * len(sw.objectives), seed=cfg.seed)
+                space = {}
+            else:
+                search_alg = OptunaSearch(seed=cfg.seed)
         tuner = tune.Tuner(
             trainable,
-            param_space=search_space(sw),
+            param_space=space,
             tune_config=tune.TuneConfig(metric="val_loss", mode="min", scheduler=scheduler, search_alg=search_alg,
                                         num_samples=sw.num_samples, max_concurrent_trials=sw.max_concurrent),
             run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out), verbose=1,
                                       failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
         )
-    meta = {"experiment": str(path), "scheduler": sw.scheduler, "search": sw.search, "metric": "val_loss"}
+    meta = {"experiment": str(path), "scheduler": sw.scheduler, "search": sw.search, "metric": "val_loss", "objectives": list(sw.objectives)}
     if not resume:
         record.write_text(json.dumps({"config": base, "meta": meta}, indent=1))
     results = tuner.fit()

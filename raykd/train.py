@@ -177,6 +177,7 @@ def train_loop_per_worker(config: dict) -> None:
     t = cfg.train
     block = cfg.data.block_size
     tokens_per_step = t.batch_size * block * t.grad_accum * world
+    student_params = models.count_params(distiller.student)  # in every report: a sweep objective even for stopped trials
     window = torch.zeros(len(TERMS) + 1, dtype=torch.float64)  # term sums + micro-step count
     run_start, run_tokens = time.perf_counter(), 0
     step = start_step = state["step"]
@@ -206,7 +207,7 @@ def train_loop_per_worker(config: dict) -> None:
         metrics = {k: window[i].item() / max(1.0, window[-1].item()) for i, k in enumerate(TERMS) if k == "loss" or k in distiller.weights}
         metrics.update(
             step=step, epoch=batches.epoch, tokens_seen=state["tokens_seen"], lr=engine.lr(), grad_norm=grad_norm,
-            tokens_per_s=run_tokens / max(elapsed_run, 1e-9),
+            tokens_per_s=run_tokens / max(elapsed_run, 1e-9), student_params=student_params,
         )
         window.zero_()
         if check:

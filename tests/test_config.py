@@ -77,3 +77,13 @@ def test_missing_and_malformed_files(tmp_path):
 def test_list_init_sets_depth_from_layers():
     cfg = load_config(None, ["student.init=list", "student.layers=[0,3,5]"])
     assert cfg.student.num_layers == 3
+
+
+def test_sweep_objectives_validated():
+    from raykd.config import ConfigError, SweepConfig
+
+    params = {"train.lr": {"choice": [1e-3]}}
+    assert SweepConfig(params=params, search="optuna", objectives=["val_loss", "student_params"]).objectives[1] == "student_params"
+    for bad, search in ((["val_loss", "student_params"], "random"), (["student_params"], "optuna"), (["val_loss", "speed"], "optuna"), ([], "optuna")):
+        with pytest.raises(ConfigError, match="sweep.objectives"):
+            SweepConfig(params=params, search=search, objectives=bad)

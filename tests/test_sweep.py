@@ -73,3 +73,31 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     rows = list(csv.DictReader((out / "trials.csv").open()))
     assert len(rows) == 3 and all(r["status"] == "TERMINATED" for r in rows)
     assert {d: _files(d) for d in finished} == before  # finished trials were not run again
+
+
+def test_optuna_multi_objective_over_student_init_and_layer_map(tmp_path):
+    """Multi-objective TPE (val_loss, student_params) over depth, the student cut and the layer map."""
+    import json
+
+    out = tmp_path / "sweep"
+    space = ("sweep={search: optuna, objectives: [val_loss, student_params], num_samples: 3, scheduler: fifo, eval_every: 4, "
+             "max_concurrent: 1, params: {student.num_layers: {choice: [2, 3]}, student.init: {choice: [uniform, first, last]}, "
+             "layer_map.strategy: {choice: [auto, uniform]}}}")
+    proc = subprocess.run(_sweep_cmd(out, space, "train.max_steps=4"), env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = list(csv.DictReader((out / "trials.csv").open()))
+    assert len(rows) == 3 and all(r["status"] == "TERMINATED" for r in rows), rows
+    assert all(r["student.init"] in ("uniform", "first", "last") and r["layer_map.strategy"] in ("auto", "uniform") for r in rows)
+    by_depth = {r["student.num_layers"]: int(float(r["student_params"])) for r in rows}
+    assert all(v > 0 for v in by_depth.values())
+    if len(by_depth) == 2:
+        assert by_depth["3"] > by_depth["2"]
+    meta = json.loads((out / "sweep.json").read_text())["meta"]
+    assert meta["search"] == "optuna" and meta["objectives"] == ["val_loss", "student_params"]
+    # the searcher really was multi-objective: Tune saved an Optuna study with two directions
+    from ray.tune.search.optuna import OptunaSearch
+
+    searcher = OptunaSearch()
+    searcher.restore_from_dir(str(out / "tune"))
+    assert len(searcher._ot_study.directions) == 2
+    assert len([t for t in searcher._ot_study.trials if t.values is not None]) == 3
