@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import difflib
 import math
-from contextlib import nullcontext
 from typing import Callable
 
 import torch
@@ -24,10 +23,11 @@ __all__ = [
     "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "dkd",
     *(f"{n}_per_token" for n in ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl",
                                  "skew_reverse_kl", "tvd", "dkd")),
-    "TOKEN_LOSSES", "LOGIT_LOSSES", "LOSS_PARAMS", "NEEDS_TARGETS", "check_logit_loss",
-    "suggest", "cross_entropy", "fused_head_losses", "HIDDEN_LOSSES",
+    "TOKEN_LOSSES", "LOGIT_LOSSES", "LOSS_PARAMS", "NEEDS_TARGETS", "SPARSE_UNSUPPORTED", "check_logit_loss",
+    "suggest", "cross_entropy", "HIDDEN_LOSSES",  # (+ fused_head_losses, from raykd.fused)
     "mse_hidden", "cosine_hidden", "nmse_hidden",
 ]
+
 
 _FLOOR = 1e30  # scaled logits are clamped to ±_FLOOR so that -inf logits cannot make NaNs
 
@@ -158,6 +158,7 @@ LOSS_PARAMS: dict[str, dict[str, float]] = {
 }
 
 NEEDS_TARGETS = frozenset({"dkd"})  # losses whose per-token fn takes targets=[N] token ids
+SPARSE_UNSUPPORTED = NEEDS_TARGETS  # need the dense teacher distribution: not served by cached top-k targets
 
 # (loss, param) -> (low, high, high_inclusive, text)
 _RANGES = {
@@ -253,135 +254,6 @@ def cross_entropy(logits: Tensor, targets: Tensor, mask: Tensor | None = None) -
     return F.cross_entropy(_upcast(x), y, reduction="sum") / count
 
 
-# ----------------------------------------------------------------------------- fused LM head
-def _fused_pass(sh, sw, sb, th, tw, tb, targets, mask, cfg, need_h, need_w, need_b):
-    """Chunked forward that also builds the gradients (see fused_head_losses)."""
-    kd, temperature, kd_params, ce_w, kd_w, chunk = cfg
-    idx = None if mask is None else mask.nonzero().squeeze(1)
-    n = sh.shape[0] if idx is None else idx.numel()
-    denom = max(n, 1)
-    acc = torch.float64 if sh.dtype == torch.float64 else torch.float32
-    sums = {"ce": torch.zeros((), dtype=acc, device=sh.device), "kd": torch.zeros((), dtype=acc, device=sh.device)}
-    gh = torch.zeros_like(sh) if need_h else None
-    gw = torch.zeros(sw.shape, dtype=acc, device=sw.device) if need_w else None
-    gb = torch.zeros(sb.shape, dtype=acc, device=sb.device) if need_b else None
-    need_any = need_h or need_w or need_b
-    kd_fn = TOKEN_LOSSES[kd] if kd is not None else None
-    kd_scale = kd_w * temperature * temperature
-    for start in range(0, n, chunk):
-        rows = slice(start, min(start + chunk, n)) if idx is None else idx[start:start + chunk]
-        h, tgt = sh[rows], targets[rows]
-        with torch.no_grad():
-            logits = F.linear(h, sw, sb)  # [C, V] in the input dtype
-            t_logits = F.linear(th[rows], tw, tb) if kd_fn is not None else None
-        with torch.enable_grad() if need_any else nullcontext():
-            leaf = logits.detach().requires_grad_(need_any)
-            obj = 0.0
-            if ce_w != 0:
-                ce_c = F.cross_entropy(_upcast(leaf), tgt, reduction="sum")
-                sums["ce"] += ce_c.detach()
-                obj = obj + ce_w * ce_c
-            if kd_fn is not None:
-                extra = {"targets": tgt} if kd in NEEDS_TARGETS else {}
-                kd_c = kd_fn(leaf, t_logits, temperature, **kd_params, **extra).sum()
-                sums["kd"] += kd_c.detach()
-                obj = obj + kd_scale * kd_c
-            obj = obj / denom
-        if need_any and torch.is_tensor(obj):
-            (g,) = torch.autograd.grad(obj, leaf)  # [C, V], input dtype
-            if need_h:
-                gh[rows] = (g @ sw).to(gh.dtype)
-            if need_w:
-                if gw.dtype == g.dtype:
-                    gw.addmm_(g.t(), h)
-                else:
-                    gw += (g.t() @ h).to(acc)
-            if need_b:
-                gb += g.sum(0).to(acc)
-        del logits, t_logits
-    ce = sums["ce"] / denom
-    kd_term = sums["kd"] * (temperature * temperature) / denom
-    total = ce_w * ce + (kd_w * kd_term if kd_fn is not None else 0.0)
-    cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
-    return total, ce, kd_term, cast(gh, sh), cast(gw, sw), cast(gb, sb)
-
-
-class _FusedHeadLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, sh, sw, sb, th, tw, tb, targets, mask, cfg):
-        need = ctx.needs_input_grad
-        total, ce, kd, gh, gw, gb = _fused_pass(sh, sw, sb, th, tw, tb, targets, mask, cfg,
-                                                need[0], need[1], sb is not None and need[2])
-        ctx.save_for_backward(gh, gw, gb)  # only [N, Hs], [V, Hs] and [V] survive the forward
-        ctx.mark_non_differentiable(ce, kd)
-        return total, ce, kd
-
-    @staticmethod
-    def backward(ctx, grad_total, _grad_ce, _grad_kd):
-        scaled = [None if g is None else g * grad_total.to(g.dtype) for g in ctx.saved_tensors]
-        return (*scaled, None, None, None, None, None, None)
-
-
-def fused_head_losses(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor | None,
-                      teacher_weight: Tensor | None, targets: Tensor, mask: Tensor | None, *,
-                      kd: str = "forward_kl", temperature: float = 1.0, kd_params: dict | None = None,
-                      ce_weight: float = 1.0, kd_weight: float = 1.0, chunk_size: int = 1024,
-                      student_bias: Tensor | None = None, teacher_bias: Tensor | None = None,
-                      ) -> tuple[Tensor, dict[str, Tensor]]:
-    """CE + logit KD computed from final hidden states and LM-head weights, chunked over tokens
-    so that full [N, V] logits never exist (idea as in Liger Kernel's fused linear
-    cross-entropy, Hsu et al. 2024, and torchtune's chunked CE; own implementation).
-
-    student_hidden [N, Hs], student_weight [V, Hs], teacher_hidden [N, Ht] or None,
-    teacher_weight [V, Ht], targets [N] long, mask [N] bool or None (leading dims flattened).
-    Returns (total, terms): total = ce_weight·CE + kd_weight·KD where CE == cross_entropy(...)
-    and KD == LOGIT_LOSSES[kd](..., temperature, **kd_params) (T² included) on the full
-    logits; terms = {"ce", "kd"} detached (a skipped term is absent: CE when ce_weight == 0,
-    KD when teacher_hidden is None or kd_weight == 0). Gradients for the student hidden
-    states, weight and bias are computed chunk by chunk in the forward (autograd on each
-    chunk's logits) and kept as [N, Hs] / [V, Hs] buffers (weight grad accumulated in fp32);
-    the teacher gets no gradient. Logits are computed in the input dtype, losses in fp32.
-    """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    use_kd = teacher_hidden is not None and kd_weight != 0
-    kd_params = dict(kd_params or {})
-    if use_kd:
-        check_logit_loss(kd, kd_params)
-        if teacher_weight is None:
-            raise ValueError("fused_head_losses: teacher_hidden given without teacher_weight")
-    hs = student_hidden.shape[-1]
-    sh = student_hidden.reshape(-1, hs)
-    n = sh.shape[0]
-    if student_weight.shape[-1] != hs:
-        raise ValueError(f"student_weight {tuple(student_weight.shape)} does not match hidden width {hs}")
-    th = tw = tb = None
-    if use_kd:
-        th = teacher_hidden.detach().reshape(n, -1)
-        tw = teacher_weight.detach()
-        tb = None if teacher_bias is None else teacher_bias.detach()
-        if tw.shape != (student_weight.shape[0], th.shape[1]):
-            raise ValueError(f"teacher_weight {tuple(tw.shape)} does not match [V={student_weight.shape[0]}, "
-                             f"Ht={th.shape[1]}]; KD needs a shared vocabulary")
-    tgt = targets.reshape(n).long()
-    m = None if mask is None else mask.reshape(n).bool()
-    cfg = (kd if use_kd else None, float(temperature), kd_params, float(ce_weight),
-           float(kd_weight), int(chunk_size))
-    args = (sh, student_weight, student_bias, th, tw, tb, tgt, m, cfg)
-    if torch.is_grad_enabled() and any(x is not None and x.requires_grad
-                                       for x in (sh, student_weight, student_bias)):
-        total, ce, kd_term = _FusedHeadLoss.apply(*args)
-    else:
-        with torch.no_grad():
-            total, ce, kd_term = _fused_pass(*args, False, False, False)[:3]
-    terms = {}
-    if ce_weight != 0:
-        terms["ce"] = ce.detach()
-    if use_kd:
-        terms["kd"] = kd_term.detach()
-    return total, terms
-
-
 # ----------------------------------------------------------------------------- hidden states
 def _select_hidden(student: Tensor, teacher: Tensor, mask: Tensor | None):
     if student.shape != teacher.shape:
@@ -418,3 +290,12 @@ def nmse_hidden(student: Tensor, teacher: Tensor, mask: Tensor | None = None, ep
 HIDDEN_LOSSES: dict[str, Callable[..., Tensor]] = {
     "mse": mse_hidden, "cosine": cosine_hidden, "nmse": nmse_hidden,
 }
+
+
+def __getattr__(name: str):
+    """`raykd.losses.fused_head_losses` lives in `raykd.fused` (which needs the registry above)."""
+    if name == "fused_head_losses":
+        from raykd.fused import fused_head_losses
+
+        return fused_head_losses
+    raise AttributeError(f"module 'raykd.losses' has no attribute {name!r}")

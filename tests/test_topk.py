@@ -1,0 +1,84 @@
+"""Sparse top-k teacher targets (raykd.topk): exact at k = V, error shrinking with k, and the fused
+LM-head path on cached targets equal to the plain sparse loss (values and gradients)."""
+
+import pytest
+import torch
+
+from raykd.losses import LOGIT_LOSSES, SPARSE_UNSUPPORTED, fused_head_losses
+from raykd.topk import TopK, sparse_logit_loss, teacher_topk
+
+SERVED = [n for n in LOGIT_LOSSES if n not in SPARSE_UNSUPPORTED]
+PARAMS = {"jsd": {"beta": 0.3}, "skew_forward_kl": {"alpha": 0.2}, "skew_reverse_kl": {"alpha": 0.2}}
+
+
+def _logits(n=64, v=300, scale=4.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, v, generator=g, dtype=torch.float64) * scale, torch.randn(n, v, generator=g, dtype=torch.float64) * scale
+
+
+def test_topk_keeps_the_exact_tail_mass():
+    t, _ = _logits()
+    top = teacher_topk(t, 10)
+    mass = top.logp.exp().sum(-1) + top.tail.exp()
+    assert torch.allclose(mass, torch.ones_like(mass), atol=1e-6)
+    assert top.idx.dtype == torch.int32 and top.idx.shape == (64, 10)
+    assert torch.equal(top.idx.long(), t.topk(10).indices)
+    assert torch.isneginf(teacher_topk(t, 300).tail).all()
+    with pytest.raises(ValueError, match="cache_topk"):
+        teacher_topk(t, 301)
+
+
+@pytest.mark.parametrize("name", SERVED)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_sparse_equals_dense_when_k_is_the_vocabulary(name, temperature):
+    s, t = _logits()
+    mask = torch.rand(64, generator=torch.Generator().manual_seed(1)) > 0.2
+    dense = LOGIT_LOSSES[name](s, t, mask, temperature=temperature, **PARAMS.get(name, {}))
+    sparse = sparse_logit_loss(name, s, teacher_topk(t, 300), mask, temperature=temperature, **PARAMS.get(name, {}))
+    assert torch.allclose(sparse.double(), dense, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", SERVED)
+def test_sparse_error_shrinks_as_k_grows(name):
+    # LM-like distributions: Zipf-shaped teacher (p ~ rank^-1.5), a student close to it
+    g = torch.Generator().manual_seed(0)
+    n, v = 64, 2000
+    zipf = -1.5 * torch.log(torch.arange(1, v + 1, dtype=torch.float64))
+    base = torch.stack([zipf[torch.randperm(v, generator=g)] for _ in range(n)])
+    t = base + 0.5 * torch.randn(n, v, generator=g, dtype=torch.float64)
+    s = base + 1.0 * torch.randn(n, v, generator=g, dtype=torch.float64)
+    dense = float(LOGIT_LOSSES[name](s, t, None, **PARAMS.get(name, {})))
+    errs = [abs(float(sparse_logit_loss(name, s, teacher_topk(t, k), None, **PARAMS.get(name, {}))) - dense) for k in (4, 32, 256, 1024)]
+    assert errs == sorted(errs, reverse=True) and errs[-1] < 0.05 * errs[0] and errs[-1] < 0.02 * abs(dense), errs
+    if name == "forward_kl":  # pooling the tail is a lower bound of the full KL (log-sum inequality)
+        assert float(sparse_logit_loss(name, s, teacher_topk(t, 32), None)) <= dense + 1e-9
+
+
+def test_dkd_is_refused_with_sparse_targets():
+    s, t = _logits()
+    with pytest.raises(ValueError, match="dense teacher"):
+        sparse_logit_loss("dkd", s, teacher_topk(t, 8))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_fused_head_on_cached_targets_matches_the_plain_sparse_loss(temperature):
+    g = torch.Generator().manual_seed(3)
+    n, h, v, k = 40, 16, 120, 12
+    hidden = torch.randn(n, h, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(v, h, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, v, (n,), generator=g)
+    mask = torch.rand(n, generator=g) > 0.25
+    top = teacher_topk(torch.randn(n, v, generator=g, dtype=torch.float64) * 3, k)
+    top = TopK(top.idx, top.logp.half(), top.tail, v)  # as stored: fp16 log-probs
+    total, terms = fused_head_losses(hidden, weight, top, None, targets, mask, kd="jsd", kd_params={"beta": 0.4},
+                                     temperature=temperature, ce_weight=0.5, kd_weight=2.0, chunk_size=7)
+    total.backward()
+    g_h, g_w = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    logits = hidden @ weight.t()
+    kd = sparse_logit_loss("jsd", logits, top, mask, temperature=temperature, beta=0.4)
+    ce = torch.nn.functional.cross_entropy(logits[mask], targets[mask])
+    ref = 0.5 * ce + 2.0 * kd
+    ref.backward()
+    assert torch.allclose(total, ref, rtol=1e-6) and torch.allclose(terms["kd"], kd.detach(), rtol=1e-6)
+    assert torch.allclose(g_h, hidden.grad, rtol=1e-5, atol=1e-8) and torch.allclose(g_w, weight.grad, rtol=1e-5, atol=1e-8)
