@@ -79,6 +79,24 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_cache_teacher(args) -> int:
+    from raykd.cache import build
+    from raykd.config import ConfigError, load_config
+    from raykd.train import resolve
+
+    cfg = load_config(args.config, args.overrides)
+    if not cfg.teacher.cache:
+        raise ConfigError("teacher.cache: no cache directory; pass teacher.cache=DIR (e.g. teacher.cache=runs/cache)")
+    resolved, _ = resolve(cfg, log=lambda m: print(m, file=sys.stderr))
+    t0 = time.time()
+    meta = build(resolved, log=lambda m: print(m, file=sys.stderr))
+    bpt = meta["bytes_per_token"]
+    print(f"raykd: teacher cache {cfg.teacher.cache}: {meta['shards']} shards, {meta['blocks']} blocks, {meta['tokens']} tokens, "
+          f"{meta['bytes'] / 2**20:.1f} MiB; {bpt['logits']} bytes/token logits only, {bpt['logits_and_hidden']} with hidden states "
+          f"(top-{meta['topk']}, {meta['dtype']}, layers {meta['layers'] or 'none'}); {time.time() - t0:.0f} s")
+    return 0
+
+
 def cmd_report(args) -> int:
     from raykd.sweep import rebuild_report
 
@@ -99,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. output_dir=runs/sweep2")
     sw.add_argument("--resume", action="store_true", help="continue an interrupted sweep in output_dir (finished trials are kept)")
     sw.set_defaults(fn=cmd_sweep)
+    ct = sub.add_parser("cache-teacher", help="run the teacher once over the train blocks (Ray Data actor pool) and write teacher.cache: top-k log-probs + hidden states as Parquet shards; re-running resumes")
+    ct.add_argument("config", help="YAML config, e.g. jobs/smoke.yaml")
+    ct.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. teacher.cache=runs/cache teacher.cache_topk=64")
+    ct.set_defaults(fn=cmd_cache_teacher)
     rep = sub.add_parser("report", help="rebuild the sweep report from an existing sweep output directory")
     rep.add_argument("dir", help="the output_dir of a raykd sweep")
     rep.set_defaults(fn=cmd_report)

@@ -54,11 +54,25 @@ class TeacherConfig:
     model: str = "smollm2-135m"  # local HF dir | hub id (online or HF cache only) | FILE.gguf | smollm2-135m | tiny-random[:key=value,...]
     dtype: str = "float32"  # weights dtype of the frozen teacher: float32 | bfloat16 | float16 | auto
     trust_remote_code: bool = False  # run modelling code shipped with the model dir; off unless you trust its source
+    cache: str | None = None  # teacher cache dir (`raykd cache-teacher`): training reads top-k log-probs + hidden states from it instead of running the teacher each step
+    cache_topk: int = 64  # building the cache: teacher log-probs kept per token (the rest pooled into one tail bin)
+    cache_layers: str | list[int] = "mapped"  # building the cache: teacher layers whose hidden states are stored: mapped | all | none | [ids]
+    cache_dtype: str = "float16"  # building the cache: dtype of stored log-probs and hidden states: float16 | bfloat16
+    cache_shard_blocks: int = 256  # building the cache: packed blocks per Parquet shard (the unit of resume)
+    cache_actors: int = 1  # building the cache: teachers in the Ray Data actor pool (each takes scale.cpus_per_worker CPUs, or a GPU with scale.use_gpu)
 
     def __post_init__(self):
         if not self.model:
             raise ConfigError("teacher.model: empty; give a local HF directory, a .gguf file or 'smollm2-135m'")
         _choice("teacher.dtype", self.dtype, DTYPES)
+        _positive("teacher.cache_topk", self.cache_topk)
+        if isinstance(self.cache_layers, str):
+            _choice("teacher.cache_layers", self.cache_layers, ("mapped", "all", "none"))
+        elif not isinstance(self.cache_layers, list) or not all(isinstance(i, int) and i >= 0 for i in self.cache_layers):
+            raise ConfigError(f"teacher.cache_layers: expected mapped | all | none or a list of layer indices, got {self.cache_layers!r}")
+        _choice("teacher.cache_dtype", self.cache_dtype, ("float16", "bfloat16"))
+        _positive("teacher.cache_shard_blocks", self.cache_shard_blocks)
+        _positive("teacher.cache_actors", self.cache_actors)
 
 
 @dataclass
@@ -165,6 +179,7 @@ class DataConfig:
     max_val_blocks: int = 64  # validation blocks used for perplexity / agreement
     bad_rows: str = "error"  # a JSONL/Parquet/datasets row without usable text (no field, null, bad JSON): error | skip (skipped rows are counted)
     task_cpus: float = 0.25  # logical CPUs each Ray Data read/tokenize/shuffle task reserves (small, so Data runs beside Train workers)
+    max_train_blocks: int = 0  # train on the first N shuffled blocks only (quick runs, a cache of a corpus slice); 0 = all
 
     def __post_init__(self):
         if isinstance(self.train, str):
@@ -179,6 +194,7 @@ class DataConfig:
         _positive("data.max_val_blocks", self.max_val_blocks)
         _choice("data.bad_rows", self.bad_rows, ("error", "skip"))
         _positive("data.task_cpus", self.task_cpus)
+        _positive("data.max_train_blocks", self.max_train_blocks, allow_zero=True)
 
 
 @dataclass
@@ -299,6 +315,13 @@ class Config:
     def __post_init__(self):
         if self.sweep is not None:
             _build(SweepConfig, self.sweep, "sweep")  # validated here, used by raykd.sweep
+        if self.teacher.cache:  # the cache holds log-probs and hidden states, not attention or the teacher's upper blocks
+            w = self.loss.weights.active()
+            for term in ("attention", "relation", "blockwise"):
+                if term in w:
+                    raise ConfigError(f"loss.weights.{term}: the teacher cache (teacher.cache) cannot serve this term; set loss.weights.{term}=0 or drop teacher.cache to run the teacher online")
+            if "kd" in w and self.loss.kd in ("dkd",):
+                raise ConfigError(f"loss.kd: {self.loss.kd} needs the dense teacher distribution, which the teacher cache does not hold; use forward_kl, reverse_kl, jsd, skew_*, tvd or drop teacher.cache")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -209,6 +209,8 @@ def build_datasets(data_cfg: DataConfig, tokenizer_dir: str, seed: int = 0, trus
         docs = _documents_ds(plan, items, data_cfg, want, drop, keys_only=False)
         blocks = docs.map_batches(_tokenize_pack, batch_size=None, batch_format="numpy", fn_kwargs=kwargs, num_cpus=data_cfg.task_cpus)
         ds = blocks.random_shuffle(seed=seed, num_cpus=data_cfg.task_cpus) if want == "train" else blocks
+        if want == "train" and data_cfg.max_train_blocks:
+            ds = ds.limit(data_cfg.max_train_blocks)
         setattr(ds, _PROBE, (blocks, data_cfg.block_size))  # check_blocks probes before the shuffle
         out.append(ds)
     return out[0], out[1]

@@ -98,6 +98,21 @@ def _smollm2_gguf(tmp: Path, log) -> Path:
     return tmp / SMOLLM2["member"]
 
 
+def _save_quietly(model, path: Path) -> None:
+    """save_pretrained without transformers' "Writing model shards" bar (CLI stderr stays one line per message)."""
+    from transformers.utils import logging as hf_logging
+
+    if not torch.cuda.is_available():  # save_pretrained may import DeepSpeed, which warns it found no GPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(path)
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def convert_gguf(gguf_path: Path, target: Path) -> Path:
     """Dequantise a GGUF checkpoint into a safetensors HF directory at `target` (atomically)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -113,7 +128,7 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
     fresh.load_state_dict(loaded.state_dict())
     tmp = _atomic_dir(target)
     try:
-        fresh.save_pretrained(tmp)
+        _save_quietly(fresh, tmp)
         tokenizer.save_pretrained(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -157,7 +172,7 @@ def build_tiny_random(spec: str = "tiny-random") -> Path:
             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
         )
         torch.manual_seed(p["seed"])
-        LlamaForCausalLM(cfg).save_pretrained(tmp)
+        _save_quietly(LlamaForCausalLM(cfg), tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

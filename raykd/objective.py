@@ -25,6 +25,7 @@ from raykd.capture import QKV, Capture, run_layers
 from raykd.config import LossConfig, _build
 from raykd.layer_map import Projections, pick_pairs
 from raykd.losses import HIDDEN_LOSSES, fused_head_losses
+from raykd.topk import TopK
 
 
 @dataclass
@@ -43,7 +44,8 @@ class TeacherOutputs:
     hidden: dict[int, torch.Tensor]  # teacher layer -> [B, T, Ht] output of that layer
     qkv: dict[int, QKV]  # teacher layer -> rotated q/k (and v)
     layer_inputs: dict[int, dict]  # decoder-layer kwargs (attention mask, rotary) for re-running layers
-    model: nn.Module  # the teacher itself (block-wise KD runs its upper layers and head)
+    model: nn.Module | None  # the teacher itself (its head for KD; block-wise KD runs its upper layers); None when cached
+    topk: TopK | None = None  # cached sparse targets [B, T, k] (teacher cache): KD reads these instead of the head
 
 
 def head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -107,18 +109,24 @@ class Distiller(nn.Module):
         return Needs(hidden=sorted(hidden), qkv=sorted({s for _, s in self.attn_pairs}), want_v="relation" in w)
 
     # the objective -------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, teacher: TeacherOutputs, mask: torch.Tensor | None = None, eval_ce: bool = False):
+    def forward(self, input_ids: torch.Tensor, teacher: TeacherOutputs | None, mask: torch.Tensor | None = None, eval_ce: bool = False):
+        """`teacher` None: the data terms only (CE; validation without a teacher forward)."""
         w, cfg = self.weights, self.cfg
+        if teacher is None:
+            w = {k: v for k, v in w.items() if k == "ce"}
         last, cap = forward_with_capture(self.student, input_ids, self.student_needs())
         targets = input_ids[:, 1:].reshape(-1)
         tok_mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
         pos_mask = (tok_mask[:, :-1] & tok_mask[:, 1:]).reshape(-1)
         flat = lambda x: x[:, :-1].reshape(-1, x.shape[-1])  # noqa: E731  [B, T, H] -> [B*(T-1), H]
         s_w, s_b = head(self.student)
-        t_w, t_b = head(teacher.model)
-        kd_on = "kd" in w
+        t_in = t_w = t_b = None
+        if "kd" in w and teacher.topk is not None:  # cached top-k targets (raykd.topk)
+            t_in = teacher.topk.shifted()
+        elif "kd" in w:
+            t_in, (t_w, t_b) = flat(teacher.last_hidden), head(teacher.model)
         total, terms = fused_head_losses(
-            flat(last), s_w, flat(teacher.last_hidden) if kd_on else None, t_w if kd_on else None, targets, pos_mask,
+            flat(last), s_w, t_in, t_w, targets, pos_mask,
             kd=cfg.kd, temperature=cfg.temperature, kd_params=cfg.kd_params, ce_weight=w.get("ce", 0.0) or float(eval_ce),
             kd_weight=w.get("kd", 0.0), chunk_size=cfg.chunk_size, student_bias=s_b, teacher_bias=t_b,
         )
@@ -144,6 +152,7 @@ class Distiller(nn.Module):
             terms["relation"] = torch.stack(vals).mean()
             total = total + w["relation"] * terms["relation"]
         if "blockwise" in w:
+            t_w, t_b = head(teacher.model)
             vals = []
             for t, s in self.block_pairs:
                 i = self.pairs.index((t, s))

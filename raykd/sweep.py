@@ -76,6 +76,20 @@ def _check_space(base: dict, sweep: SweepConfig) -> None:
                 raise ConfigError(f"sweep.params.{key}: the value {value!r} makes an invalid config ({e})") from None
 
 
+def _ensure_cache(cfg: Config, sw: SweepConfig, log) -> None:
+    """Build or check the shared teacher cache. When trials change the student or the layer map,
+    a `mapped` cache stores every teacher layer (the trials map different ones)."""
+    from raykd import cache
+    from raykd.train import resolve
+
+    d = cfg.to_dict()
+    if d["teacher"]["cache_layers"] == "mapped" and any(k.startswith(("student.", "layer_map.")) for k in sw.params):
+        d["teacher"]["cache_layers"] = "all"
+        log("raykd: the sweep changes the student or the layer map: the teacher cache stores every teacher layer")
+    resolved, _ = resolve(from_dict(d), log=lambda m: None)
+    cache.ensure(resolved, log)
+
+
 def _trainable(params: dict, base: dict, sweep_dict: dict, trials_root: str) -> None:
     """One Tune trial: a whole `raykd distill` run whose reports become Tune results."""
     from ray import tune
@@ -109,6 +123,8 @@ def sweep(cfg: Config, resume: bool = False, log=print) -> dict:
     models.resolve_model(cfg.teacher.model, "teacher.model", log)  # fetch/convert once, before trials race for it
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.teacher.cache:
+        _ensure_cache(cfg, sw, log)  # once for every trial; a mismatching cache is refused before Ray starts
     init_ray(cfg, runs=sw.max_concurrent, per_run_extra=sw.trial_cpus)
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, base=base, sweep_dict=cfg.sweep, trials_root=str(out / "trials")),

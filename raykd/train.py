@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from raykd import models
+from raykd import cache, models
 from raykd.config import Config, from_dict
 from raykd.layer_map import layer_map
 from raykd.objective import Distiller, teacher_forward
@@ -81,21 +81,27 @@ def _val_blocks(max_blocks: int) -> torch.Tensor:
 
 
 class _Batches:
-    """Endless micro-batches from this worker's shard, epoch after epoch; resumable by position."""
+    """Endless micro-batches from this worker's shard, epoch after epoch; resumable by position.
+    Yields input_ids [B, T] long, or with `cached` the numpy batch of teacher-cache rows."""
 
-    def __init__(self, batch_size: int, epoch: int = 0, skip: int = 0):
+    def __init__(self, batch_size: int, epoch: int = 0, skip: int = 0, cached: bool = False):
         import ray.train
 
         self.shard = ray.train.get_dataset_shard("train")
-        self.batch_size, self.epoch, self.index, self._skip = batch_size, epoch, 0, skip
+        self.batch_size, self.epoch, self.index, self._skip, self.cached = batch_size, epoch, 0, skip, cached
         self._it = None
 
-    def __next__(self) -> torch.Tensor:
+    def _iter(self):
+        if self.cached:
+            return iter(self.shard.iter_batches(batch_size=self.batch_size, batch_format="numpy", drop_last=True))
+        return (b["input_ids"] for b in self.shard.iter_torch_batches(batch_size=self.batch_size, dtypes=torch.long, drop_last=True))
+
+    def __next__(self):
         while True:
             if self._it is None:
-                self._it = iter(self.shard.iter_torch_batches(batch_size=self.batch_size, dtypes=torch.long, drop_last=True))
+                self._it = self._iter()
             try:
-                batch = next(self._it)["input_ids"]
+                batch = next(self._it)
             except StopIteration:
                 if self.index == 0:
                     raise RuntimeError("data.train: a worker's shard holds fewer blocks than one batch; lower train.batch_size or add text") from None
@@ -108,9 +114,9 @@ class _Batches:
             return batch
 
 
-def _val_loss(engine, teacher, needs, blocks: torch.Tensor, rank: int, world: int, batch_size: int, device) -> float:
-    """Mean next-token CE (nats) of the student on `blocks` [N, T]; every rank takes its share
-    (sharded strategies need every rank in every forward) and the sums are all-reduced."""
+def _val_loss(engine, blocks: torch.Tensor, rank: int, world: int, batch_size: int, device) -> float:
+    """Mean next-token CE (nats) of the student on `blocks` [N, T] (no teacher forward); every
+    rank takes its share (sharded strategies need every rank in every forward), sums all-reduced."""
     import torch.distributed as dist
 
     if len(blocks) < world:  # too few blocks for one each: repeat them
@@ -119,10 +125,7 @@ def _val_loss(engine, teacher, needs, blocks: torch.Tensor, rank: int, world: in
     sums = torch.zeros(2, dtype=torch.float64)
     with torch.no_grad():
         for ids in mine.split(batch_size):
-            ids = ids.to(device)
-            with engine.autocast():
-                t_out = teacher_forward(teacher, ids, needs)
-            _, terms = engine.forward(ids, t_out, eval_ce=True)
+            _, terms = engine.forward(ids.to(device), None, eval_ce=True)
             sums += torch.tensor([float(terms["ce"]) * len(ids), len(ids)], dtype=torch.float64)
     if dist.is_initialized():
         dist.all_reduce(sums)
@@ -173,7 +176,9 @@ def train_loop_per_worker(config: dict) -> None:
         state["resumed_at"] = state.get("resumed_at", []) + [state["step"]]  # restarts: a rerun or a failed worker
         if rank == 0:
             print(f"raykd: resuming from step {state['step']} ({state['tokens_seen']} tokens seen)", flush=True)
-    batches = _Batches(cfg.train.batch_size, state["epoch"], state["batch_index"])
+    cached = bool(cfg.teacher.cache)  # read the teacher's targets from the cache instead of running it
+    vocab = teacher.get_output_embeddings().weight.shape[0]
+    batches = _Batches(cfg.train.batch_size, state["epoch"], state["batch_index"], cached)
     t = cfg.train
     block = cfg.data.block_size
     tokens_per_step = t.batch_size * block * t.grad_accum * world
@@ -183,9 +188,12 @@ def train_loop_per_worker(config: dict) -> None:
     step = start_step = state["step"]
     while step < t.max_steps:
         for micro in range(t.grad_accum):
-            ids = next(batches).to(device)
-            with engine.autocast():
-                t_out = teacher_forward(teacher, ids, needs)
+            if cached:
+                ids, t_out = cache.teacher_outputs(next(batches), cfg, vocab, device)
+            else:
+                ids = next(batches).to(device)
+                with engine.autocast():
+                    t_out = teacher_forward(teacher, ids, needs)
             loss, terms = engine.forward(ids, t_out)
             engine.backward(loss, micro == t.grad_accum - 1)
             engine.micro_step()
@@ -211,7 +219,7 @@ def train_loop_per_worker(config: dict) -> None:
         )
         window.zero_()
         if check:
-            metrics["val_loss"] = _val_loss(engine, teacher, needs, val[: t.eval_blocks], rank, world, t.batch_size, device)
+            metrics["val_loss"] = _val_loss(engine, val[: t.eval_blocks], rank, world, t.batch_size, device)
         state["history"].append({k: round(v, 5) for k, v in metrics.items() if k in TERMS or k in ("step", "tokens_per_s", "lr", "val_loss")})
         if rank == 0:
             eta = (t.max_steps - step) * elapsed_run / (run_tokens / tokens_per_step)
@@ -332,7 +340,11 @@ def build_trainer(cfg: Config, log=print, callbacks: list | None = None):
     sc = cfg.scale
     teacher_dir = models.resolve_model(cfg.teacher.model, "teacher.model", log)
     train_ds, val_ds = data.build_datasets(cfg.data, str(teacher_dir), cfg.seed, cfg.teacher.trust_remote_code)
-    data.check_blocks(train_ds, "data.train")
+    if cfg.teacher.cache:  # the cached blocks (with the teacher's targets) replace the train stream
+        cache.require(cfg, teacher_dir)
+        train_ds = cache.train_dataset(cfg)
+    else:
+        data.check_blocks(train_ds, "data.train")
     data.check_blocks(val_ds, "data.validation")
     resources = {"CPU": sc.cpus_per_worker, **({"GPU": 1} if sc.use_gpu else {})}
     out = Path(cfg.output_dir).resolve()
@@ -377,6 +389,8 @@ def distill(cfg: Config, log=print) -> dict:
 
     resolved, plan = resolve(cfg, log)
     data.preflight(cfg.data)  # bad corpora fail here, before Ray starts
+    if resolved.teacher.cache:
+        cache.ensure(resolved, log)  # a mismatching cache is refused before Ray starts; a missing one is built
     init_ray(resolved)
     trainer = build_trainer(resolved, log)
     result = trainer.fit()

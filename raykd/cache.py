@@ -1,0 +1,377 @@
+"""The teacher cache: run the teacher once over the packed training blocks, keep what the
+losses need, and train (and sweep) from it without a teacher forward per step.
+
+Layout of `teacher.cache` (a directory):
+
+    raykd_cache.json       identity (teacher weights + tokenizer sha256, block length, data
+                           settings, seed, k, dtype, stored layers) and, once complete, sizes
+    shard-00000.parquet    `teacher.cache_shard_blocks` consecutive blocks of the shuffled
+    shard-00001.parquet    train stream, one row per block [T tokens], zstd; columns:
+    ...                      input_ids  int32 [T]
+                             topk_idx   int32 [T, k]   top-k token ids (raykd.topk.TopK)
+                             topk_logp  fp16/bf16 [T, k] log-probs over the full vocabulary
+                             tail       fp32 [T]      log of the probability mass outside the top k
+                             hidden_<t> fp16/bf16 [T, H] output of teacher layer t (stored layers)
+
+Every tensor is a binary cell holding the raw little-endian array (16-bit floats as their
+bits), so shards stay plain Parquet readable anywhere. A shard is written to a temporary
+name and renamed: a file named `shard-*.parquet` is complete. Its schema metadata holds the
+sha256 of its input ids; rebuilding after an interruption checks and skips every finished
+shard. Building is a Ray Data stage: the driver streams the train blocks, each pending shard
+goes to an actor pool (`teacher.cache_actors` actors, one teacher each, on a GPU with
+`scale.use_gpu`). Training reads the shards with `ray.data.read_parquet` (only the columns
+its loss terms need) instead of running the teacher.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from raykd import models
+from raykd.config import Config, ConfigError, from_dict
+
+META = "raykd_cache.json"
+FORMAT = 1
+DATA_KEYS = ("train", "validation", "text_field", "block_size", "val_fraction", "min_chars", "dedupe", "max_train_blocks")
+_SHA_KEY = b"raykd_inputs_sha256"
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# --- identity -------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=32)
+def _sha_files(files: tuple[tuple[str, int, int], ...]) -> str:
+    """sha256 over the named files' bytes (memoised by path, size and mtime)."""
+    h = hashlib.sha256()
+    for path, _, _ in files:
+        h.update(Path(path).name.encode())
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _files_sha(directory: Path, patterns: tuple[str, ...]) -> str:
+    files = sorted({p for pat in patterns for p in directory.glob(pat) if p.is_file()})
+    return _sha_files(tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)) if files else "none"
+
+
+def stored_layers(cfg: Config, depth: int) -> list[int]:
+    """Teacher layers whose hidden states a cache built for `cfg` (resolved) stores."""
+    spec = cfg.teacher.cache_layers
+    if spec == "none":
+        return []
+    if spec == "all":
+        return list(range(depth))
+    layers = sorted({t for t, _ in cfg.layer_map.pairs or []}) if spec == "mapped" else sorted(set(spec))
+    bad = [t for t in layers if t >= depth]
+    if bad:
+        raise ConfigError(f"teacher.cache_layers: the teacher has {depth} layers (0-{depth - 1}); {bad} do not exist")
+    return layers
+
+
+def needed_layers(cfg: Config) -> list[int]:
+    """Teacher layers whose hidden states the run's loss reads (resolved config)."""
+    return sorted({t for t, _ in cfg.layer_map.pairs or []}) if "hidden" in cfg.loss.weights.active() else []
+
+
+def identity(cfg: Config, teacher_dir: Path, layers: list[int]) -> dict:
+    """What a cache must agree on with a run that reads it."""
+    return {
+        "format": FORMAT,
+        "teacher_weights_sha256": _files_sha(teacher_dir, ("*.safetensors", "*.bin")),
+        "tokenizer_sha256": _files_sha(teacher_dir, ("tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "*.model")),
+        "block_size": cfg.data.block_size,
+        "data": {k: getattr(cfg.data, k) for k in DATA_KEYS},
+        "seed": cfg.seed,
+        "topk": cfg.teacher.cache_topk,
+        "dtype": cfg.teacher.cache_dtype,
+        "layers": layers,
+    }
+
+
+def _read_meta(path: Path) -> dict | None:
+    f = path / META
+    if not f.exists():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"teacher.cache: {f} is not valid JSON ({e}); delete {path} to rebuild the cache") from None
+
+
+def _write_meta(path: Path, meta: dict) -> None:
+    tmp = path / f".{META}.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, path / META)
+
+
+_WHAT = {"teacher_weights_sha256": "another teacher (weights)", "tokenizer_sha256": "another tokenizer", "block_size": "another data.block_size",
+         "data": "other data settings", "seed": "another seed (the shuffled block order)", "topk": "another teacher.cache_topk",
+         "dtype": "another teacher.cache_dtype", "format": "another raykd cache format"}
+
+
+def _mismatch(path: Path, have: dict, want: dict) -> str | None:
+    for key, what in _WHAT.items():
+        if have.get(key) != want[key]:
+            a, b = have.get(key), want[key]
+            if isinstance(a, str) and len(a) == 64:
+                a, b = a[:12] + "…", b[:12] + "…"
+            return (f"teacher.cache: {path} was built for {what} ({key} {a} vs {b} in this run); "
+                    f"point teacher.cache at a new directory or delete this one to rebuild")
+    return None
+
+
+def status(cfg: Config, teacher_dir: Path, build_layers: list[int] | None = None) -> tuple[str, dict | None]:
+    """("missing" | "incomplete" | "complete", meta) for the resolved `cfg`; a cache that does
+    not match the run raises ConfigError (one line: what differs and what to do)."""
+    path = Path(cfg.teacher.cache)
+    meta = _read_meta(path)
+    if meta is None:
+        return "missing", None
+    want = identity(cfg, teacher_dir, meta.get("layers", []) if build_layers is None else build_layers)
+    err = _mismatch(path, meta, want)
+    if err:
+        raise ConfigError(err)
+    have = meta.get("layers", [])
+    if build_layers is not None and (not set(build_layers) <= set(have) or (not meta.get("complete") and have != build_layers)):
+        raise ConfigError(f"teacher.cache: {path} stores teacher layers {meta.get('layers')}, this build asks for {build_layers}; "
+                          f"point teacher.cache at a new directory or delete this one to rebuild")
+    missing = sorted(set(needed_layers(cfg)) - set(meta.get("layers", [])))
+    if missing:
+        raise ConfigError(f"teacher.cache: {path} holds hidden states of teacher layers {meta.get('layers')}, this run's layer map needs "
+                          f"{missing} too; rebuild it with teacher.cache_layers=all (or list them), or set loss.weights.hidden=0")
+    return ("complete" if meta.get("complete") else "incomplete"), meta
+
+
+def require(cfg: Config, teacher_dir: Path) -> dict:
+    """The meta of a complete, matching cache for a run (ConfigError otherwise)."""
+    state, meta = status(cfg, teacher_dir)
+    if state != "complete":
+        what = "holds no teacher cache" if state == "missing" else "holds an unfinished teacher cache"
+        raise ConfigError(f"teacher.cache: {cfg.teacher.cache} {what}; build it with `raykd cache-teacher CONFIG` (raykd distill/sweep build it when missing)")
+    return meta
+
+
+# --- building -------------------------------------------------------------------------------
+
+
+def _bits(x: torch.Tensor, dtype: torch.dtype) -> bytes:
+    return x.to(dtype).contiguous().view(torch.int16).numpy().tobytes()
+
+
+class _ShardWriter:
+    """Ray Data actor: one teacher; each input row is a shard of blocks to run and write."""
+
+    def __init__(self, config: dict, layers: list[int], out: str):
+        from raykd.objective import Needs, head
+        from raykd.train import _precision, _threads
+
+        cfg = from_dict(config)
+        use_gpu = cfg.scale.use_gpu and torch.cuda.is_available()
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        torch.set_num_threads(_threads(cfg, 1) if use_gpu else max(1, int(cfg.scale.cpus_per_worker)))
+        teacher_dir = models.resolve_model(cfg.teacher.model, "teacher.model", log=lambda m: None)
+        self.teacher = models.load_model(teacher_dir, models.resolve_dtype(cfg.teacher.dtype), cfg.teacher.trust_remote_code, frozen=True).to(self.device)
+        precision = _precision(cfg, self.device)
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if precision == "bf16" else None
+        self.w, self.b = head(self.teacher)
+        self.needs = Needs(hidden=layers)
+        self.cfg, self.layers, self.out = cfg, layers, Path(out)
+        self.dtype = _DTYPES[cfg.teacher.cache_dtype]
+
+    @torch.no_grad()
+    def _encode(self, ids: np.ndarray) -> dict[str, list[bytes]]:
+        """Teacher targets of blocks ids [n, T] as binary cells, one per block."""
+        from raykd.objective import forward_with_capture
+        from raykd.topk import teacher_topk
+
+        cols: dict[str, list[bytes]] = {"input_ids": [], "topk_idx": [], "topk_logp": [], "tail": []}
+        cols.update({f"hidden_{t}": [] for t in self.layers})
+        for part in torch.from_numpy(ids.astype(np.int64)).split(self.cfg.train.batch_size):
+            part = part.to(self.device)
+            with self.autocast or torch.autocast(self.device.type, enabled=False):
+                last, cap = forward_with_capture(self.teacher, part, self.needs)
+            for j in range(len(part)):
+                logits = last[j].float() @ self.w.float().T
+                if self.b is not None:
+                    logits = logits + self.b.float()
+                top = teacher_topk(logits, self.cfg.teacher.cache_topk)
+                cols["input_ids"].append(part[j].to(torch.int32).cpu().numpy().tobytes())
+                cols["topk_idx"].append(top.idx.cpu().numpy().tobytes())
+                cols["topk_logp"].append(_bits(top.logp.cpu(), self.dtype))
+                cols["tail"].append(top.tail.float().cpu().numpy().tobytes())
+                for t in self.layers:
+                    cols[f"hidden_{t}"].append(_bits(cap.hidden[t][j].cpu(), self.dtype))
+        return cols
+
+    def __call__(self, batch: dict) -> dict:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        T = self.cfg.data.block_size
+        for shard, raw, sha in zip(batch["shard"], batch["ids"], batch["sha"]):
+            ids = np.frombuffer(raw, dtype=np.int32).reshape(-1, T)
+            cols = self._encode(ids)
+            table = pa.table({k: pa.array(v, pa.binary()) for k, v in cols.items()}).replace_schema_metadata({_SHA_KEY: str(sha).encode()})
+            final = self.out / f"shard-{int(shard):05d}.parquet"
+            tmp = self.out / f".{final.name}.tmp"
+            pq.write_table(table, tmp, compression="zstd")
+            os.replace(tmp, final)
+        return {"shard": np.asarray(batch["shard"]), "blocks": np.asarray([len(r) // (4 * T) for r in batch["ids"]])}
+
+
+def _sizes(files: list[Path]) -> dict:
+    """Rows and compressed bytes per column group over the shards."""
+    import pyarrow.parquet as pq
+
+    blocks, groups = 0, {"input_ids": 0, "logits": 0, "hidden": 0}
+    for f in files:
+        md = pq.ParquetFile(f).metadata
+        blocks += md.num_rows
+        for rg in range(md.num_row_groups):
+            for c in range(md.num_columns):
+                col = md.row_group(rg).column(c)
+                name = col.path_in_schema
+                key = "input_ids" if name == "input_ids" else "hidden" if name.startswith("hidden_") else "logits"
+                groups[key] += col.total_compressed_size
+    return {"blocks": blocks, "bytes": groups}
+
+
+def _driven(it):
+    """Iterate a Ray Data iterator on the driver; a ConfigError raised in a task comes back as one line."""
+    from raykd.data import _config_error
+
+    try:
+        yield from it
+    except Exception as e:
+        err = _config_error(e)
+        if err is None:
+            raise
+        raise err from None
+
+
+def build(cfg: Config, log=print) -> dict:
+    """`raykd cache-teacher`: build (or finish) the cache of a resolved config; returns its meta."""
+    import pyarrow.parquet as pq
+    import ray.data
+
+    from raykd import data
+    from raykd.train import init_ray
+
+    t0 = time.perf_counter()
+    path = Path(cfg.teacher.cache)
+    teacher_dir = models.resolve_model(cfg.teacher.model, "teacher.model", log)
+    depth = models.num_layers(models.load_config(teacher_dir, cfg.teacher.trust_remote_code))
+    layers = stored_layers(cfg, depth)
+    state, meta = status(cfg, teacher_dir, build_layers=layers)  # a mismatching cache is refused here, before Ray
+    if state == "complete":
+        log(f"raykd: teacher cache {path} is complete ({meta['shards']} shards, {meta['tokens']} tokens)")
+        return meta
+    data.preflight(cfg.data)
+    path.mkdir(parents=True, exist_ok=True)
+    for stale in path.glob(".shard-*.tmp"):  # a shard an interrupted build was writing
+        stale.unlink()
+    meta = {**identity(cfg, teacher_dir, layers), "complete": False, "teacher": cfg.teacher.model}
+    _write_meta(path, meta)
+    init_ray(cfg)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = ctx.enable_operator_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.execution_options.preserve_order = True  # the same shards, block for block, on every build
+    train_ds, _ = data.build_datasets(cfg.data, str(teacher_dir), cfg.seed, cfg.teacher.trust_remote_code)
+    data.check_blocks(train_ds, "data.train")
+    todo, n_shards = [], 0
+    for i, batch in enumerate(_driven(train_ds.iter_batches(batch_size=cfg.teacher.cache_shard_blocks, batch_format="numpy"))):
+        ids = np.ascontiguousarray(batch["input_ids"], dtype=np.int32)
+        sha = hashlib.sha256(ids.tobytes()).hexdigest()
+        n_shards = i + 1
+        f = path / f"shard-{i:05d}.parquet"
+        if f.exists():
+            if (pq.read_schema(f).metadata or {}).get(_SHA_KEY, b"").decode() != sha:
+                raise ConfigError(f"teacher.cache: {f} holds other blocks than the data now gives (the corpus files changed?); "
+                                  f"delete {path} to rebuild the cache")
+            continue
+        todo.append({"shard": i, "ids": ids.tobytes(), "sha": sha})
+    for extra in sorted(path.glob("shard-*.parquet"))[n_shards:]:
+        extra.unlink()
+    log(f"raykd: teacher cache {path}: {n_shards} shards, {n_shards - len(todo)} already built, {len(todo)} to build "
+        f"(top-{cfg.teacher.cache_topk}, {cfg.teacher.cache_dtype}, hidden of teacher layers {layers or 'none'})")
+    if todo:
+        gpu = {"num_gpus": 1} if cfg.scale.use_gpu else {}
+        written = ray.data.from_items(todo).map_batches(
+            _ShardWriter, batch_size=1, compute=ray.data.ActorPoolStrategy(size=cfg.teacher.cache_actors), num_cpus=cfg.scale.cpus_per_worker, **gpu,
+            fn_constructor_kwargs={"config": cfg.to_dict(), "layers": layers, "out": str(path)},
+        )
+        done = 0
+        for row in _driven(written.iter_rows()):
+            done += 1
+            log(f"raykd: cache shard {int(row['shard'])} written ({done}/{len(todo)}, {int(row['blocks'])} blocks, {time.perf_counter() - t0:.0f} s)")
+    files = sorted(path.glob("shard-*.parquet"))
+    sizes = _sizes(files)
+    tokens = sizes["blocks"] * cfg.data.block_size
+    by = sizes["bytes"]
+    meta.update(
+        complete=True, shards=len(files), blocks=sizes["blocks"], tokens=tokens, bytes=sum(by.values()),
+        bytes_per_token={"logits": round((by["input_ids"] + by["logits"]) / tokens, 2),
+                         "logits_and_hidden": round(sum(by.values()) / tokens, 2)},
+        build_wall_s=round(time.perf_counter() - t0, 1),
+    )
+    _write_meta(path, meta)
+    return meta
+
+
+def ensure(cfg: Config, log=print) -> dict:
+    """Before training or a sweep: the meta of a matching, complete cache, building or finishing it first."""
+    teacher_dir = models.resolve_model(cfg.teacher.model, "teacher.model", log)
+    state, meta = status(cfg, teacher_dir)
+    return meta if state == "complete" else build(cfg, log)
+
+
+# --- reading --------------------------------------------------------------------------------
+
+
+def columns(cfg: Config) -> list[str]:
+    """The shard columns a run needs: ids, the top-k targets when KD is on, its mapped layers."""
+    cols = ["input_ids"]
+    if "kd" in cfg.loss.weights.active():
+        cols += ["topk_idx", "topk_logp", "tail"]
+    return cols + [f"hidden_{t}" for t in needed_layers(cfg)]
+
+
+def train_dataset(cfg: Config):
+    """The cached train blocks as a Ray Dataset (one row per block, binary cells)."""
+    import ray.data
+
+    files = sorted(Path(cfg.teacher.cache).resolve().glob("shard-*.parquet"))
+    return ray.data.read_parquet([str(f) for f in files], columns=columns(cfg), num_cpus=cfg.data.task_cpus)
+
+
+def _cells(col, dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    arr = np.frombuffer(b"".join(col), dtype=dtype).reshape(len(col), *shape)
+    return torch.from_numpy(arr.copy())
+
+
+def teacher_outputs(batch: dict, cfg: Config, vocab: int, device: torch.device):
+    """(input_ids [B, T] long, TeacherOutputs with `topk` and cached `hidden`) from a numpy batch
+    of shard rows (the run's block size, k and dtype were checked against the cache's meta)."""
+    from raykd.objective import TeacherOutputs
+    from raykd.topk import TopK
+
+    T, k, dt = cfg.data.block_size, cfg.teacher.cache_topk, _DTYPES[cfg.teacher.cache_dtype]
+    ids = _cells(batch["input_ids"], np.int32, (T,)).long().to(device)
+    topk = None
+    if "topk_idx" in batch:
+        topk = TopK(_cells(batch["topk_idx"], np.int32, (T, k)), _cells(batch["topk_logp"], np.int16, (T, k)).view(dt),
+                    _cells(batch["tail"], np.float32, (T,)), vocab).to(device)
+    hidden = {int(name[7:]): _cells(col, np.int16, (T, -1)).view(dt).to(device) for name, col in batch.items() if name.startswith("hidden_")}
+    return ids, TeacherOutputs(last_hidden=None, hidden=hidden, qkv={}, layer_inputs={}, model=None, topk=topk)

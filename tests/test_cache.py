@@ -1,0 +1,183 @@
+"""The teacher cache on local Ray with the tiny teacher: build (contents equal a direct teacher
+forward), resume (only missing shards rebuilt), refusal of caches that do not match the run,
+training from the cache vs the online teacher, and a sweep that runs from one."""
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.ray
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "jobs" / "smoke.yaml")
+# the smoke job without the terms a cache cannot serve, on 48 blocks in shards of 16
+BASE = ["loss.weights.attention=0", "loss.weights.relation=0", "loss.weights.blockwise=0", "data.max_train_blocks=48",
+        "teacher.cache_shard_blocks=16", "scale.num_workers=1", "train.max_steps=12", "train.precision=fp32"]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def _cfg(cache_dir, *overrides):
+    from raykd.config import load_config
+    from raykd.train import resolve
+
+    cfg = load_config(SMOKE, [*BASE, f"teacher.cache={cache_dir}", *overrides])
+    return resolve(cfg, log=lambda m: None)[0]
+
+
+@pytest.fixture(scope="module")
+def built(local_ray, tmp_path_factory):
+    from raykd import cache
+
+    d = tmp_path_factory.mktemp("cache") / "c"
+    meta = cache.build(_cfg(d), log=lambda m: None)
+    return d, meta
+
+
+def _table(path):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path)
+
+
+def test_build_holds_the_teachers_targets(built, tiny_teacher):
+    from raykd import cache
+    from raykd.objective import Needs, forward_with_capture, head
+    from raykd.topk import teacher_topk
+
+    d, meta = built
+    assert meta["complete"] and meta["shards"] == 3 and meta["blocks"] == 48 and meta["tokens"] == 48 * 64
+    assert meta["layers"] == [0, 2, 5] and meta["topk"] == 64 and meta["dtype"] == "float16"
+    assert 0 < meta["bytes_per_token"]["logits"] < meta["bytes_per_token"]["logits_and_hidden"]
+    assert sorted(p.name for p in d.iterdir()) == [cache.META, "shard-00000.parquet", "shard-00001.parquet", "shard-00002.parquet"]
+    table = _table(d / "shard-00001.parquet")
+    assert table.num_rows == 16
+    batch = {name: np.asarray(table.column(name).to_pylist(), dtype=object) for name in table.column_names}
+    cfg = _cfg(d)
+    ids, t_out = cache.teacher_outputs(batch, cfg, 1024, torch.device("cpu"))
+    assert ids.shape == (16, 64)
+    assert table.schema.metadata[b"raykd_inputs_sha256"].decode() == hashlib.sha256(ids.to(torch.int32).numpy().tobytes()).hexdigest()
+    with torch.no_grad():
+        last, cap = forward_with_capture(tiny_teacher, ids, Needs(hidden=[0, 2, 5]))
+        w, _ = head(tiny_teacher)
+        want = teacher_topk((last @ w.T).reshape(-1, w.shape[0]), 64)
+    got = t_out.topk.flat()
+    agree = (got.idx == want.idx).float().mean()
+    assert agree > 0.98  # fp16 storage only reorders near-ties
+    torch.testing.assert_close(got.logp.float(), want.logp, atol=2e-2, rtol=1e-3)
+    torch.testing.assert_close(got.tail, want.tail, atol=1e-4, rtol=1e-4)
+    for t in (0, 2, 5):
+        torch.testing.assert_close(t_out.hidden[t].float(), cap.hidden[t], atol=2e-3, rtol=2e-3)
+
+
+def test_resume_rebuilds_only_missing_shards(built, tmp_path):
+    from raykd import cache
+
+    src, _ = built
+    d = tmp_path / "c"
+    shutil.copytree(src, d)
+    before = {n: (d / n).stat().st_mtime_ns for n in ("shard-00000.parquet", "shard-00002.parquet")}
+    (d / "shard-00001.parquet").unlink()
+    (d / ".shard-00001.parquet.tmp").write_bytes(b"half a shard")  # what an interrupted build leaves
+    meta = json.loads((d / cache.META).read_text())
+    (d / cache.META).write_text(json.dumps({**meta, "complete": False}))
+    with pytest.raises(Exception, match="unfinished teacher cache"):
+        cache.require(_cfg(d), _teacher_dir())
+    meta = cache.build(_cfg(d), log=lambda m: None)
+    assert meta["complete"] and meta["blocks"] == 48
+    assert {n: (d / n).stat().st_mtime_ns for n in before} == before  # finished shards were not rewritten
+    assert not list(d.glob(".*.tmp"))
+    assert _table(d / "shard-00001.parquet").equals(_table(src / "shard-00001.parquet"))
+
+
+def _teacher_dir():
+    from raykd.models import resolve_model
+
+    return resolve_model("tiny-random", "teacher.model")
+
+
+@pytest.mark.parametrize("override, match", [
+    ("data.block_size=32", "data.block_size"),
+    ("teacher.model=tiny-random:seed=1", "another teacher"),
+    ("teacher.cache_topk=32", "teacher.cache_topk"),
+    ("data.max_train_blocks=40", "other data settings"),
+    ("student.init=first", r"needs \[1\] too"),  # maps teacher layers 0, 1, 2; the cache holds 0, 2, 5
+])
+def test_mismatching_cache_is_refused_before_ray(built, override, match):
+    from raykd import cache
+    from raykd.config import ConfigError
+    from raykd.models import resolve_model
+
+    d, _ = built
+    cfg = _cfg(d, override)
+    with pytest.raises(ConfigError, match=match) as e:
+        cache.require(cfg, resolve_model(cfg.teacher.model, "teacher.model"))
+    assert "\n" not in str(e.value) and str(d) in str(e.value)
+
+
+def test_cli_refuses_a_mismatching_cache_with_one_line(built, capsys):
+    from raykd.cli import main
+
+    d, _ = built
+    before = sorted(os.listdir(d))
+    assert main(["distill", SMOKE, *BASE, f"teacher.cache={d}", "data.block_size=32", "output_dir=/nonexistent/x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("raykd: error: teacher.cache:") and "block_size" in err[0]
+    assert sorted(os.listdir(d)) == before
+    assert main(["cache-teacher", SMOKE]) == 2
+    assert "teacher.cache=DIR" in capsys.readouterr().err
+
+
+def test_config_refuses_terms_the_cache_cannot_serve():
+    from raykd.config import ConfigError, load_config
+
+    for term in ("attention", "relation", "blockwise"):
+        with pytest.raises(ConfigError, match=f"loss.weights.{term}"):
+            load_config(SMOKE, ["teacher.cache=x", *[f"loss.weights.{t}=0" for t in ("attention", "relation", "blockwise") if t != term]])
+    with pytest.raises(ConfigError, match="loss.kd: dkd"):
+        load_config(SMOKE, [*BASE, "teacher.cache=x", "loss.kd=dkd"])
+
+
+def test_distill_from_cache_matches_online_teacher(built, tmp_path):
+    from raykd.train import distill
+
+    d, _ = built
+    online = distill(_cfg(d, f"output_dir={tmp_path / 'online'}", "teacher.cache=null"), log=lambda m: None)
+    cached = distill(_cfg(d, f"output_dir={tmp_path / 'cached'}"), log=lambda m: None)
+    assert cached["steps"] == online["steps"] == 12 and cached["tokens_seen"] == online["tokens_seen"]
+    assert cached["val_perplexity"] < cached["init_val_perplexity"]
+    assert abs(cached["val_perplexity"] / online["val_perplexity"] - 1) < 0.02, (cached["val_perplexity"], online["val_perplexity"])
+    # the (k+1)-bin KL is a lower bound of the full one (most of a random teacher's KL is in its
+    # flat tail; a trained LM's top 64 hold most of its mass); the hidden term reads the same states
+    for a, b in zip(cached["history"], online["history"]):
+        assert 0 < a["kd"] <= 1.05 * b["kd"] and abs(a["hidden"] - b["hidden"]) < 0.02, (a, b)
+
+
+def test_smoke_sweep_runs_from_a_cache(local_ray, tmp_path):
+    from raykd.config import load_config
+    from raykd.sweep import sweep
+
+    cache_dir = tmp_path / "cache"
+    cfg = load_config(str(ROOT / "jobs" / "sweep-smoke.yaml"), [
+        f"output_dir={tmp_path / 'sweep'}", f"teacher.cache={cache_dir}", "data.max_train_blocks=48", "teacher.cache_shard_blocks=16",
+        "sweep.num_samples=3", "train.max_steps=8",
+    ])
+    result = sweep(cfg, log=lambda m: None)
+    meta = json.loads((cache_dir / "raykd_cache.json").read_text())
+    assert meta["complete"] and meta["layers"] == list(range(6))  # trials vary the depth: every layer stored
+    trials = result["trials"]
+    assert len(trials) == 3 and all(t["status"] in ("TERMINATED", "EARLY_STOPPED") for t in trials), [(t["status"], t.get("error")) for t in trials]
+    assert all(t["history"] and t["history"][-1]["val_loss"] > 0 for t in trials)
