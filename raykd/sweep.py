@@ -22,6 +22,7 @@ import os
 import time
 from pathlib import Path
 
+from raykd import cache, models
 from raykd.config import Config, ConfigError, SweepConfig, _build, from_dict, set_dotted
 
 EXPERIMENT = "tune"
@@ -76,10 +77,9 @@ def _check_space(base: dict, sweep: SweepConfig) -> None:
                 raise ConfigError(f"sweep.params.{key}: the value {value!r} makes an invalid config ({e})") from None
 
 
-def _ensure_cache(cfg: Config, sw: SweepConfig, log) -> None:
-    """Build or check the shared teacher cache. When trials change the student or the layer map,
-    a `mapped` cache stores every teacher layer (the trials map different ones)."""
-    from raykd import cache
+def _cache_config(cfg: Config, sw: SweepConfig, log) -> Config:
+    """The resolved config the shared teacher cache is built from (an existing one is checked).
+    When trials change the student or the layer map, a `mapped` cache stores every teacher layer."""
     from raykd.train import resolve
 
     d = cfg.to_dict()
@@ -87,7 +87,8 @@ def _ensure_cache(cfg: Config, sw: SweepConfig, log) -> None:
         d["teacher"]["cache_layers"] = "all"
         log("raykd: the sweep changes the student or the layer map: the teacher cache stores every teacher layer")
     resolved, _ = resolve(from_dict(d), log=lambda m: None)
-    cache.ensure(resolved, log)
+    cache.status(resolved, models.resolve_model(cfg.teacher.model, "teacher.model", log))
+    return resolved
 
 
 def _trainable(params: dict, base: dict, sweep_dict: dict, trials_root: str) -> None:
@@ -110,7 +111,7 @@ def sweep(cfg: Config, resume: bool = False, log=print) -> dict:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from raykd import data, models
+    from raykd import data
     from raykd.report import write_report
     from raykd.train import init_ray
 
@@ -123,9 +124,10 @@ def sweep(cfg: Config, resume: bool = False, log=print) -> dict:
     models.resolve_model(cfg.teacher.model, "teacher.model", log)  # fetch/convert once, before trials race for it
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.teacher.cache:
-        _ensure_cache(cfg, sw, log)  # once for every trial; a mismatching cache is refused before Ray starts
-    init_ray(cfg, runs=sw.max_concurrent, per_run_extra=sw.trial_cpus)
+    cache_cfg = _cache_config(cfg, sw, log) if cfg.teacher.cache else None  # a mismatching cache is refused here, before Ray
+    init_ray(cfg, runs=sw.max_concurrent, per_run_extra=sw.trial_cpus)  # sized for the sweep before the cache build can start Ray smaller
+    if cache_cfg is not None:
+        cache.ensure(cache_cfg, log)  # built once for every trial
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, base=base, sweep_dict=cfg.sweep, trials_root=str(out / "trials")),
         {"CPU": sw.trial_cpus},
