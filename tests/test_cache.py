@@ -166,18 +166,23 @@ def test_distill_from_cache_matches_online_teacher(built, tmp_path):
         assert 0 < a["kd"] <= 1.05 * b["kd"] and abs(a["hidden"] - b["hidden"]) < 0.02, (a, b)
 
 
-def test_smoke_sweep_runs_from_a_cache(local_ray, tmp_path):
-    from raykd.config import load_config
-    from raykd.sweep import sweep
+def test_smoke_sweep_runs_from_a_cache(tmp_path):
+    """`raykd sweep` as users run it (it starts its own local Ray): builds the cache, then every
+    trial reads it. One whole CPU per worker, one trial at a time: the sizing that once starved
+    the trials' Ray Data readers when the cache build started Ray first."""
+    import subprocess
+    import sys
 
-    cache_dir = tmp_path / "cache"
-    cfg = load_config(str(ROOT / "jobs" / "sweep-smoke.yaml"), [
-        f"output_dir={tmp_path / 'sweep'}", f"teacher.cache={cache_dir}", "data.max_train_blocks=48", "teacher.cache_shard_blocks=16",
-        "sweep.num_samples=3", "train.max_steps=8",
-    ])
-    result = sweep(cfg, log=lambda m: None)
+    cache_dir, out = tmp_path / "cache", tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "raykd.cli", "sweep", str(ROOT / "jobs" / "sweep-smoke.yaml"), f"output_dir={out}",
+           f"teacher.cache={cache_dir}", "data.max_train_blocks=48", "teacher.cache_shard_blocks=16", "sweep.num_samples=3",
+           "train.max_steps=8", "sweep.max_concurrent=1", "scale.cpus_per_worker=1.0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, "RAY_ADDRESS": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
     meta = json.loads((cache_dir / "raykd_cache.json").read_text())
     assert meta["complete"] and meta["layers"] == list(range(6))  # trials vary the depth: every layer stored
-    trials = result["trials"]
-    assert len(trials) == 3 and all(t["status"] in ("TERMINATED", "EARLY_STOPPED") for t in trials), [(t["status"], t.get("error")) for t in trials]
-    assert all(t["history"] and t["history"][-1]["val_loss"] > 0 for t in trials)
+    import csv
+
+    rows = list(csv.DictReader((out / "trials.csv").open()))
+    assert len(rows) == 3 and all(r["status"] in ("TERMINATED", "EARLY_STOPPED") and float(r["val_loss"]) > 0 for r in rows), rows
+    assert any(r["status"] == "TERMINATED" and float(r["val_perplexity"]) > 0 for r in rows), rows
