@@ -92,6 +92,11 @@ class Distiller(nn.Module):
         self.relation_heads = self.cfg.relation_heads
 
     # which layers each side must capture ------------------------------------------------
+    @property
+    def uses_teacher(self) -> bool:
+        """False when only data terms (CE) are weighted: a step then needs no teacher forward."""
+        return bool(set(self.weights) - {"ce"})
+
     def teacher_needs(self) -> Needs:
         w = self.weights
         return Needs(

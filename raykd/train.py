@@ -191,9 +191,10 @@ def train_loop_per_worker(config: dict) -> None:
             if cached:
                 ids, t_out = cache.teacher_outputs(next(batches), cfg, vocab, device)
             else:
-                ids = next(batches).to(device)
-                with engine.autocast():
-                    t_out = teacher_forward(teacher, ids, needs)
+                ids, t_out = next(batches).to(device), None
+                if distiller.uses_teacher:  # a CE-only run (a baseline) never runs the teacher
+                    with engine.autocast():
+                        t_out = teacher_forward(teacher, ids, needs)
             loss, terms = engine.forward(ids, t_out)
             engine.backward(loss, micro == t.grad_accum - 1)
             engine.micro_step()

@@ -56,6 +56,9 @@ def test_ce_matches_the_models_own_loss(tiny_teacher):
     _, terms = dist(ids, teacher_forward(tiny_teacher, ids, dist.teacher_needs()))
     torch.testing.assert_close(terms["ce"], student(ids, labels=ids).loss.detach(), rtol=1e-5, atol=1e-5)
     assert "kd" not in terms
+    # CE only: the training loop runs no teacher forward, and the loss without one is the same
+    assert not dist.uses_teacher and make(tiny_teacher, student, kept, ce=1.0, kd=0.5).uses_teacher
+    torch.testing.assert_close(dist(ids, None)[1]["ce"], terms["ce"], rtol=1e-6, atol=1e-6)
 
 
 def test_a_student_identical_to_the_teacher_has_zero_alignment_losses(tiny_teacher):
