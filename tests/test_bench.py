@@ -51,6 +51,8 @@ def test_goal_names_match_issue_7():
     assert set(collect.GOALS["kd_step"]) == {"overhead_ratio"}
     assert set(collect.GOALS["vs_trl"]) == {"tokens_per_s_ratio", "peak_memory_ratio", "plain_loop_ratio"}
     assert set(collect.GOALS["asha"]) == {"trial_steps_saved", "same_best"}
+    assert set(collect.GOALS["cache"]) >= {"sweep_time_ratio"}
+    assert set(collect.GOALS["quality"]) == {"feature_beats_both", "feature_over_teacher"}
     assert [p.stem for p in collect.benchmarks(None)][:4] == ["chunked_loss", "kd_step", "vs_trl", "asha"]
     with pytest.raises(SystemExit):
         collect.benchmarks(["no_such_bench"])
@@ -100,3 +102,21 @@ def test_tiny_chunked_loss_run_makes_a_document(tmp_path):
     assert "Measured on another machine: elsewhere." in doc
     assert "**FAILED** (exit 1): `RuntimeError: boom`" in doc
     assert f"* machine: {collect.machine_line(C.machine())}" in doc
+
+
+def test_result_from_a_saved_log(tmp_path, monkeypatch):
+    """`collect.py --from-log NAME=FILE` takes a standalone run's output instead of running it."""
+    log = tmp_path / "cache.log"
+    log.write_text("== a cache sweep\nmachine: somewhere\nfairness:\n  - same seed\nonline: 8 trials\n"
+                   "sweep_time_ratio=0.87 max_ppl_deviation=0.1 trials=8\n")
+    out = tmp_path / "B.md"
+    monkeypatch.setattr(sys, "argv", ["collect.py", "--no-fetch", f"--out={out}", f"--from-log=cache={log}"])
+    assert collect.main() == 0
+    doc = out.read_text()
+    assert "| `sweep_time_ratio` (cached sweep wall (build included) / online sweep wall) | 0.87 | <= 0.5 | **no** |" in doc
+    assert "run on its own, its output read from a log" in doc and "* same seed" in doc
+    import json
+    assert json.loads(out.with_suffix(".json").read_text())["cache"]["figures"]["trials"] == "8"
+    monkeypatch.setattr(sys, "argv", ["collect.py", "--no-fetch", f"--out={out}", "--from-log=cache"])
+    with pytest.raises(SystemExit):
+        collect.main()
