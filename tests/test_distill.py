@@ -70,6 +70,18 @@ def test_smoke_job_each_strategy(strategy, local_ray, tmp_path):
     _check_output(tmp_path / "out", 8)
 
 
+def test_ce_only_run_trains_without_teacher_terms(local_ray, tmp_path):
+    """A cross-entropy baseline (every KD weight 0) takes the no-teacher branch of the loop."""
+    from raykd.train import distill
+
+    zero = [f"loss.weights.{k}=0" for k in ("kd", "hidden", "attention", "relation", "blockwise")]
+    metrics = distill(_cfg(tmp_path, "train.max_steps=6", "train.report_every=2", "scale.num_workers=1", *zero))
+    assert all(set(h) & {"kd", "hidden", "attention", "relation", "blockwise"} == set() for h in metrics["history"])
+    assert all(h["ce"] > 0 for h in metrics["history"])
+    assert metrics["num_workers"] == 1
+    _check_output(tmp_path / "out", 6)
+
+
 def _ray_workers(since: float):
     """Ray Train worker processes started after `since` (older ones belong to earlier runs)."""
     import psutil

