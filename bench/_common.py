@@ -171,8 +171,9 @@ class _Watch:
 
     def _run(self, every: float) -> None:
         while not self._stop.is_set():
-            self.seen.update(other_jobs())
-            self.kids.update(_descendant_cpu())
+            kids = _descendant_cpu()
+            self.kids.update(kids)
+            self.seen.update({pid: kind for pid, kind in other_jobs().items() if pid not in kids})  # our own runs are not others
             self._stop.wait(every)
 
     def stop(self) -> str:

@@ -177,7 +177,11 @@ def test_smoke_sweep_runs_from_a_cache(tmp_path):
     cmd = [sys.executable, "-m", "raykd.cli", "sweep", str(ROOT / "jobs" / "sweep-smoke.yaml"), f"output_dir={out}",
            f"teacher.cache={cache_dir}", "data.max_train_blocks=48", "teacher.cache_shard_blocks=16", "sweep.num_samples=3",
            "train.max_steps=8", "sweep.max_concurrent=1", "scale.cpus_per_worker=1.0"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, "RAY_ADDRESS": ""})
+    try:  # about 2 minutes alone on 2 cores; the limit leaves room for a loaded machine
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=ROOT, env={**os.environ, "RAY_ADDRESS": ""})
+    except subprocess.TimeoutExpired as e:  # say where it stood
+        tail = (e.stderr or b"")[-3000:]
+        pytest.fail(f"raykd sweep from a cache ran past {e.timeout} s; its stderr ended: {tail.decode(errors='replace') if isinstance(tail, bytes) else tail}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     meta = json.loads((cache_dir / "raykd_cache.json").read_text())
     assert meta["complete"] and meta["layers"] == list(range(6))  # trials vary the depth: every layer stored
