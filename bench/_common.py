@@ -382,6 +382,11 @@ def progress(msg: str) -> None:
     print(f"  [{msg}]", flush=True)
 
 
+def params_key(params: dict) -> str:
+    """A trial's sampled parameters as a stable string (floats rounded), to pair trials across sweeps."""
+    return json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in sorted(params.items())})
+
+
 def median(xs) -> float:
     return float(statistics.median(xs))
 

@@ -21,7 +21,6 @@ among the trials that ran to the end (else 0); both wall times.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -52,10 +51,6 @@ def child(a) -> None:
                "val_perplexity": t["metrics"].get("val_perplexity"), "val_loss": t["metrics"].get("val_loss"),
                "error": t["error"]} for t in res["trials"]]
     C.report({"trials": trials, "sweep_wall_s": wall, "tune_fit_s": res["meta"].get("wall_s")})
-
-
-def _key(params: dict) -> str:
-    return json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in sorted(params.items())})
 
 
 def best(trials: list[dict]) -> dict | None:
@@ -104,14 +99,14 @@ def main() -> int:
             print(f"{arm}: {len(r['trials'])} trials, {sum(t['steps'] for t in r['trials'])} trial-steps, wall {r['wall_s']:.0f} s", flush=True)
             for t in r["trials"]:
                 vp = t["val_perplexity"]
-                print(f"    {t['status']:13s} steps {t['steps']:3d}  val_ppl {vp if vp is None else round(vp, 2)}  {_key(t['params'])}"
+                print(f"    {t['status']:13s} steps {t['steps']:3d}  val_ppl {vp if vp is None else round(vp, 2)}  {C.params_key(t['params'])}"
                       + (f"  error: {t['error']}" if t["error"] else ""), flush=True)
     steps = {k: sum(t["steps"] for t in r["trials"]) for k, r in runs.items()}
-    same_trials = sorted(_key(t["params"]) for t in runs["asha"]["trials"]) == sorted(_key(t["params"]) for t in runs["fifo"]["trials"])
+    same_trials = sorted(C.params_key(t["params"]) for t in runs["asha"]["trials"]) == sorted(C.params_key(t["params"]) for t in runs["fifo"]["trials"])
     b = {k: best(r["trials"]) for k, r in runs.items()}
-    same_best = int(all(b.values()) and _key(b["asha"]["params"]) == _key(b["fifo"]["params"]))
+    same_best = int(all(b.values()) and C.params_key(b["asha"]["params"]) == C.params_key(b["fifo"]["params"]))
     for k, t in b.items():
-        print(f"best by {k}: " + ("none finished" if t is None else f"val_ppl {t['val_perplexity']:.3f} {_key(t['params'])}"), flush=True)
+        print(f"best by {k}: " + ("none finished" if t is None else f"val_ppl {t['val_perplexity']:.3f} {C.params_key(t['params'])}"), flush=True)
     if not same_trials:
         print("warning: the two sweeps sampled different trial configurations", flush=True)
     C.figures({

@@ -75,10 +75,6 @@ def child(a) -> None:
     C.report({"trials": trials, "wall_s": wall, "build_wall_s": build})
 
 
-def _key(params: dict) -> str:
-    return json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in sorted(params.items())})
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arm", choices=["online", "cached"])
@@ -113,12 +109,12 @@ def main() -> int:
             runs[arm] = r
             print(f"{arm}: {len(r['trials'])} trials, wall {r['wall_s']:.0f} s" + (f" (cache build {r['build_wall_s']} s)" if r["build_wall_s"] else ""), flush=True)
             for t in r["trials"]:
-                print(f"    {t['status']:13s} steps {t['steps']:3d}  val_ppl {t['val_perplexity']}  {_key(t['params'])}"
+                print(f"    {t['status']:13s} steps {t['steps']:3d}  val_ppl {t['val_perplexity']}  {C.params_key(t['params'])}"
                       + (f"  error: {t['error']}" if t["error"] else ""), flush=True)
-    online = {_key(t["params"]): t for t in runs["online"]["trials"]}
+    online = {C.params_key(t["params"]): t for t in runs["online"]["trials"]}
     devs = []
     for t in runs["cached"]["trials"]:
-        o = online.get(_key(t["params"]))
+        o = online.get(C.params_key(t["params"]))
         if o and o["val_perplexity"] and t["val_perplexity"]:
             devs.append(t["val_perplexity"] / o["val_perplexity"] - 1)
     if len(devs) != len(online):

@@ -67,8 +67,8 @@ def test_asha_best_and_keys():
     ]
     assert asha.best(trials) is trials[2]  # stopped trials and trials without a result do not count
     assert asha.best(trials[1:2]) is None
-    assert asha._key({"lr": 0.1, "k": 2}) == asha._key({"k": 2, "lr": 0.1000000001})
-    assert asha._key({"lr": 0.1}) != asha._key({"lr": 0.11})
+    assert C.params_key({"lr": 0.1, "k": 2}) == C.params_key({"k": 2, "lr": 0.1000000001})
+    assert C.params_key({"lr": 0.1}) != C.params_key({"lr": 0.11})
 
 
 def test_tiny_chunked_loss_run_makes_a_document(tmp_path):
