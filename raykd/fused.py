@@ -14,6 +14,7 @@ from raykd.losses import (
     NEEDS_TARGETS,
     SPARSE_UNSUPPORTED,
     TOKEN_LOSSES,
+    _scaled,
     _upcast,
     check_logit_loss,
 )
@@ -21,6 +22,55 @@ from raykd.topk import TopK, sparse_bins
 
 
 # ----------------------------------------------------------------------------- fused LM head
+CLOSED_FORM = frozenset({"forward_kl", "reverse_kl"})  # KD losses whose chunk gradient is written out (no autograd)
+
+
+def _closed_form_chunk(logits, t_logits, tgt, kd, temperature, ce_w, kd_w, scale, need_grad):
+    """CE and forward/reverse KL of one chunk with their gradient written out, in place, so that a
+    chunk costs a few passes over [C, V] instead of an autograd graph of a dozen (the same
+    derivatives Liger Kernel's fused kernels use; own implementation).
+
+    logits, t_logits [C, V] (t_logits None: CE only), tgt [C] valid ids. Returns (ce_sum, kd_sum,
+    g): the sums over the chunk ([], None when the term is off, kd_sum without T²) and g [C, V]
+    (fp32/fp64) = scale · d(ce_w·ce_sum + kd_w·T²·kd_sum)/d logits, or None. With z the student
+    logits, q = softmax(z/T), p = softmax(t/T): d CE/dz = softmax(z) − onehot(tgt);
+    d T²·KL(p‖q)/dz = T·(q − p); d T²·KL(q‖p)/dz = T·q ⊙ (log q − log p − KL(q‖p)).
+    """
+    z = _upcast(logits)
+    T = float(temperature)
+    ce_sum = kd_sum = g = None
+    shared = kd is not None and ce_w != 0 and T == 1.0  # CE's softmax is the KD's q: one exp pass less
+    if kd is not None:
+        logq = _scaled(z, T)  # fresh tensors, free to overwrite
+        logq -= torch.logsumexp(logq, -1, keepdim=True)
+        logp = _scaled(t_logits, T)
+        logp -= torch.logsumexp(logp, -1, keepdim=True)
+        if shared:
+            ce_sum = -logq.gather(1, tgt[:, None]).sum()
+        a = kd_w * T * scale  # T² · (1/T) from the chain rule through z/T
+        if kd == "forward_kl":
+            p = logp.exp()
+            kd_sum = logp.sub_(logq).mul_(p).sum()  # Σ p·(log p − log q); logp's buffer is spent
+            if need_grad:  # a·(q − p) [+ ce_w·scale·q]
+                g = logq.exp_().mul_(a + (ce_w * scale if shared else 0.0)).sub_(p, alpha=a)
+        else:  # reverse_kl
+            q = logq.exp()
+            diff = logq.sub_(logp)  # log q − log p
+            rows = (q * diff).sum(-1, keepdim=True)
+            kd_sum = rows.sum()
+            if need_grad:  # q ⊙ (a·(diff − KL) [+ ce_w·scale])
+                g = diff.sub_(rows).mul_(a).add_(ce_w * scale if shared else 0.0).mul_(q)
+    if ce_w != 0 and not shared:
+        lse = torch.logsumexp(z, -1, keepdim=True)
+        ce_sum = (lse - z.gather(1, tgt[:, None])).sum()
+        if need_grad:
+            sm = (z - lse).exp_().mul_(ce_w * scale)
+            g = sm if g is None else g.add_(sm)
+    if need_grad and ce_w != 0:
+        g.scatter_add_(1, tgt[:, None], torch.full((tgt.shape[0], 1), -ce_w * scale, dtype=g.dtype, device=g.device))
+    return ce_sum, kd_sum, g
+
+
 def _fused_pass(sh, sw, sb, th, tw, tb, targets, mask, cfg, need_h, need_w, need_b):
     """Chunked forward that also builds the gradients (see fused_head_losses)."""
     kd, temperature, kd_params, ce_w, kd_w, chunk = cfg
@@ -36,12 +86,24 @@ def _fused_pass(sh, sw, sb, th, tw, tb, targets, mask, cfg, need_h, need_w, need
     kd_fn = TOKEN_LOSSES[kd] if kd is not None else None
     sparse = isinstance(th, TopK)  # cached top-k teacher targets instead of teacher hidden + head
     kd_scale = kd_w * temperature * temperature
+    # written-out gradients for CE and forward/reverse KL; other losses (and ignore-index targets) use autograd
+    closed = not sparse and (kd_fn is None or kd in CLOSED_FORM) and not bool(((targets if idx is None else targets[idx]) < 0).any())
     for start in range(0, n, chunk):
         rows = slice(start, min(start + chunk, n)) if idx is None else idx[start:start + chunk]
         h, tgt = sh[rows], targets[rows]
         with torch.no_grad():
             logits = F.linear(h, sw, sb)  # [C, V] in the input dtype
             t_logits = F.linear(th[rows], tw, tb) if kd_fn is not None and not sparse else None
+        if closed:
+            ce_c, kd_c, g = _closed_form_chunk(logits, t_logits, tgt, kd if kd_fn is not None else None, temperature,
+                                               ce_w, kd_w, 1.0 / denom, need_any)
+            for key, val in (("ce", ce_c), ("kd", kd_c)):
+                if val is not None:
+                    sums[key] += val
+            if g is not None:
+                _accumulate(g.to(logits.dtype), h, sw, rows, gh, gw, gb, acc)
+            del logits, t_logits, g
+            continue
         with torch.enable_grad() if need_any else nullcontext():
             leaf = logits.detach().requires_grad_(need_any)
             obj = 0.0
@@ -60,21 +122,27 @@ def _fused_pass(sh, sw, sb, th, tw, tb, targets, mask, cfg, need_h, need_w, need
             obj = obj / denom
         if need_any and torch.is_tensor(obj):
             (g,) = torch.autograd.grad(obj, leaf)  # [C, V], input dtype
-            if need_h:
-                gh[rows] = (g @ sw).to(gh.dtype)
-            if need_w:
-                if gw.dtype == g.dtype:
-                    gw.addmm_(g.t(), h)
-                else:
-                    gw += (g.t() @ h).to(acc)
-            if need_b:
-                gb += g.sum(0).to(acc)
+            _accumulate(g, h, sw, rows, gh, gw, gb, acc)
         del logits, t_logits
     ce = sums["ce"] / denom
     kd_term = sums["kd"] * (temperature * temperature) / denom
     total = ce_w * ce + (kd_w * kd_term if kd_fn is not None else 0.0)
     cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
     return total, ce, kd_term, cast(gh, sh), cast(gw, sw), cast(gb, sb)
+
+
+def _accumulate(g, h, sw, rows, gh, gw, gb, acc):
+    """Chain one chunk's logit gradient g [C, V] (input dtype) into the hidden [N, Hs], weight [V, Hs]
+    and bias [V] gradient buffers (None when not wanted)."""
+    if gh is not None:
+        gh[rows] = (g @ sw).to(gh.dtype)
+    if gw is not None:
+        if gw.dtype == g.dtype:
+            gw.addmm_(g.t(), h)
+        else:
+            gw += (g.t() @ h).to(acc)
+    if gb is not None:
+        gb += g.sum(0).to(acc)
 
 
 class _FusedHeadLoss(torch.autograd.Function):

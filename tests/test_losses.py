@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from raykd import fused as fused_mod
 from raykd import losses as L
 
 NAMES = list(L.TOKEN_LOSSES)
@@ -571,3 +572,31 @@ def test_hidden_losses_match_reference():
         torch.testing.assert_close(fn(s.view(1, 11, 7), t.view(1, 11, 7), mask.view(1, 11)), ref[name])
     with pytest.raises(ValueError, match="project the student"):
         L.mse_hidden(s[:, :5], t)
+
+
+@pytest.mark.parametrize("kd", sorted(fused_mod.CLOSED_FORM))
+@pytest.mark.parametrize("T,ce_w", [(1.0, 0.7), (1.0, 0.0), (2.0, 0.7), (0.5, 0.0)])
+def test_fused_closed_form_equals_autograd(kd, T, ce_w, monkeypatch):
+    """The written-out chunk gradients (CE, forward/reverse KL) equal autograd's, incl. T = 1 where CE
+    shares the KD softmax, and -inf logits (a padded vocabulary) in both models."""
+    sh, sw, th, tw, y, mask, sb, tb = _head(seed=28, bias=True)
+    sb[-3:], tb[-3:] = -math.inf, -math.inf
+    y = y.clamp_max(sw.shape[0] - 4)  # targets never sit in the padding
+
+    def run():
+        x, w, b = _leaves(sh, sw, sb)
+        total, terms = L.fused_head_losses(x, w, th, tw, y, mask, kd=kd, temperature=T, ce_weight=ce_w, kd_weight=1.3,
+                                           chunk_size=9, student_bias=b, teacher_bias=tb)
+        (total * 0.5).backward()
+        return total.detach(), terms, x.grad, w.grad, b.grad
+
+    got = run()
+    monkeypatch.setattr(fused_mod, "CLOSED_FORM", frozenset())
+    want = run()
+    torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-12)
+    assert set(got[1]) == set(want[1])
+    for k in got[1]:
+        torch.testing.assert_close(got[1][k], want[1][k], rtol=1e-10, atol=1e-12)
+    for a, b in zip(got[2:], want[2:]):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
