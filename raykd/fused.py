@@ -11,67 +11,120 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from raykd.losses import (
+    _FLOOR,
     NEEDS_TARGETS,
     SPARSE_UNSUPPORTED,
     TOKEN_LOSSES,
-    _scaled,
     _upcast,
     check_logit_loss,
 )
 from raykd.topk import TopK, sparse_bins
 
-
 # ----------------------------------------------------------------------------- fused LM head
 CLOSED_FORM = frozenset({"forward_kl", "reverse_kl"})  # KD losses whose chunk gradient is written out (no autograd)
 
 
-def _closed_form_chunk(logits, t_logits, tgt, kd, temperature, ce_w, kd_w, scale, need_grad):
-    """CE and forward/reverse KL of one chunk with their gradient written out, in place, so that a
-    chunk costs a few passes over [C, V] instead of an autograd graph of a dozen (the same
+class HeadWorkspace:
+    """Reusable [chunk, V] buffers for the closed-form path of `fused_head_losses`.
+
+    Every fresh [chunk, V] tensor costs the kernel a page fault per 4 KiB and the zeroing of its
+    memory; on this project's 2-core CPU that was about a third of the LM head's time (≈400 k
+    faults, 1.6 GB, per 1,020-token KD step at V = 49,152). A training loop that keeps one
+    workspace (`Distiller` does) pays that once. Holds at most 4 × chunk × V floats (plus one of
+    the logits dtype under autocast); `fused_head_losses` makes a throw-away one when given none.
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, Tensor] = {}
+
+    def take(self, name: str, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A [rows, cols] view of buffer `name` (contents undefined), grown or re-made as needed."""
+        b = self._bufs.get(name)
+        if b is None or b.dtype != dtype or b.device != device or b.shape[1] != cols or b.shape[0] < rows:
+            self._bufs.pop(name, None)
+            b = self._bufs[name] = torch.empty(rows, cols, dtype=dtype, device=device)
+        return b[:rows]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._bufs.values())
+
+
+def _logits_into(ws: HeadWorkspace, name: str, h: Tensor, w: Tensor, b: Tensor | None, cdt: torch.dtype, f: torch.dtype) -> Tensor:
+    """h [C, H] @ w[V, H]^T (+ b) computed in `cdt` into buffer `name`; returned as [C, V] in `f` (a buffer too)."""
+    out = ws.take(name, h.shape[0], w.shape[0], cdt, h.device)
+    torch.mm(h.to(cdt), w.t(), out=out)
+    if b is not None:
+        out.add_(b)
+    return out if cdt == f else ws.take(name + "32", h.shape[0], w.shape[0], f, h.device).copy_(out)
+
+
+def _exp_lse(x: Tensor, ws: HeadWorkspace, name: str) -> tuple[Tensor, Tensor]:
+    """x [C, V] -> (logsumexp [C, 1], softmax(x) [C, V] in buffer `name`); one exp pass, no fresh [C, V]."""
+    m = x.amax(-1, keepdim=True)
+    m.masked_fill_(~torch.isfinite(m), 0.0)  # a row of -inf stays -inf, not NaN
+    e = torch.sub(x, m, out=ws.take(name, *x.shape, x.dtype, x.device)).exp_()
+    ssum = e.sum(-1, keepdim=True)
+    return ssum.log().add_(m), e.div_(ssum)
+
+
+def _closed_form_chunk(h, th, sw, sb, tw, tb, tgt, kd, temperature, ce_w, kd_w, scale, need_grad, ws, cdt):
+    """CE and forward/reverse KL of one chunk with the gradient written out, in place in workspace
+    buffers, so that a chunk costs a few passes over [C, V] and no autograd graph (the same
     derivatives Liger Kernel's fused kernels use; own implementation).
 
-    logits, t_logits [C, V] (t_logits None: CE only), tgt [C] valid ids. Returns (ce_sum, kd_sum,
-    g): the sums over the chunk ([], None when the term is off, kd_sum without T²) and g [C, V]
-    (fp32/fp64) = scale · d(ce_w·ce_sum + kd_w·T²·kd_sum)/d logits, or None. With z the student
-    logits, q = softmax(z/T), p = softmax(t/T): d CE/dz = softmax(z) − onehot(tgt);
+    h [C, Hs], th [C, Ht] or None (CE only), tgt [C] valid ids; logits are computed in `cdt`.
+    Returns (ce_sum, kd_sum, g): sums over the chunk ([], None when the term is off; kd_sum without
+    T²) and g [C, V] in `cdt` = scale · d(ce_w·ce_sum + kd_w·T²·kd_sum)/d logits, or None. With z
+    the student logits, q = softmax(z/T), p = softmax(t/T): d CE/dz = softmax(z) − onehot(tgt);
     d T²·KL(p‖q)/dz = T·(q − p); d T²·KL(q‖p)/dz = T·q ⊙ (log q − log p − KL(q‖p)).
     """
-    z = _upcast(logits)
+    f = torch.float64 if h.dtype == torch.float64 else torch.float32
     T = float(temperature)
-    ce_sum = kd_sum = g = None
-    shared = kd is not None and ce_w != 0 and T == 1.0  # CE's softmax is the KD's q: one exp pass less
+    z = _logits_into(ws, "s", h, sw, sb, cdt, f)
+    ce_sum = kd_sum = g = ce_g = None
+    shared = kd is not None and ce_w != 0 and T == 1.0  # CE's softmax is the KD's q
+    if ce_w != 0 and not shared:  # CE on the raw logits, before z is overwritten
+        lse, ce_g = _exp_lse(z, ws, "ce")
+        ce_sum = (lse - z.gather(1, tgt[:, None])).sum()
+        if need_grad:
+            ce_g.mul_(ce_w * scale)
     if kd is not None:
-        logq = _scaled(z, T)  # fresh tensors, free to overwrite
-        logq -= torch.logsumexp(logq, -1, keepdim=True)
-        logp = _scaled(t_logits, T)
-        logp -= torch.logsumexp(logp, -1, keepdim=True)
+        logq = z.div_(T).clamp_(-_FLOOR, _FLOOR) if T != 1.0 else z.clamp_(-_FLOOR, _FLOOR)
+        logq.sub_(_exp_lse(logq, ws, "w")[0])
+        logp = _logits_into(ws, "t", th, tw, tb, cdt, f)
+        logp = logp.div_(T).clamp_(-_FLOOR, _FLOOR) if T != 1.0 else logp.clamp_(-_FLOOR, _FLOOR)
+        lse_p, p = _exp_lse(logp, ws, "w")
+        logp.sub_(lse_p)
         if shared:
             ce_sum = -logq.gather(1, tgt[:, None]).sum()
         a = kd_w * T * scale  # T² · (1/T) from the chain rule through z/T
+        c = ce_w * scale if shared else 0.0
         if kd == "forward_kl":
-            p = logp.exp()
             kd_sum = logp.sub_(logq).mul_(p).sum()  # Σ p·(log p − log q); logp's buffer is spent
-            if need_grad:  # a·(q − p) [+ ce_w·scale·q]
-                g = logq.exp_().mul_(a + (ce_w * scale if shared else 0.0)).sub_(p, alpha=a)
+            if need_grad:  # a·(q − p) [+ c·q]
+                g = logq.exp_().mul_(a + c).sub_(p, alpha=a)
         else:  # reverse_kl
-            q = logq.exp()
+            q = torch.exp(logq, out=p)  # p is not needed by reverse KL
             diff = logq.sub_(logp)  # log q − log p
-            rows = (q * diff).sum(-1, keepdim=True)
+            rows = torch.mul(q, diff, out=logp).sum(-1, keepdim=True)
             kd_sum = rows.sum()
-            if need_grad:  # q ⊙ (a·(diff − KL) [+ ce_w·scale])
-                g = diff.sub_(rows).mul_(a).add_(ce_w * scale if shared else 0.0).mul_(q)
-    if ce_w != 0 and not shared:
-        lse = torch.logsumexp(z, -1, keepdim=True)
-        ce_sum = (lse - z.gather(1, tgt[:, None])).sum()
-        if need_grad:
-            sm = (z - lse).exp_().mul_(ce_w * scale)
-            g = sm if g is None else g.add_(sm)
-    if need_grad and ce_w != 0:
+            if need_grad:  # q ⊙ (a·(diff − KL) [+ c])
+                g = diff.sub_(rows).mul_(a).add_(c).mul_(q)
+        if ce_g is not None and need_grad:
+            g.add_(ce_g)
+    elif need_grad:
+        g = ce_g
+    if g is None:
+        return ce_sum, kd_sum, None
+    if ce_w != 0:
         g.scatter_add_(1, tgt[:, None], torch.full((tgt.shape[0], 1), -ce_w * scale, dtype=g.dtype, device=g.device))
+    if g.dtype != cdt:
+        g = ws.take("s", *g.shape, cdt, g.device).copy_(g)
     return ce_sum, kd_sum, g
 
 
-def _fused_pass(sh, sw, sb, th, tw, tb, targets, mask, cfg, need_h, need_w, need_b):
+def _fused_pass(sh, sw, sb, th, tw, tb, targets, mask, cfg, ws, need_h, need_w, need_b):
     """Chunked forward that also builds the gradients (see fused_head_losses)."""
     kd, temperature, kd_params, ce_w, kd_w, chunk = cfg
     idx = None if mask is None else mask.nonzero().squeeze(1)
@@ -88,22 +141,27 @@ def _fused_pass(sh, sw, sb, th, tw, tb, targets, mask, cfg, need_h, need_w, need
     kd_scale = kd_w * temperature * temperature
     # written-out gradients for CE and forward/reverse KL; other losses (and ignore-index targets) use autograd
     closed = not sparse and (kd_fn is None or kd in CLOSED_FORM) and not bool(((targets if idx is None else targets[idx]) < 0).any())
+    dev = sh.device.type
+    # the dtype F.linear would give the logits (autocast's, else the input's); the closed form calls torch.mm itself
+    cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) and sh.dtype != torch.float64 else sh.dtype
+    if closed:  # once per call, not per chunk (no-ops when the dtypes already agree)
+        sw_c, tw_c = sw.to(cdt), None if tw is None else tw.to(cdt)
     for start in range(0, n, chunk):
         rows = slice(start, min(start + chunk, n)) if idx is None else idx[start:start + chunk]
         h, tgt = sh[rows], targets[rows]
-        with torch.no_grad():
-            logits = F.linear(h, sw, sb)  # [C, V] in the input dtype
-            t_logits = F.linear(th[rows], tw, tb) if kd_fn is not None and not sparse else None
         if closed:
-            ce_c, kd_c, g = _closed_form_chunk(logits, t_logits, tgt, kd if kd_fn is not None else None, temperature,
-                                               ce_w, kd_w, 1.0 / denom, need_any)
+            ce_c, kd_c, g = _closed_form_chunk(h, None if th is None else th[rows], sw_c, sb, tw_c, tb, tgt,
+                                               kd if kd_fn is not None else None, temperature, ce_w, kd_w,
+                                               1.0 / denom, need_any, ws, cdt)
             for key, val in (("ce", ce_c), ("kd", kd_c)):
                 if val is not None:
                     sums[key] += val
             if g is not None:
-                _accumulate(g.to(logits.dtype), h, sw, rows, gh, gw, gb, acc)
-            del logits, t_logits, g
+                _accumulate(g, h, sw, rows, gh, gw, gb, acc)
             continue
+        with torch.no_grad():
+            logits = F.linear(h, sw, sb)  # [C, V] in the input dtype
+            t_logits = F.linear(th[rows], tw, tb) if kd_fn is not None and not sparse else None
         with torch.enable_grad() if need_any else nullcontext():
             leaf = logits.detach().requires_grad_(need_any)
             obj = 0.0
@@ -147,9 +205,9 @@ def _accumulate(g, h, sw, rows, gh, gw, gb, acc):
 
 class _FusedHeadLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, sh, sw, sb, th, tw, tb, targets, mask, cfg):
+    def forward(ctx, sh, sw, sb, th, tw, tb, targets, mask, cfg, ws):
         need = ctx.needs_input_grad
-        total, ce, kd, gh, gw, gb = _fused_pass(sh, sw, sb, th, tw, tb, targets, mask, cfg,
+        total, ce, kd, gh, gw, gb = _fused_pass(sh, sw, sb, th, tw, tb, targets, mask, cfg, ws,
                                                 need[0], need[1], sb is not None and need[2])
         ctx.save_for_backward(gh, gw, gb)  # only [N, Hs], [V, Hs] and [V] survive the forward
         ctx.mark_non_differentiable(ce, kd)
@@ -158,15 +216,15 @@ class _FusedHeadLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total, _grad_ce, _grad_kd):
         scaled = [None if g is None else g * grad_total.to(g.dtype) for g in ctx.saved_tensors]
-        return (*scaled, None, None, None, None, None, None)
+        return (*scaled, None, None, None, None, None, None, None)
 
 
 def fused_head_losses(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor | None,
                       teacher_weight: Tensor | None, targets: Tensor, mask: Tensor | None, *,
                       kd: str = "forward_kl", temperature: float = 1.0, kd_params: dict | None = None,
-                      ce_weight: float = 1.0, kd_weight: float = 1.0, chunk_size: int = 1024,
+                      ce_weight: float = 1.0, kd_weight: float = 1.0, chunk_size: int = 256,
                       student_bias: Tensor | None = None, teacher_bias: Tensor | None = None,
-                      ) -> tuple[Tensor, dict[str, Tensor]]:
+                      workspace: HeadWorkspace | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """CE + logit KD computed from final hidden states and LM-head weights, chunked over tokens
     so that full [N, V] logits never exist (idea as in Liger Kernel's fused linear
     cross-entropy, Hsu et al. 2024, and torchtune's chunked CE; own implementation).
@@ -179,9 +237,11 @@ def fused_head_losses(student_hidden: Tensor, student_weight: Tensor, teacher_hi
     and KD == LOGIT_LOSSES[kd](..., temperature, **kd_params) (T² included) on the full
     logits; terms = {"ce", "kd"} detached (a skipped term is absent: CE when ce_weight == 0,
     KD when teacher_hidden is None or kd_weight == 0). Gradients for the student hidden
-    states, weight and bias are computed chunk by chunk in the forward (autograd on each
-    chunk's logits) and kept as [N, Hs] / [V, Hs] buffers (weight grad accumulated in fp32);
-    the teacher gets no gradient. Logits are computed in the input dtype, losses in fp32.
+    states, weight and bias are computed chunk by chunk in the forward (written out for CE and
+    forward/reverse KL, `CLOSED_FORM`; autograd on each chunk's logits for the other losses)
+    and kept as [N, Hs] / [V, Hs] buffers (weight grad accumulated in fp32); the teacher gets no
+    gradient. Logits are computed in the input dtype (autocast's under autocast), losses in
+    fp32. `workspace`: a `HeadWorkspace` to reuse [chunk, V] buffers across calls.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -216,7 +276,7 @@ def fused_head_losses(student_hidden: Tensor, student_weight: Tensor, teacher_hi
     m = None if mask is None else mask.reshape(n).bool()
     cfg = (kd if use_kd else None, float(temperature), kd_params, float(ce_weight),
            float(kd_weight), int(chunk_size))
-    args = (sh, student_weight, student_bias, th, tw, tb, tgt, m, cfg)
+    args = (sh, student_weight, student_bias, th, tw, tb, tgt, m, cfg, workspace or HeadWorkspace())
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad
                                        for x in (sh, student_weight, student_bias)):
         total, ce, kd_term = _FusedHeadLoss.apply(*args)

@@ -23,6 +23,7 @@ from torch import nn
 from raykd.attention import attention_kl, default_relation_heads, relation_loss
 from raykd.capture import QKV, Capture, run_layers
 from raykd.config import LossConfig, _build
+from raykd.fused import HeadWorkspace
 from raykd.layer_map import Projections, pick_pairs
 from raykd.losses import HIDDEN_LOSSES, fused_head_losses
 from raykd.topk import TopK
@@ -90,6 +91,7 @@ class Distiller(nn.Module):
         projected = self.pairs if ("hidden" in w or "blockwise" in w) else []
         self.projections = Projections(projected, student.config.hidden_size, teacher_width)
         self.relation_heads = self.cfg.relation_heads
+        self.head_workspace = HeadWorkspace()  # [chunk, V] buffers the fused head reuses step after step
 
     # which layers each side must capture ------------------------------------------------
     @property
@@ -134,6 +136,7 @@ class Distiller(nn.Module):
             flat(last), s_w, t_in, t_w, targets, pos_mask,
             kd=cfg.kd, temperature=cfg.temperature, kd_params=cfg.kd_params, ce_weight=w.get("ce", 0.0) or float(eval_ce),
             kd_weight=w.get("kd", 0.0), chunk_size=cfg.chunk_size, student_bias=s_b, teacher_bias=t_b,
+            workspace=self.head_workspace,
         )
         terms = dict(terms)
         all_mask = tok_mask.reshape(-1)
@@ -165,7 +168,7 @@ class Distiller(nn.Module):
                 kd_b, _ = fused_head_losses(
                     flat(h), t_w, flat(teacher.last_hidden), t_w, targets, pos_mask, kd=cfg.kd, temperature=cfg.temperature,
                     kd_params=cfg.kd_params, ce_weight=0.0, kd_weight=1.0, chunk_size=cfg.chunk_size,
-                    student_bias=t_b, teacher_bias=t_b,
+                    student_bias=t_b, teacher_bias=t_b, workspace=self.head_workspace,
                 )
                 vals.append(kd_b)
             terms["blockwise"] = torch.stack(vals).mean()

@@ -600,3 +600,47 @@ def test_fused_closed_form_equals_autograd(kd, T, ce_w, monkeypatch):
     for a, b in zip(got[2:], want[2:]):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_fused_workspace_is_reused_and_changes_nothing():
+    """A kept HeadWorkspace gives the same loss and gradients as a fresh one, and a second call
+    (same shapes) allocates no new [chunk, V] buffer: it reuses the same memory."""
+    sh, sw, th, tw, y, mask, _, _ = _head(seed=29, dtype=torch.float32)
+    ws = fused_mod.HeadWorkspace()
+
+    def run(workspace):
+        x, w = _leaves(sh, sw)
+        total, _ = L.fused_head_losses(x, w, th, tw, y, mask, kd="forward_kl", temperature=2.0, chunk_size=8,
+                                       workspace=workspace)
+        total.backward()
+        return total.detach(), x.grad, w.grad
+
+    fresh = run(None)
+    first = run(ws)
+    ptrs, size = {k: b.data_ptr() for k, b in ws._bufs.items()}, ws.nbytes
+    assert set(ptrs) == {"s", "t", "w", "ce"} and size == 4 * 8 * sw.shape[0] * 4
+    second = run(ws)
+    assert {k: b.data_ptr() for k, b in ws._bufs.items()} == ptrs and ws.nbytes == size
+    for a, b, c in zip(fresh, first, second):
+        assert torch.equal(a, b) and torch.equal(b, c)
+
+
+@pytest.mark.parametrize("kd", sorted(fused_mod.CLOSED_FORM))
+def test_fused_closed_form_under_bf16_autocast(kd, monkeypatch):
+    """Under CPU bf16 autocast the closed form computes logits in bf16 like F.linear would, and
+    lands within bf16 rounding of the autograd path."""
+    sh, sw, th, tw, y, mask, _, _ = _head(n=40, hs=32, ht=32, v=64, seed=30, dtype=torch.float32)
+
+    def run():
+        x, w = _leaves(sh, sw)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            total, _ = L.fused_head_losses(x, w, th, tw, y, mask, kd=kd, temperature=1.0, chunk_size=16)
+        total.backward()
+        return total.detach(), x.grad, w.grad
+
+    got = run()
+    monkeypatch.setattr(fused_mod, "CLOSED_FORM", frozenset())
+    want = run()
+    assert got[1].dtype == torch.float32 and got[2].dtype == torch.float32
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
