@@ -48,6 +48,23 @@ def search_space(sweep: SweepConfig) -> dict:
     return space
 
 
+def searcher(sweep: SweepConfig, seed: int):
+    """(search algorithm, param_space) for `sweep`, seeded from the run's `seed`, so that the same
+    sweep samples the same trials in the same order (random/grid: Tune's BasicVariantGenerator;
+    Optuna TPE, multi-objective when `sweep.objectives` has several metrics)."""
+    space = search_space(sweep)
+    if sweep.search != "optuna":
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        return BasicVariantGenerator(max_concurrent=sweep.max_concurrent, random_state=seed), space
+    from ray.tune.search.optuna import OptunaSearch
+
+    if len(sweep.objectives) > 1:  # multi-objective TPE: the searcher owns the space and its metrics
+        n = len(sweep.objectives)
+        return OptunaSearch(space=space, metric=list(sweep.objectives), mode=["min"] * n, seed=seed), {}
+    return OptunaSearch(seed=seed), space
+
+
 def rerun_config(base: dict, params: dict, output_dir: str) -> dict:
     """base + sampled params as a plain config dict without the sweep (what best_config.yaml holds)."""
     d = copy.deepcopy(base)
@@ -146,20 +163,14 @@ def sweep(cfg: Config, resume: bool = False, log=print) -> dict:
             ASHAScheduler(time_attr="step", max_t=cfg.train.max_steps, grace_period=sw.grace_period, reduction_factor=sw.reduction_factor)
             if sw.scheduler == "asha" else FIFOScheduler()
         )
-        search_alg, space = None, search_space(sw)
-        if sw.search == "optuna":
-            from ray.tune.search.optuna import OptunaSearch
-
-            if len(sw.objectives) > 1:  # multi-objective TPE: the searcher owns the space and its metrics
-                search_alg = OptunaSearch(space=space, metric=list(sw.objectives), mode=["min"] * len(sw.objectives), seed=cfg.seed)
-                space = {}
-            else:
-                search_alg = OptunaSearch(seed=cfg.seed)
+        search_alg, space = searcher(sw, cfg.seed)
         tuner = tune.Tuner(
             trainable,
             param_space=space,
             tune_config=tune.TuneConfig(metric="val_loss", mode="min", scheduler=scheduler, search_alg=search_alg,
-                                        num_samples=sw.num_samples, max_concurrent_trials=sw.max_concurrent),
+                                        num_samples=sw.num_samples,
+                                        # the random/grid generator carries its own limit (Tune ignores this one for it)
+                                        max_concurrent_trials=None if sw.search != "optuna" else sw.max_concurrent),
             run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out), verbose=1,
                                       failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
         )
