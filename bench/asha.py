@@ -9,9 +9,9 @@ The sweep is jobs/sweep-smoke.yaml (the seeded tiny random teacher, the stdlib p
   stop early;
 * `sweep.scheduler=fifo`: every trial runs all its steps.
 
-Same seed: raykd passes no seed to Tune's random search (it draws from numpy's global RNG),
-so each child seeds numpy's and Python's global RNGs with the config's `seed` before
-calling `sweep`; the sampled trial configurations are compared (`same_trials`).
+Same seed: raykd seeds Tune's search from the config's `seed` (`raykd.sweep.searcher`), so
+both runs sample the same trials in the same order; the sampled trial configurations are
+compared (`same_trials`).
 Figures: trial_steps_saved = 1 - ASHA's total trial-steps / FIFO's (goal >= 0.5);
 same_best = 1 when both pick the same configuration as best by final val_perplexity
 among the trials that ran to the end (else 0); both wall times.
@@ -31,10 +31,6 @@ import _common as C  # noqa: E402
 
 
 def child(a) -> None:
-    import random
-
-    import numpy as np
-
     from raykd.config import load_config
     from raykd.sweep import sweep
 
@@ -42,8 +38,6 @@ def child(a) -> None:
     if a.samples:
         overrides.append(f"sweep.num_samples={a.samples}")
     cfg = load_config(a.config, overrides)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
     t0 = time.perf_counter()
     res = sweep(cfg, log=lambda m: C.progress(m))
     wall = time.perf_counter() - t0
@@ -82,7 +76,7 @@ def main() -> int:
              f"teacher {cfg.teacher.model})",
              threads, f"{precision}; threads are per trial, {sw['max_concurrent']} trials share the cores", [
                  "the same config, search space and seed in both runs; only sweep.scheduler differs (asha vs fifo)",
-                 "numpy/random global RNGs seeded with cfg.seed in each child (raykd gives Tune's random search no seed); sampled trials compared",
+                 "Tune's search seeded by raykd from cfg.seed in both runs; the sampled trials are compared (same_trials)",
                  "each sweep runs in its own child process with its own local Ray instance, one after the other, output under a tempdir",
                  "trial-steps = sum over trials of the last step each trial reported (an ASHA-stopped trial counts the steps up to its "
                  "last report); both sweeps' wall times are given too (wall_time_saved), which include any steps run after a stop decision",

@@ -13,7 +13,9 @@ and precision, in one process with the arms interleaved step by step:
   + a plain student CE step (HF `student(ids, labels=ids).loss`, backward, AdamW) on a
   separate copy of the same student.
 
-One warm-up round (all arms) is excluded; then `--reps` rounds, the arm order rotating.
+`--warmup` rounds (all arms; default 2) are excluded: until the allocator's heap has grown to
+the step's working set, fresh pages fault in (costly in this VM: ~8 µs each, ~0.35 M per KD
+step at first); then `--reps` rounds, the arm order rotating.
 overhead_ratio = the median over rounds of KD step time / (teacher forward + CE step) of the
 same round (goal <= 1.10): the three timings of a round are taken back to back, so a change in
 the load of this shared machine hits numerator and denominator alike. The ratio of the medians
@@ -38,6 +40,7 @@ WEIGHTS = {"ce": 1.0, "kd": 1.0, "hidden": 1.0, "attention": 1.0}
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=2, help="rounds excluded before timing (allocator warm-up)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--block", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
@@ -48,7 +51,7 @@ def main() -> int:
                  f"same batch ({a.batch} x {a.block} SOTU tokens) for every step of every arm; same teacher; both students start as the same 10-layer cut",
                  "the parts are the least any KD step must do: a full teacher forward (with logits) and a student forward+backward+AdamW with CE",
                  "KD arm and CE arm each own a student copy and an AdamW (lr 1e-5, no clipping, no schedule) so both do a real optimizer step",
-                 f"one process, arms interleaved per round with rotating order; 1 warm-up round excluded; {a.reps} rounds; "
+                 f"one process, arms interleaved per round with rotating order; {a.warmup} warm-up round(s) excluded; {a.reps} rounds; "
                  "overhead_ratio = median over rounds of the ratio within a round (its three timings are back to back)",
                  f"same torch threads ({a.threads}) and precision ({a.precision}) for all arms",
              ])
@@ -96,19 +99,19 @@ def main() -> int:
     arms = {"kd_step": kd_step, "teacher_fwd": teacher_fwd, "ce_step": ce_step}
     names = list(arms)
     times = {k: [] for k in arms}
-    for r in range(a.reps + 1):
+    for r in range(a.reps + a.warmup):
         order = names[r % 3:] + names[:r % 3]
         line = []
         for name in order:
             t0 = time.perf_counter()
             out = arms[name]()
             dt = time.perf_counter() - t0
-            if r > 0:
+            if r >= a.warmup:
                 times[name].append(dt)
             line.append(f"{name} {dt:.2f}s")
             if name == "kd_step" and r == 0:
                 print("KD terms at the first step: " + " ".join(f"{k}={v:.4g}" for k, v in out.items()), flush=True)
-        print(f"round {r}/{a.reps}{' (warm-up)' if r == 0 else ''}: " + ", ".join(line), flush=True)
+        print(f"round {r + 1 - a.warmup}/{a.reps}{' (warm-up)' if r < a.warmup else ''}: " + ", ".join(line), flush=True)
     med = {k: C.median(v) for k, v in times.items()}
     parts = med["teacher_fwd"] + med["ce_step"]
     paired = [kd / (tf + ce) for kd, tf, ce in zip(times["kd_step"], times["teacher_fwd"], times["ce_step"])]
@@ -119,7 +122,7 @@ def main() -> int:
     C.figures({
         "overhead_ratio": C.median(paired), "overhead_ratio_of_medians": med["kd_step"] / parts, "kd_step_s": med["kd_step"],
         "teacher_fwd_s": med["teacher_fwd"], "ce_step_s": med["ce_step"], "parts_s": parts, "kd_tokens_per_s": tokens / med["kd_step"],
-        "tokens": tokens, "reps": a.reps, "threads": a.threads, "precision": a.precision,
+        "tokens": tokens, "reps": a.reps, "warmup": a.warmup, "threads": a.threads, "precision": a.precision,
     })
     return 0
 
