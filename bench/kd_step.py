@@ -111,7 +111,8 @@ def main() -> int:
             line.append(f"{name} {dt:.2f}s")
             if name == "kd_step" and r == 0:
                 print("KD terms at the first step: " + " ".join(f"{k}={v:.4g}" for k, v in out.items()), flush=True)
-        print(f"round {r + 1 - a.warmup}/{a.reps}{' (warm-up)' if r < a.warmup else ''}: " + ", ".join(line), flush=True)
+        label = f"warm-up {r + 1}/{a.warmup}" if r < a.warmup else f"round {r + 1 - a.warmup}/{a.reps}"
+        print(f"{label}: " + ", ".join(line), flush=True)
     med = {k: C.median(v) for k, v in times.items()}
     parts = med["teacher_fwd"] + med["ce_step"]
     paired = [kd / (tf + ce) for kd, tf, ce in zip(times["kd_step"], times["teacher_fwd"], times["ce_step"])]
