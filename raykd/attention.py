@@ -114,7 +114,11 @@ def _chunked_kl(
             kl = kl * mask[:, None, row0 : row0 + q_s.shape[2]]
         return kl.sum()
 
-    use_ckpt = checkpoint and torch.is_grad_enabled() and (qs.requires_grad or ks.requires_grad)
+    wants_grad = torch.is_grad_enabled() and (qs.requires_grad or ks.requires_grad)
+    if wants_grad and not average and kw_s.get("softcap") is None:  # the common case: gradient written out
+        total = _ClosedFormKL.apply(qs, ks, qt, kt, sc_s, sc_t, mask, q_chunk, kw_s, kw_t)
+        return total / (n_rows.clamp_min(1).float() * heads)
+    use_ckpt = checkpoint and wants_grad
     total = qs.new_zeros((), dtype=torch.float32)
     for row0 in range(0, T, q_chunk):
         q_s = qs[:, :, row0 : row0 + q_chunk]
@@ -123,6 +127,56 @@ def _chunked_kl(
         else:
             total = total + chunk_loss(q_s, ks, row0)
     return total / (n_rows.clamp_min(1).float() * heads)
+
+
+class _ClosedFormKL(torch.autograd.Function):
+    """Σ over valid rows and heads of KL(teacher map || student map), head h matched with head h and no
+    student soft-cap, with its gradient built chunk by chunk in the forward: for z = scaling · q k^T,
+    dKL/dz = softmax(z) − p_teacher on visible keys (0 on hidden ones), so dq = scaling · G k and
+    dk = scaling · Gᵀ q (summed over each GQA group). Nothing [B,H,c,T] is saved and nothing is
+    recomputed in backward (the checkpointed autograd path recomputed both maps); only dq [B,H,T,d]
+    and dk [B,Hkv,T,d] survive the forward."""
+
+    @staticmethod
+    def forward(ctx, qs, ks, qt, kt, sc_s, sc_t, mask, q_chunk, kw_s, kw_t):
+        B, H, T, d = qs.shape
+        hkv = ks.shape[1]
+        need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dq = torch.zeros(qs.shape, dtype=torch.float32, device=qs.device) if need_q else None
+        dk = torch.zeros(ks.shape, dtype=torch.float32, device=ks.device) if need_k else None
+        k32 = ks.float().unsqueeze(2)  # [B,Hkv,1,T,d]
+        total = torch.zeros((), dtype=torch.float32, device=qs.device)
+        for row0 in range(0, T, q_chunk):
+            q_s = qs[:, :, row0 : row0 + q_chunk]
+            c = q_s.shape[2]
+            z = _causal_logits(q_s, ks, sc_s, row0, mask, **kw_s)  # [B,H,c,T], -inf at hidden keys
+            hidden = torch.isinf(z)
+            ls = torch.log_softmax(z, dim=-1)
+            lt = torch.log_softmax(_causal_logits(qt[:, :, row0 : row0 + c], kt, sc_t, row0, mask, **kw_t), dim=-1)
+            pt = lt.exp()
+            kl = torch.where(pt > 0, pt * (lt - ls), torch.zeros_like(pt)).sum(-1)  # [B,H,c]
+            rows = None if mask is None else mask[:, None, row0 : row0 + c].float()
+            total += (kl if rows is None else kl * rows).sum()
+            if dq is None and dk is None:
+                continue
+            g = ls.exp_().sub_(pt).masked_fill_(hidden, 0.0).mul_(sc_s)  # [B,H,c,T]
+            if rows is not None:
+                g.mul_(rows[..., None])
+            g = g.reshape(B, hkv, H // hkv, c, T)
+            if dq is not None:
+                dq[:, :, row0 : row0 + c] = torch.matmul(g, k32).reshape(B, H, c, d)
+            if dk is not None:
+                dk += torch.matmul(g.transpose(-1, -2), q_s.float().reshape(B, hkv, H // hkv, c, d)).sum(2)
+        ctx.save_for_backward(dq, dk)
+        ctx.dtypes = (qs.dtype, ks.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        dq, dk = ctx.saved_tensors
+        out_q = None if dq is None else (dq * grad).to(ctx.dtypes[0])
+        out_k = None if dk is None else (dk * grad).to(ctx.dtypes[1])
+        return out_q, out_k, None, None, None, None, None, None, None, None
 
 
 def attention_kl(
@@ -139,9 +193,11 @@ def attention_kl(
     keys), heads and batch. Each side uses its own ``scaling``, sliding window and soft-cap. When the
     two models have the same number of query heads, head h is matched with head h; otherwise the
     head-averaged maps ``mean_h softmax(...)`` [B,T,T] are compared. Computed in fp32 from
-    log-softmax over chunks of ``q_chunk`` query rows; with ``checkpoint`` (and autograd on) each chunk
-    is recomputed in backward, so at most [B,H,q_chunk,T] maps per model are alive. Gradients reach
-    the student's q/k only (teacher detached).
+    log-softmax over chunks of ``q_chunk`` query rows, so at most [B,H,q_chunk,T] maps per model are
+    alive. With equal head counts and no student soft-cap the gradient is written out chunk by chunk
+    in the forward (:class:`_ClosedFormKL`: no saved maps, no recompute); otherwise, with
+    ``checkpoint`` (and autograd on), each chunk is recomputed in backward. Gradients reach the
+    student's q/k only (teacher detached).
     """
     return _chunked_kl(
         student.q, student.k, student.scaling, teacher.q, teacher.k, teacher.scaling, mask, q_chunk,

@@ -21,8 +21,9 @@ Masking conventions shared by the losses: keys are causal (key ``j`` visible fro
 is False are hidden (the query's own position always stays visible, so no row is empty), and query
 rows whose ``mask`` entry is False do not count. Losses are means over the valid ``(batch, row)``
 pairs (token-weighted across the batch) and over heads. All scores are computed in fp32 from
-log-softmax, over chunks of ``q_chunk`` query rows; with autograd on, each chunk is recomputed in
-backward (``torch.utils.checkpoint``), so only ``[B, heads, q_chunk, T]`` tensors ever exist at once.
+log-softmax, over chunks of ``q_chunk`` query rows; the gradient is written out per chunk (or, for
+head-averaged maps and soft-capped students, each chunk is recomputed in backward with
+``torch.utils.checkpoint``), so only ``[B, heads, q_chunk, T]`` tensors ever exist at once.
 The teacher side is always detached.
 """
 
