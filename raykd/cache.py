@@ -283,7 +283,7 @@ def build(cfg: Config, log=print) -> dict:
         stale.unlink()
     meta = {**identity(cfg, teacher_dir, layers), "complete": False, "teacher": cfg.teacher.model}
     _write_meta(path, meta)
-    init_ray(cfg)
+    init_ray(cfg, log=log)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = ctx.enable_operator_progress_bars = False
     ctx.print_on_execution_start = False

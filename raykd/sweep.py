@@ -142,7 +142,7 @@ def sweep(cfg: Config, resume: bool = False, log=print) -> dict:
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     cache_cfg = _cache_config(cfg, sw, log) if cfg.teacher.cache else None  # a mismatching cache is refused here, before Ray
-    init_ray(cfg, runs=sw.max_concurrent, per_run_extra=sw.trial_cpus)  # sized for the sweep before the cache build can start Ray smaller
+    init_ray(cfg, runs=sw.max_concurrent, per_run_extra=sw.trial_cpus, log=log)  # sized for the sweep before the cache build can start Ray smaller
     if cache_cfg is not None:
         cache.ensure(cache_cfg, log)  # built once for every trial
     trainable = tune.with_resources(

@@ -303,13 +303,17 @@ def resolve(cfg: Config, log=print):
     return from_dict(d), plan
 
 
-def init_ray(cfg: Config, runs: int = 1, per_run_extra: float = 0.0) -> None:
+def init_ray(cfg: Config, runs: int = 1, per_run_extra: float = 0.0, log=print) -> None:
     """Join the cluster in RAY_ADDRESS (set by `ray job submit`), else start a local instance with
     enough logical CPUs for `runs` concurrent runs' train workers (+ `per_run_extra` each, e.g. a
-    Tune trial process) plus one for Ray Data tasks (no deadlock on 2 cores)."""
+    Tune trial process) plus one for Ray Data tasks (no deadlock on 2 cores). When a Ray instance
+    already runs on this machine (`ray start --head`), Ray finds it and raykd joins it as it is,
+    after checking that it has those CPUs (a one-line error otherwise, not a run that waits forever)."""
     import math
 
     import ray
+
+    from raykd.config import ConfigError
 
     if ray.is_initialized():
         return
@@ -317,7 +321,21 @@ def init_ray(cfg: Config, runs: int = 1, per_run_extra: float = 0.0) -> None:
         ray.init()
         return
     need = math.ceil(runs * (cfg.scale.num_workers * cfg.scale.cpus_per_worker + per_run_extra)) + 1
-    ray.init(num_cpus=max(os.cpu_count() or 1, need))  # (the dashboard's State API is what Train's cleanup polls)
+    try:
+        ray.init(num_cpus=max(os.cpu_count() or 1, need))  # (the dashboard's State API is what Train's cleanup polls)
+        return
+    except ValueError as e:  # Ray found a running local instance, which cannot be re-sized from here
+        if "existing cluster" not in str(e):
+            raise
+    ray.init()
+    have = ray.cluster_resources().get("CPU", 0.0)
+    address = ray.get_runtime_context().gcs_address
+    if have < need:
+        ray.shutdown()
+        raise ConfigError(f"scale: the Ray instance already running here ({address}) has {have:g} CPUs and this run needs "
+                          f"{need} (workers x cpus_per_worker + 1 for Ray Data); start it with more (`ray start --head "
+                          f"--num-cpus={need}`), stop it, or lower scale.num_workers / scale.cpus_per_worker")
+    log(f"raykd: joined the Ray instance already running on this machine ({address}, {have:g} CPUs)")
 
 
 def build_trainer(cfg: Config, log=print, callbacks: list | None = None):
@@ -392,7 +410,7 @@ def distill(cfg: Config, log=print) -> dict:
     data.preflight(cfg.data)  # bad corpora fail here, before Ray starts
     if resolved.teacher.cache:
         cache.ensure(resolved, log)  # a mismatching cache is refused before Ray starts; a missing one is built
-    init_ray(resolved)
+    init_ray(resolved, log=log)
     trainer = build_trainer(resolved, log)
     result = trainer.fit()
     out = Path(cfg.output_dir)

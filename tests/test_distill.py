@@ -147,23 +147,67 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ray_job_submit_against_local_head(tmp_path):
+def _ray_head(env: dict, log: Path, num_cpus: int, temp_dir: str | None = None) -> tuple[subprocess.Popen, int]:
+    """`ray start --head --block` on free ports in its own process group (stop it with os.killpg);
+    returns (process, dashboard port)."""
+    bin_dir = Path(sys.executable).parent
+    gcs, dash = _free_port(), _free_port()
+    args = [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
+            "--dashboard-host=127.0.0.1", f"--num-cpus={num_cpus}", "--disable-usage-stats",
+            # free ports for the agents too: another Ray on this machine may hold the defaults (52365, ...)
+            f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"]
+    if temp_dir:
+        args.append(f"--temp-dir={temp_dir}")
+    return subprocess.Popen(args, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True), dash
+
+
+def _head_env() -> dict:
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
     env.pop("RAY_ADDRESS", None)
     if (Path.home() / ".ray" / "auth_token").exists():
         env["RAY_AUTH_MODE"] = "token"
-    gcs, dash = _free_port(), _free_port()
+    return env
+
+
+def test_distill_joins_a_ray_head_already_running_here(tmp_path):
+    """`ray start --head` then `raykd distill` with no RAY_ADDRESS: Ray finds the head (its address file
+    under RAY_TMPDIR, private to this test) and raykd joins it instead of failing on num_cpus; a head
+    too small for the run is refused in one line, before any training."""
+    env = _head_env()
+    tmp_root = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must stay under 107 characters
+    env["RAY_TMPDIR"] = tmp_root
+    head, _ = _ray_head(env, tmp_path / "head.log", num_cpus=3)
+    try:
+        address_file = Path(tmp_root) / "ray" / "ray_current_cluster"
+        deadline = time.time() + 120
+        while time.time() < deadline and head.poll() is None and not address_file.exists():
+            time.sleep(0.5)
+        assert address_file.exists() and head.poll() is None, (tmp_path / "head.log").read_text()[-2000:]
+        cmd = [sys.executable, "-m", "raykd.cli", "distill", SMOKE, f"output_dir={tmp_path / 'out'}", "train.max_steps=4",
+               "train.report_every=2"]
+        run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        assert "joined the Ray instance already running on this machine" in run.stdout + run.stderr
+        assert json.loads((tmp_path / "out" / "metrics.json").read_text())["steps"] == 4
+        small = subprocess.run([*cmd[:5], f"output_dir={tmp_path / 'out2'}", "scale.num_workers=8"], env=env,
+                               capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        lines = [ln for ln in small.stderr.splitlines() if "scale: the Ray instance already running here" in ln]
+        assert small.returncode != 0 and lines and "has 3 CPUs and this run needs 5" in lines[0], small.stderr[-3000:]
+        assert not (tmp_path / "out2" / "metrics.json").exists()
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+        shutil.rmtree(tmp_root, ignore_errors=True)
+
+
+def test_ray_job_submit_against_local_head(tmp_path):
+    bin_dir = Path(sys.executable).parent
+    env = _head_env()
     temp_dir = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # Ray's socket paths must stay under 107 characters
     head_log = tmp_path / "head.log"
-    head = subprocess.Popen(
-        [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
-         "--dashboard-host=127.0.0.1", "--num-cpus=4", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-         # free ports for the agents too: another Ray on this machine may hold the defaults (52365, ...)
-         f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-         f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"],
-        env=env, stdout=head_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    head, dash = _ray_head(env, head_log, num_cpus=4, temp_dir=temp_dir)
     try:
         address = f"http://127.0.0.1:{dash}"
         deadline = time.time() + 120
