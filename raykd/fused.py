@@ -30,7 +30,7 @@ class HeadWorkspace:
     Every fresh [chunk, V] tensor costs the kernel a page fault per 4 KiB and the zeroing of its
     memory; on this project's 2-core CPU that was about a third of the LM head's time (≈400 k
     faults, 1.6 GB, per 1,020-token KD step at V = 49,152). A training loop that keeps one
-    workspace (`Distiller` does) pays that once. Holds at most 4 × chunk × V floats (plus one of
+    workspace (`Distiller` does) pays that once. Holds at most 4 × chunk × V floats (plus two in
     the logits dtype under autocast); `fused_head_losses` makes a throw-away one when given none.
     """
 
@@ -157,7 +157,7 @@ def _fused_pass(sh, sw, sb, th, tw, tb, targets, mask, cfg, ws, need_h, need_w, 
                 if val is not None:
                     sums[key] += val
             if g is not None:
-                _accumulate(g, h, sw, rows, gh, gw, gb, acc)
+                _accumulate(g, h, sw_c, rows, gh, gw, gb, acc)  # sw_c: no per-chunk cast of the head under autocast
             continue
         with torch.no_grad():
             logits = F.linear(h, sw, sb)  # [C, V] in the input dtype
