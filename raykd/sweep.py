@@ -51,18 +51,22 @@ def search_space(sweep: SweepConfig) -> dict:
 def searcher(sweep: SweepConfig, seed: int):
     """(search algorithm, param_space) for `sweep`, seeded from the run's `seed`, so that the same
     sweep samples the same trials in the same order (random/grid: Tune's BasicVariantGenerator;
-    Optuna TPE, multi-objective when `sweep.objectives` has several metrics)."""
+    Optuna TPE, multi-objective when `sweep.objectives` has several metrics). The algorithm carries
+    `sweep.max_concurrent` itself (Tune ignores TuneConfig's limit for a generator it is handed)."""
     space = search_space(sweep)
     if sweep.search != "optuna":
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
         return BasicVariantGenerator(max_concurrent=sweep.max_concurrent, random_state=seed), space
+    from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
     if len(sweep.objectives) > 1:  # multi-objective TPE: the searcher owns the space and its metrics
         n = len(sweep.objectives)
-        return OptunaSearch(space=space, metric=list(sweep.objectives), mode=["min"] * n, seed=seed), {}
-    return OptunaSearch(seed=seed), space
+        alg, space = OptunaSearch(space=space, metric=list(sweep.objectives), mode=["min"] * n, seed=seed), {}
+    else:
+        alg = OptunaSearch(seed=seed)
+    return ConcurrencyLimiter(alg, max_concurrent=sweep.max_concurrent), space
 
 
 def rerun_config(base: dict, params: dict, output_dir: str) -> dict:
@@ -168,9 +172,7 @@ def sweep(cfg: Config, resume: bool = False, log=print) -> dict:
             trainable,
             param_space=space,
             tune_config=tune.TuneConfig(metric="val_loss", mode="min", scheduler=scheduler, search_alg=search_alg,
-                                        num_samples=sw.num_samples,
-                                        # the random/grid generator carries its own limit (Tune ignores this one for it)
-                                        max_concurrent_trials=None if sw.search != "optuna" else sw.max_concurrent),
+                                        num_samples=sw.num_samples),  # the search algorithm carries max_concurrent
             run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out), verbose=1,
                                       failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
         )

@@ -30,9 +30,10 @@ def test_random_search_is_reproducible_from_seed():
     assert all(2 <= d["student.num_layers"] <= 5 for d in a)
 
 
-@pytest.mark.parametrize("search", ["grid", "random"])
+@pytest.mark.parametrize("search", ["grid", "random", "optuna"])
 def test_max_concurrent_reaches_the_generator(search):
     params = {"loss.kd": {"choice": ["forward_kl", "jsd"]}} if search == "grid" else PARAMS
     sw = _build(SweepConfig, {"num_samples": 2, "search": search, "max_concurrent": 3, "params": params}, "sweep")
     alg, _ = searcher(sw, 0)
     assert alg.max_concurrent == 3  # Tune ignores TuneConfig.max_concurrent_trials for a generator it is given
+    # (Optuna: a ConcurrencyLimiter around the searcher, as Tune would have made)
