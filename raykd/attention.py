@@ -153,8 +153,8 @@ class _ClosedFormKL(torch.autograd.Function):
             hidden = torch.isinf(z)
             ls = torch.log_softmax(z, dim=-1)
             lt = torch.log_softmax(_causal_logits(qt[:, :, row0 : row0 + c], kt, sc_t, row0, mask, **kw_t), dim=-1)
-            pt = lt.exp()
-            kl = torch.where(pt > 0, pt * (lt - ls), torch.zeros_like(pt)).sum(-1)  # [B,H,c]
+            kl = _kl_rows(ls, lt, False)  # [B,H,c]
+            pt = lt.exp_()
             rows = None if mask is None else mask[:, None, row0 : row0 + c].float()
             total += (kl if rows is None else kl * rows).sum()
             if dq is None and dk is None:

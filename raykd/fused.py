@@ -68,6 +68,11 @@ def _exp_lse(x: Tensor, ws: HeadWorkspace, name: str) -> tuple[Tensor, Tensor]:
     return ssum.log().add_(m), e.div_(ssum)
 
 
+def _scaled_(x: Tensor, temperature: float) -> Tensor:
+    """raykd.losses' scaling (÷T, clamp to ±_FLOOR) in place, on a buffer that is ours to overwrite."""
+    return (x.div_(temperature) if temperature != 1.0 else x).clamp_(-_FLOOR, _FLOOR)
+
+
 def _closed_form_chunk(h, th, sw, sb, tw, tb, tgt, kd, temperature, ce_w, kd_w, scale, need_grad, ws, cdt):
     """CE and forward/reverse KL of one chunk with the gradient written out, in place in workspace
     buffers, so that a chunk costs a few passes over [C, V] and no autograd graph (the same
@@ -90,10 +95,9 @@ def _closed_form_chunk(h, th, sw, sb, tw, tb, tgt, kd, temperature, ce_w, kd_w, 
         if need_grad:
             ce_g.mul_(ce_w * scale)
     if kd is not None:
-        logq = z.div_(T).clamp_(-_FLOOR, _FLOOR) if T != 1.0 else z.clamp_(-_FLOOR, _FLOOR)
+        logq = _scaled_(z, T)
         logq.sub_(_exp_lse(logq, ws, "w")[0])
-        logp = _logits_into(ws, "t", th, tw, tb, cdt, f)
-        logp = logp.div_(T).clamp_(-_FLOOR, _FLOOR) if T != 1.0 else logp.clamp_(-_FLOOR, _FLOOR)
+        logp = _scaled_(_logits_into(ws, "t", th, tw, tb, cdt, f), T)
         lse_p, p = _exp_lse(logp, ws, "w")
         logp.sub_(lse_p)
         if shared:
