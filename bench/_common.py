@@ -294,10 +294,10 @@ def load_teacher_student(keep: list[int] = KEPT, seed: int = 0):
 
 def sotu_blocks(tokenizer, n_blocks: int, block_size: int = 256):
     """[n_blocks, block_size] long: SOTU training speeches (oldest first), whitespace-cleaned,
-    tokenized with the teacher's tokenizer and packed with EOS between speeches (as raykd.data)."""
+    tokenized with the teacher's tokenizer and packed with EOS between speeches (as raykd.data.pipeline)."""
     import torch
 
-    from raykd.corpora import clean_text, fetch_sotu, pack_blocks
+    from raykd.data.corpora import clean_text, fetch_sotu, pack_blocks
 
     files = sorted((fetch_sotu(log=lambda m: print(m, flush=True)) / "train").glob("*.txt"))
     blocks, carry = [], []

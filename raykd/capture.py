@@ -1,4 +1,4 @@
-"""Feature capture from Hugging Face causal LMs (the attention-level KD losses live in raykd.attention).
+"""Feature capture from Hugging Face causal LMs (the attention-level KD losses live in raykd.losses.attention).
 
 Pure torch (no Ray). Everything is obtained with forward hooks registered only on the layers asked
 for, so the model keeps its own attention kernel (sdpa / flash): nothing here needs

@@ -30,7 +30,7 @@ def cmd_fetch(args) -> int:
 
         path = resolve_model(args.name or "smollm2-135m", "teacher.model")
     else:
-        from raykd.corpora import fetch_sotu
+        from raykd.data.corpora import fetch_sotu
 
         if (args.name or "sotu") != "sotu":
             return _err(f"fetch corpus: unknown corpus {args.name!r}; the named corpus is 'sotu'")
@@ -80,7 +80,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_cache_teacher(args) -> int:
-    from raykd.cache import build
+    from raykd.data.cache import build
     from raykd.config import ConfigError, load_config
     from raykd.train import resolve
 

@@ -154,7 +154,7 @@ class LossConfig:
     def __post_init__(self):
         if isinstance(self.weights, dict):
             self.weights = _build(LossWeights, self.weights, "loss.weights")
-        from raykd.losses import check_logit_loss
+        from raykd.losses.divergences import check_logit_loss
 
         try:
             check_logit_loss(self.kd, self.kd_params or {})

@@ -230,7 +230,7 @@ def eval_blocks(sources: list[str], tokenizer, block_size: int, max_blocks: int,
     packed in order; reading stops once `max_blocks` blocks are full, and a final partial
     block is dropped. `field` names the setting in error messages.
     """
-    from raykd.corpora import clean_text, pack_blocks, read_documents, resolve_sources
+    from raykd.data.corpora import clean_text, pack_blocks, read_documents, resolve_sources
 
     if block_size < 2:
         raise ConfigError(f"{field}: block size {block_size} is too small; use at least 2 tokens")

@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from raykd.attention import attention_kl, default_relation_heads, relation_loss
 from raykd.capture import QKV, Capture, run_layers
 from raykd.config import LossConfig, _build
-from raykd.fused import HeadWorkspace
 from raykd.layer_map import Projections, pick_pairs
-from raykd.losses import HIDDEN_LOSSES, fused_head_losses
-from raykd.topk import TopK
+from raykd.losses.attention import attention_kl, default_relation_heads, relation_loss
+from raykd.losses.divergences import HIDDEN_LOSSES
+from raykd.losses.fused import HeadWorkspace, fused_head_losses
+from raykd.losses.topk import TopK
 
 
 @dataclass
@@ -128,7 +128,7 @@ class Distiller(nn.Module):
         flat = lambda x: x[:, :-1].reshape(-1, x.shape[-1])  # noqa: E731  [B, T, H] -> [B*(T-1), H]
         s_w, s_b = head(self.student)
         t_in = t_w = t_b = None
-        if "kd" in w and teacher.topk is not None:  # cached top-k targets (raykd.topk)
+        if "kd" in w and teacher.topk is not None:  # cached top-k targets (raykd.losses.topk)
             t_in = teacher.topk.shifted()
         elif "kd" in w:
             t_in, (t_w, t_b) = flat(teacher.last_hidden), head(teacher.model)

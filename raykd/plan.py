@@ -77,7 +77,7 @@ def _choose_kept(cfg: Config, teacher_dir: Path, depth: int, log) -> tuple[list[
     if s.init != "importance":
         return select_layers(s.init, depth, s.num_layers, s.layers, s.ends_first), None
     select_layers("first", depth, s.num_layers)  # the depth check, before loading anything
-    from raykd.corpora import calibration_text
+    from raykd.data.corpora import calibration_text
     from raykd.importance import calibration_ids, importance_cut
 
     log(f"raykd: scoring {s.importance_metric} cuts of the teacher on {s.calibration_tokens} calibration tokens")

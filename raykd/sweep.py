@@ -22,7 +22,8 @@ import os
 import time
 from pathlib import Path
 
-from raykd import cache, models
+from raykd import models
+from raykd.data import cache
 from raykd.config import Config, ConfigError, SweepConfig, _build, from_dict, set_dotted
 
 EXPERIMENT = "tune"
@@ -132,7 +133,7 @@ def sweep(cfg: Config, resume: bool = False, log=print) -> dict:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from raykd import data
+    from raykd.data import pipeline
     from raykd.report import write_report
     from raykd.train import init_ray
 
@@ -141,7 +142,7 @@ def sweep(cfg: Config, resume: bool = False, log=print) -> dict:
     sw = _build(SweepConfig, cfg.sweep, "sweep")
     base = cfg.to_dict()
     _check_space(base, sw)
-    data.preflight(cfg.data)
+    pipeline.preflight(cfg.data)
     models.resolve_model(cfg.teacher.model, "teacher.model", log)  # fetch/convert once, before trials race for it
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from raykd import cache, models
+from raykd import models
+from raykd.data import cache
 from raykd.config import Config, from_dict
 from raykd.layer_map import layer_map
 from raykd.objective import Distiller, teacher_forward
@@ -351,20 +352,20 @@ def build_trainer(cfg: Config, log=print, callbacks: list | None = None):
     )
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from raykd import data
+    from raykd.data import pipeline
 
     ctx = DataContext.get_current()  # raykd prints its own progress lines; Data's bars would bury them
     ctx.enable_progress_bars = ctx.enable_operator_progress_bars = False
     ctx.print_on_execution_start = False
     sc = cfg.scale
     teacher_dir = models.resolve_model(cfg.teacher.model, "teacher.model", log)
-    train_ds, val_ds = data.build_datasets(cfg.data, str(teacher_dir), cfg.seed, cfg.teacher.trust_remote_code)
+    train_ds, val_ds = pipeline.build_datasets(cfg.data, str(teacher_dir), cfg.seed, cfg.teacher.trust_remote_code)
     if cfg.teacher.cache:  # the cached blocks (with the teacher's targets) replace the train stream
         cache.require(cfg, teacher_dir)
         train_ds = cache.train_dataset(cfg)
     else:
-        data.check_blocks(train_ds, "data.train")
-    data.check_blocks(val_ds, "data.validation")
+        pipeline.check_blocks(train_ds, "data.train")
+    pipeline.check_blocks(val_ds, "data.validation")
     resources = {"CPU": sc.cpus_per_worker, **({"GPU": 1} if sc.use_gpu else {})}
     out = Path(cfg.output_dir).resolve()
     storage, name = (sc.storage_path, out.name) if sc.storage_path else (str(out), "train")
@@ -381,7 +382,7 @@ def build_trainer(cfg: Config, log=print, callbacks: list | None = None):
         ),
         datasets={"train": train_ds, "validation": val_ds},
         # every worker streams its own shard of train; rank 0 reads validation whole; order is deterministic
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=data.ingest_options()),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=pipeline.ingest_options()),
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
     )
 
@@ -404,10 +405,10 @@ def _replace(src: Path, dst: Path) -> None:
 
 def distill(cfg: Config, log=print) -> dict:
     """`raykd distill`: validate, start or join Ray, train, export OUTPUT/{student,metrics.json,config.yaml}."""
-    from raykd import data
+    from raykd.data import pipeline
 
     resolved, plan = resolve(cfg, log)
-    data.preflight(cfg.data)  # bad corpora fail here, before Ray starts
+    pipeline.preflight(cfg.data)  # bad corpora fail here, before Ray starts
     if resolved.teacher.cache:
         cache.ensure(resolved, log)  # a mismatching cache is refused before Ray starts; a missing one is built
     init_ray(resolved, log=log)

@@ -40,7 +40,7 @@ def _cfg(cache_dir, *overrides):
 
 @pytest.fixture(scope="module")
 def built(local_ray, tmp_path_factory):
-    from raykd import cache
+    from raykd.data import cache
 
     d = tmp_path_factory.mktemp("cache") / "c"
     meta = cache.build(_cfg(d), log=lambda m: None)
@@ -54,9 +54,9 @@ def _table(path):
 
 
 def test_build_holds_the_teachers_targets(built, tiny_teacher):
-    from raykd import cache
+    from raykd.data import cache
     from raykd.objective import Needs, forward_with_capture, head
-    from raykd.topk import teacher_topk
+    from raykd.losses.topk import teacher_topk
 
     d, meta = built
     assert meta["complete"] and meta["shards"] == 3 and meta["blocks"] == 48 and meta["tokens"] == 48 * 64
@@ -84,7 +84,7 @@ def test_build_holds_the_teachers_targets(built, tiny_teacher):
 
 
 def test_resume_rebuilds_only_missing_shards(built, tmp_path):
-    from raykd import cache
+    from raykd.data import cache
 
     src, _ = built
     d = tmp_path / "c"
@@ -117,7 +117,7 @@ def _teacher_dir():
     ("student.init=first", r"needs \[1\] too"),  # maps teacher layers 0, 1, 2; the cache holds 0, 2, 5
 ])
 def test_mismatching_cache_is_refused_before_ray(built, override, match):
-    from raykd import cache
+    from raykd.data import cache
     from raykd.config import ConfigError
     from raykd.models import resolve_model
 

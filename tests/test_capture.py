@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers as tf
 
-from raykd.attention import (
+from raykd.losses.attention import (
     attention_kl,
     attention_probs,
     default_relation_heads,

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from raykd import data
+from raykd.data import pipeline as data
 from raykd.config import ConfigError, DataConfig
-from raykd.corpora import clean_text
+from raykd.data.corpora import clean_text
 
 pytestmark = pytest.mark.ray
 

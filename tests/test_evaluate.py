@@ -87,7 +87,7 @@ def test_eval_blocks_packs_documents_with_eos(tmp_path, tokenizer):
     docs = ["The quick brown fox jumps over the lazy dog. " * 3, "Lists and   tuples\r\nare sequences.\n\n\n\nSo are strings. " * 4]
     (tmp_path / "a.txt").write_text(docs[0])
     (tmp_path / "b.txt").write_text(docs[1])
-    from raykd.corpora import clean_text
+    from raykd.data.corpora import clean_text
 
     ids = [tokenizer(clean_text(d), add_special_tokens=False)["input_ids"] for d in docs]
     stream = ids[0] + [tokenizer.eos_token_id] + ids[1] + [tokenizer.eos_token_id]
@@ -99,7 +99,7 @@ def test_eval_blocks_packs_documents_with_eos(tmp_path, tokenizer):
 
 
 def test_eval_blocks_uses_the_validation_split(tokenizer):
-    from raykd.corpora import clean_text, read_documents
+    from raykd.data.corpora import clean_text, read_documents
 
     first = clean_text(next(read_documents("pydoc:validation")))
     head = tokenizer(first, add_special_tokens=False)["input_ids"][:16]

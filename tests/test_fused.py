@@ -1,4 +1,4 @@
-"""Tests for the fused LM-head loss (raykd.fused): equal to the naive full-logits losses in value and
+"""Tests for the fused LM-head loss (raykd.losses.fused): equal to the naive full-logits losses in value and
 gradient, chunking, masks, dtypes, memory (no [N, V] tensor), the closed-form gradients and buffer reuse."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from test_losses import CASE_IDS, CASES
 
-from raykd import fused as fused_mod
+from raykd.losses import fused as fused_mod
 from raykd import losses as L
 
 

@@ -86,7 +86,7 @@ def test_projections_identity_and_learned():
 
 
 def test_pack_blocks_and_clean_text():
-    from raykd.corpora import clean_text, pack_blocks
+    from raykd.data.corpora import clean_text, pack_blocks
 
     blocks, rest = pack_blocks([[1, 2, 3], [4, 5], [6]], 4, eos_id=0)
     assert blocks == [[1, 2, 3, 0], [4, 5, 0, 6]] and rest == [0]

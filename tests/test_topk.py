@@ -1,11 +1,11 @@
-"""Sparse top-k teacher targets (raykd.topk): exact at k = V, error shrinking with k, and the fused
+"""Sparse top-k teacher targets (raykd.losses.topk): exact at k = V, error shrinking with k, and the fused
 LM-head path on cached targets equal to the plain sparse loss (values and gradients)."""
 
 import pytest
 import torch
 
 from raykd.losses import LOGIT_LOSSES, SPARSE_UNSUPPORTED, fused_head_losses
-from raykd.topk import TopK, sparse_logit_loss, teacher_topk
+from raykd.losses.topk import TopK, sparse_logit_loss, teacher_topk
 
 SERVED = [n for n in LOGIT_LOSSES if n not in SPARSE_UNSUPPORTED]
 PARAMS = {"jsd": {"beta": 0.3}, "skew_forward_kl": {"alpha": 0.2}, "skew_reverse_kl": {"alpha": 0.2}}

@@ -24,7 +24,7 @@ __all__ = [
     *(f"{n}_per_token" for n in ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl",
                                  "skew_reverse_kl", "tvd", "dkd")),
     "TOKEN_LOSSES", "LOGIT_LOSSES", "LOSS_PARAMS", "NEEDS_TARGETS", "SPARSE_UNSUPPORTED", "check_logit_loss",
-    "suggest", "cross_entropy", "HIDDEN_LOSSES",  # (+ fused_head_losses, from raykd.fused)
+    "suggest", "cross_entropy", "HIDDEN_LOSSES",
     "mse_hidden", "cosine_hidden", "nmse_hidden",
 ]
 
@@ -291,11 +291,3 @@ HIDDEN_LOSSES: dict[str, Callable[..., Tensor]] = {
     "mse": mse_hidden, "cosine": cosine_hidden, "nmse": nmse_hidden,
 }
 
-
-def __getattr__(name: str):
-    """`raykd.losses.fused_head_losses` lives in `raykd.fused` (which needs the registry above)."""
-    if name == "fused_head_losses":
-        from raykd.fused import fused_head_losses
-
-        return fused_head_losses
-    raise AttributeError(f"module 'raykd.losses' has no attribute {name!r}")

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from raykd.losses.divergences import SPARSE_UNSUPPORTED, TOKEN_LOSSES, check_logit_loss
+
 _NEG = -1e30  # an "empty" bin: probability 0 without -inf arithmetic
 
 
@@ -117,8 +119,6 @@ def sparse_logit_loss(name: str, student_logits: Tensor, teacher: TopK, mask: Te
                       temperature: float = 1.0, **params) -> Tensor:
     """LOGIT_LOSSES[name] with top-k teacher targets: student_logits [N, V], teacher TopK [N, k],
     mask [N] bool -> scalar mean over unmasked tokens, T² scaled (as the dense registry)."""
-    from raykd.losses import SPARSE_UNSUPPORTED, TOKEN_LOSSES, check_logit_loss
-
     check_logit_loss(name, params)
     if name in SPARSE_UNSUPPORTED:
         raise ValueError(f"loss.kd: {name} needs the dense teacher distribution; the teacher cache serves "

@@ -8,7 +8,7 @@ Layout of `teacher.cache` (a directory):
     shard-00000.parquet    `teacher.cache_shard_blocks` consecutive blocks of the shuffled
     shard-00001.parquet    train stream, one row per block [T tokens], zstd; columns:
     ...                      input_ids  int32 [T]
-                             topk_idx   int32 [T, k]   top-k token ids (raykd.topk.TopK)
+                             topk_idx   int32 [T, k]   top-k token ids (raykd.losses.topk.TopK)
                              topk_logp  fp16/bf16 [T, k] log-probs over the full vocabulary
                              tail       fp32 [T]      log of the probability mass outside the top k
                              hidden_<t> fp16/bf16 [T, H] output of teacher layer t (stored layers)
@@ -193,7 +193,7 @@ class _ShardWriter:
     def _encode(self, ids: np.ndarray) -> dict[str, list[bytes]]:
         """Teacher targets of blocks ids [n, T] as binary cells, one per block."""
         from raykd.objective import forward_with_capture
-        from raykd.topk import teacher_topk
+        from raykd.losses.topk import teacher_topk
 
         cols: dict[str, list[bytes]] = {"input_ids": [], "topk_idx": [], "topk_logp": [], "tail": []}
         cols.update({f"hidden_{t}": [] for t in self.layers})
@@ -249,7 +249,7 @@ def _sizes(files: list[Path]) -> dict:
 
 def _driven(it):
     """Iterate a Ray Data iterator on the driver; a ConfigError raised in a task comes back as one line."""
-    from raykd.data import _config_error
+    from raykd.data.pipeline import _config_error
 
     try:
         yield from it
@@ -265,7 +265,7 @@ def build(cfg: Config, log=print) -> dict:
     import pyarrow.parquet as pq
     import ray.data
 
-    from raykd import data
+    from raykd.data import pipeline
     from raykd.train import init_ray
 
     t0 = time.perf_counter()
@@ -277,7 +277,7 @@ def build(cfg: Config, log=print) -> dict:
     if state == "complete":
         log(f"raykd: teacher cache {path} is complete ({meta['shards']} shards, {meta['tokens']} tokens)")
         return meta
-    data.preflight(cfg.data)
+    pipeline.preflight(cfg.data)
     path.mkdir(parents=True, exist_ok=True)
     for stale in path.glob(".shard-*.tmp"):  # a shard an interrupted build was writing
         stale.unlink()
@@ -288,8 +288,8 @@ def build(cfg: Config, log=print) -> dict:
     ctx.enable_progress_bars = ctx.enable_operator_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.execution_options.preserve_order = True  # the same shards, block for block, on every build
-    train_ds, _ = data.build_datasets(cfg.data, str(teacher_dir), cfg.seed, cfg.teacher.trust_remote_code)
-    data.check_blocks(train_ds, "data.train")
+    train_ds, _ = pipeline.build_datasets(cfg.data, str(teacher_dir), cfg.seed, cfg.teacher.trust_remote_code)
+    pipeline.check_blocks(train_ds, "data.train")
     todo, n_shards = [], 0
     for i, batch in enumerate(_driven(train_ds.iter_batches(batch_size=cfg.teacher.cache_shard_blocks, batch_format="numpy"))):
         ids = np.ascontiguousarray(batch["input_ids"], dtype=np.int32)
@@ -365,7 +365,7 @@ def teacher_outputs(batch: dict, cfg: Config, vocab: int, device: torch.device):
     """(input_ids [B, T] long, TeacherOutputs with `topk` and cached `hidden`) from a numpy batch
     of shard rows (the run's block size, k and dtype were checked against the cache's meta)."""
     from raykd.objective import TeacherOutputs
-    from raykd.topk import TopK
+    from raykd.losses.topk import TopK
 
     T, k, dt = cfg.data.block_size, cfg.teacher.cache_topk, _DTYPES[cfg.teacher.cache_dtype]
     ids = _cells(batch["input_ids"], np.int32, (T,)).long().to(device)

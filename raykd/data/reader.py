@@ -1,6 +1,6 @@
 """Corpus sources without Ray: which files make each split, reading their documents, and the
 driver-side `preflight` that turns every bad corpus into one `ConfigError` line before Ray
-starts. The Ray Data pipeline in `raykd.data` runs the same reading code inside its tasks.
+starts. The Ray Data pipeline in `raykd.data.pipeline` runs the same reading code inside its tasks.
 
 Inputs: plain text (one document per file; directories, globs), ``.jsonl`` (``data.text_field``
 per row), ``.parquet`` (column ``data.text_field``), ``datasets`` ``save_to_disk`` directories
@@ -53,11 +53,11 @@ def _no_interrupts():
 
 
 def _corpora():
-    """``raykd.corpora``, imported on first use and uninterrupted (it imports torch via raykd.models)."""
-    mod = sys.modules.get("raykd.corpora")
+    """``raykd.data.corpora``, imported on first use and uninterrupted (it imports torch via raykd.models)."""
+    mod = sys.modules.get("raykd.data.corpora")
     if mod is None:
         with _no_interrupts():
-            from raykd import corpora as mod
+            from raykd.data import corpora as mod
     return mod
 
 

@@ -70,7 +70,7 @@ from typing import Iterator
 import numpy as np
 
 from raykd.config import ConfigError, DataConfig
-from raykd.sources import (  # noqa: F401  (preflight: public here too)
+from raykd.data.reader import (  # noqa: F401  (preflight: public here too)
     _corpora,
     _documents,
     _File,

@@ -1,6 +1,6 @@
 """The fused LM-head loss: CE + logit KD from final hidden states, chunked over tokens so that
 full [N, V] logits never exist; teacher targets dense (teacher hidden + head) or cached top-k
-(`raykd.topk`). Pure torch, no Ray; re-exported as `raykd.losses.fused_head_losses`."""
+(`raykd.losses.topk`). Pure torch, no Ray; re-exported as `raykd.losses.fused_head_losses`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from raykd.losses import (
+from raykd.losses.divergences import (
     _FLOOR,
     NEEDS_TARGETS,
     SPARSE_UNSUPPORTED,
@@ -18,7 +18,7 @@ from raykd.losses import (
     _upcast,
     check_logit_loss,
 )
-from raykd.topk import TopK, sparse_bins
+from raykd.losses.topk import TopK, sparse_bins
 
 # ----------------------------------------------------------------------------- fused LM head
 CLOSED_FORM = frozenset({"forward_kl", "reverse_kl"})  # KD losses whose chunk gradient is written out (no autograd)
@@ -174,7 +174,7 @@ def _fused_pass(sh, sw, sb, th, tw, tb, targets, mask, cfg, ws, need_h, need_w, 
                 sums["ce"] += ce_c.detach()
                 obj = obj + ce_w * ce_c
             if kd_fn is not None:
-                if sparse:  # (k+1)-bin distributions, already at temperature (raykd.topk)
+                if sparse:  # (k+1)-bin distributions, already at temperature (raykd.losses.topk)
                     kd_c = kd_fn(*sparse_bins(leaf, th.rows(rows), temperature), 1.0, **kd_params).sum()
                 else:
                     extra = {"targets": tgt} if kd in NEEDS_TARGETS else {}
@@ -241,8 +241,8 @@ def fused_head_losses(student_hidden: Tensor, student_weight: Tensor, teacher_hi
     cross-entropy, Hsu et al. 2024, and torchtune's chunked CE; own implementation).
 
     student_hidden [N, Hs], student_weight [V, Hs], teacher_hidden [N, Ht] or None,
-    teacher_weight [V, Ht] (or teacher_hidden a `raykd.topk.TopK` [N, k] of cached sparse
-    targets and teacher_weight None: KD on the (k+1)-bin distributions, see raykd.topk),
+    teacher_weight [V, Ht] (or teacher_hidden a `raykd.losses.topk.TopK` [N, k] of cached sparse
+    targets and teacher_weight None: KD on the (k+1)-bin distributions, see raykd.losses.topk),
     targets [N] long, mask [N] bool or None (leading dims flattened).
     Returns (total, terms): total = ce_weight·CE + kd_weight·KD where CE == cross_entropy(...)
     and KD == LOGIT_LOSSES[kd](..., temperature, **kd_params) (T² included) on the full
