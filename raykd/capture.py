@@ -51,7 +51,9 @@ _LAYOUTS = (
     ("transformer", "h", "ln_f"),  # GPT-2, GPT-J, Bloom-style
     ("gpt_neox", "layers", "final_layer_norm"),  # GPT-NeoX / Pythia
 )
-_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
+# KV-cache kwargs of decoder layers: ``cache`` from transformers 5.24 on (was ``past_key_values``), older
+# spellings and GPT-2's ``layer_past``. Any kwarg holding a ``*Cache`` object is dropped too, whatever its name.
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
 def _base(model: nn.Module) -> tuple[nn.Module, str, str]:
@@ -271,10 +273,7 @@ class Capture:
 
     def _inputs_hook(self, k: int):
         def hook(module, args, kwargs):
-            kw = LayerKwargs(kwargs)
-            for name in _CACHE_KWARGS:  # do not keep the KV cache alive; run_layers never uses it
-                if name in kw:
-                    kw[name] = None
+            kw = LayerKwargs(_without_cache(kwargs))  # do not keep the KV cache alive; run_layers never uses it
             kw.args = tuple(None if _is_cache(a) else a for a in args[1:])
             self.layer_inputs[k] = kw
 
@@ -372,10 +371,7 @@ def run_layers(
             raise ValueError(f"run_layers: no kwargs for layer {idx} (capture layer_inputs={start}..{n - 1})")
         kw = layer_kwargs[idx] if per_layer else layer_kwargs
         args = tuple(None if _is_cache(a) else a for a in getattr(kw, "args", ()))
-        kwargs = dict(kw)
-        for name in _CACHE_KWARGS:
-            if name in kwargs:
-                kwargs[name] = None
+        kwargs = _without_cache(kw)
         if "use_cache" in kwargs:
             kwargs["use_cache"] = False
         out = layers[idx](h, *args, **kwargs)
@@ -385,3 +381,13 @@ def run_layers(
 
 def _is_cache(x) -> bool:
     return any(c.__name__.endswith("Cache") for c in type(x).__mro__)
+
+
+def _without_cache(kwargs: Mapping) -> dict:
+    """A copy of layer kwargs with every KV cache set to None (by name, or by value type for renamed ones).
+
+    A cache passed back to a layer would be appended to and attended over: the keys grow to
+    ``[B, nkv, T_cached + T, hd]`` against a ``[B, 1, T, T]`` mask, or (sdpa, causal, no mask) the stale
+    cached keys of the captured forward are used instead of the new hidden state's.
+    """
+    return {k: None if k in _CACHE_KWARGS or _is_cache(v) else v for k, v in kwargs.items()}

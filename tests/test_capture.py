@@ -391,31 +391,68 @@ def test_relation_loss_different_shapes_has_grads():
 # ------------------------------------------------------------------------------------------------
 # run_layers
 # ------------------------------------------------------------------------------------------------
+def forward_replacing(model, layer, h, **inputs):
+    """last_hidden_state [B,T,H] of a fresh forward (no cache) in which decoder layer `layer` outputs h [B,T,H]."""
+    def hook(module, args, out):
+        return h if isinstance(out, torch.Tensor) else (h, *out[1:])
+
+    handle = decoder_layers(model)[layer].register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            return model.model(**inputs, use_cache=False).last_hidden_state
+    finally:
+        handle.remove()
+
+
+def no_cache_kept(layer_inputs):
+    return all("Cache" not in type(v).__name__ for kw in layer_inputs.values() for v in (*kw.values(), *kw.args))
+
+
 @pytest.mark.parametrize("k", [0, 1, 2])
 def test_run_layers_reproduces_last_hidden_state(k):
+    """The capture forward fills a KV cache (transformers passes it as `cache` from 5.24, `past_key_values`
+    before): run_layers must recompute k/v from the hidden state it is given, never reuse or grow that cache."""
     model = make()
     x = ids()
     with torch.no_grad(), Capture(model, hidden=[k], layer_inputs=[k + 1]) as cap:
-        last = model.model(input_ids=x).last_hidden_state
+        last = model.model(input_ids=x, use_cache=True).last_hidden_state
+    assert no_cache_kept(cap.layer_inputs)
     with torch.no_grad():
         out = run_layers(model, cap.hidden[k], k + 1, cap.layer_inputs[k + 1])
     torch.testing.assert_close(out, last, atol=1e-5, rtol=0)
+    # another hidden state (block-wise KD feeds the student's), twice: same as a fresh forward from it
+    h2 = cap.hidden[k] + torch.randn_like(cap.hidden[k])
+    ref = forward_replacing(model, k, h2, input_ids=x)
+    assert not torch.allclose(ref, last, atol=1e-2)
+    for _ in range(2):
+        with torch.no_grad():
+            torch.testing.assert_close(run_layers(model, h2, k + 1, cap.layer_inputs[k + 1]), ref, atol=1e-5, rtol=0)
 
 
 def test_run_layers_padding_per_layer_kwargs_and_grad():
-    """Gemma-3 alternates sliding/full masks, so kwargs are given per layer; padding mask honoured."""
+    """Gemma-3 alternates sliding/full masks, so kwargs are given per layer; padding mask honoured, also for a
+    hidden state other than the captured one (with a KV cache filled during the capture forward)."""
     cls, kw, _ = FAMILIES["gemma3-headnorm-sliding"]
     model = make(cls, **kw)
     x = ids()
     am = torch.ones(B, T, dtype=torch.long)
-    am[0, 8:] = 0
+    am[0, 8:] = 0  # right padding
+    am[1, :3] = 0  # left padding: changes what the valid rows of sequence 1 attend to
     with torch.no_grad(), Capture(model, hidden=[0], layer_inputs=[1, 2]) as cap:
         last = model.model(input_ids=x, attention_mask=am, use_cache=True).last_hidden_state
+    assert no_cache_kept(cap.layer_inputs)
     h = cap.hidden[0].clone().requires_grad_(True)
     out = run_layers(model, h, 1, cap.layer_inputs)
     torch.testing.assert_close(out, last, atol=1e-5, rtol=0)
     out.pow(2).sum().backward()
     assert h.grad is not None and h.grad.abs().sum() > 0
+    h2 = cap.hidden[0] + torch.randn_like(cap.hidden[0])
+    ref = forward_replacing(model, 0, h2, input_ids=x, attention_mask=am)
+    with torch.no_grad():
+        torch.testing.assert_close(run_layers(model, h2, 1, cap.layer_inputs), ref, atol=1e-5, rtol=0)
+        # the padding mask matters: without it the valid positions of the left-padded sequence change
+        no_pad = forward_replacing(model, 0, h2, input_ids=x)
+        assert not torch.allclose(no_pad[1, 3:], ref[1, 3:], atol=1e-3)
     # start == num_layers only applies the final norm
     torch.testing.assert_close(run_layers(model, h, 3, {}), model.model.norm(h))
     with pytest.raises(ValueError, match="no kwargs for layer 1"):
