@@ -12,11 +12,12 @@ QUIET  := 2>&1 | { grep -v -E "is ignored: it is neither a file nor a directory"
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: the CPU wheel; anything unpinned would pull a CUDA build.
 	$(PIP) torch==2.13.0 $(QUIET)
-	$(PIP) -e '.[dev]' $(QUIET)
+	# every other package at the version the suite passed with (constraints.txt)
+	$(PIP) -c constraints.txt -e '.[dev]' $(QUIET)
 	$(PY) -c "import torch, ray, transformers, raykd; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $@
 
@@ -31,7 +32,7 @@ demo: install
 # bench: the `bench` extra (TRL) next to dev, torch kept at the pinned CPU wheel; then every
 # bench/*.py benchmark in turn -> docs/BENCHMARKS.md (non-zero exit if a benchmark failed).
 bench: install
-	$(PIP) torch==2.13.0 -e '.[dev,bench]' $(QUIET)
+	$(PIP) -c constraints.txt torch==2.13.0 -e '.[dev,bench]' $(QUIET)
 	$(PY) -c "import torch, trl; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	HF_HUB_OFFLINE=1 $(PY) bench/collect.py
 
