@@ -3,7 +3,7 @@
 Compared, on the same batch (4 x 256 tokens of State of the Union text), the same threads
 and precision, in one process with the arms interleaved step by step:
 
-* KD step: `raykd.objective.teacher_forward` (capturing what `Distiller.teacher_needs()`
+* KD step: `raykd.objective.teacher_forward` (capturing what `ObjectiveSpec.teacher_needs()`
   asks for) + `Distiller` forward with CE + forward KL (fused chunked LM-head loss) +
   cosine hidden-state alignment + attention-map KL on every mapped layer pair, backward,
   AdamW step. Teacher: SmolLM2-135M (30 layers); student: the 10-layer cut
@@ -66,9 +66,9 @@ def main() -> int:
     ids = C.sotu_blocks(tok, a.batch, a.block)
     depth = num_layers(teacher.config)
     pairs = layer_map("auto", depth, len(C.KEPT), C.KEPT, None, None)
-    distiller = Distiller(copy.deepcopy(student), {"kd": "forward_kl", "hidden": "cosine", "weights": WEIGHTS},
+    distiller = Distiller.build(copy.deepcopy(student), {"kd": "forward_kl", "hidden": "cosine", "weights": WEIGHTS},
                           pairs, teacher.config.hidden_size, depth)
-    needs = distiller.teacher_needs()
+    needs = distiller.spec.teacher_needs()
     print(f"layer map (teacher, student): {pairs}")
     print(f"teacher needs: hidden {needs.hidden}, qkv {needs.qkv}", flush=True)
     ce_student = student

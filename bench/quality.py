@@ -110,7 +110,7 @@ def main() -> int:
     from raykd import models
     from raykd.config import from_dict
     from raykd.evaluate import eval_blocks, perplexity
-    from raykd.train import resolve
+    from raykd.plan import resolve
 
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

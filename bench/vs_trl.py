@@ -63,7 +63,7 @@ def arm_raykd(a) -> None:
     from raykd.layer_map import layer_map
     from raykd.models import num_layers
     from raykd.objective import Distiller, teacher_forward
-    from raykd.parallel import Engine
+    from raykd.parallel import make_engine
 
     teacher, student, _, batches = _prepare(a)
     cfg = from_dict({
@@ -75,9 +75,9 @@ def arm_raykd(a) -> None:
     })
     depth = num_layers(teacher.config)
     pairs = layer_map("auto", depth, len(C.KEPT), C.KEPT, None, None)
-    distiller = Distiller(student, cfg.loss, pairs, teacher.config.hidden_size, depth)
-    needs = distiller.teacher_needs()
-    engine = Engine(distiller, teacher, cfg, torch.device("cpu"), 1)
+    distiller = Distiller.build(student, cfg.loss, pairs, teacher.config.hidden_size, depth)
+    needs = distiller.spec.teacher_needs()
+    engine = make_engine(distiller, teacher, cfg, torch.device("cpu"), 1, precision=a.precision)
     times, losses = [], []
     for i, ids in enumerate(batches):
         C.turn()

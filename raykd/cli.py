@@ -80,16 +80,17 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_cache_teacher(args) -> int:
+    from raykd.config import load_config
     from raykd.data.cache import build
-    from raykd.config import ConfigError, load_config
-    from raykd.train import resolve
+    from raykd.errors import ConfigError
+    from raykd.plan import resolve
 
     cfg = load_config(args.config, args.overrides)
     if not cfg.teacher.cache:
         raise ConfigError("teacher.cache: no cache directory; pass teacher.cache=DIR (e.g. teacher.cache=runs/cache)")
-    resolved, _ = resolve(cfg, log=lambda m: print(m, file=sys.stderr))
+    resolved, plan = resolve(cfg, log=lambda m: print(m, file=sys.stderr))
     t0 = time.time()
-    meta = build(resolved, log=lambda m: print(m, file=sys.stderr))
+    meta = build(resolved, plan, log=lambda m: print(m, file=sys.stderr))
     bpt = meta["bytes_per_token"]
     print(f"raykd: teacher cache {cfg.teacher.cache}: {meta['shards']} shards, {meta['blocks']} blocks, {meta['tokens']} tokens, "
           f"{meta['bytes'] / 2**20:.1f} MiB; {bpt['logits']} bytes/token logits only, {bpt['logits_and_hidden']} with hidden states "
@@ -148,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from raykd.config import ConfigError
+    from raykd.errors import ConfigError
 
     args = build_parser().parse_args(argv)
     try:

@@ -9,7 +9,6 @@ teacher (depth, vocabulary) run when the plan is built (`raykd.plan`). All raise
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import types
 import typing
@@ -18,15 +17,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A bad configuration value: the message is one line naming the field and the fix."""
-
-
-def suggest(name: str, choices) -> str:
-    """' did you mean X?' for the closest of `choices`, or ''."""
-    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.5)
-    return f"; did you mean '{close[0]}'?" if close else ""
+from raykd.errors import ConfigError, suggest
 
 
 def _choice(path: str, value, choices) -> None:
@@ -134,9 +125,6 @@ class LossWeights:
                 raise ConfigError(f"loss.weights.{f.name}: negative weight {v}; use 0 to switch the term off")
         if sum(getattr(self, f.name) for f in dataclasses.fields(self)) == 0:
             raise ConfigError("loss.weights: every weight is 0; give at least one term a positive weight, e.g. loss.weights.kd=1")
-
-    def active(self) -> dict[str, float]:
-        return {f.name: float(getattr(self, f.name)) for f in dataclasses.fields(self) if getattr(self, f.name) > 0}
 
 
 @dataclass
@@ -316,12 +304,12 @@ class Config:
         if self.sweep is not None:
             _build(SweepConfig, self.sweep, "sweep")  # validated here, used by raykd.sweep
         if self.teacher.cache:  # the cache holds log-probs and hidden states, not attention or the teacher's upper blocks
-            w = self.loss.weights.active()
-            for term in ("attention", "relation", "blockwise"):
-                if term in w:
-                    raise ConfigError(f"loss.weights.{term}: the teacher cache (teacher.cache) cannot serve this term; set loss.weights.{term}=0 or drop teacher.cache to run the teacher online")
-            if "kd" in w and self.loss.kd in ("dkd",):
-                raise ConfigError(f"loss.kd: {self.loss.kd} needs the dense teacher distribution, which the teacher cache does not hold; use forward_kl, reverse_kl, jsd, skew_*, tvd or drop teacher.cache")
+            from raykd.losses.divergences import SPARSE_UNSUPPORTED
+            from raykd.spec import cache_refusal
+
+            why = cache_refusal(self.loss, SPARSE_UNSUPPORTED)
+            if why:
+                raise ConfigError(why)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

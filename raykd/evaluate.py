@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from raykd.config import ConfigError
+from raykd.errors import ConfigError
 
 METRIC_KEYS = (
     "val_perplexity", "teacher_val_perplexity", "top1_agreement", "rougeL", "bleu",

@@ -5,7 +5,7 @@ Two scores on a small calibration sample of training text:
 * ``block_ppl``: every cut that drops one contiguous block of L - k layers (plus the uniform
   cut) is run as-is and scored by its perplexity; the lowest wins. Pruning contiguous blocks
   by their measured effect follows Minitron (Sreenivas et al. 2024, depth pruning) and the
-  training-free architecture search surveyed in the KD survey (shared/papers).
+  training-free architecture search surveyed in knowledge-distillation surveys.
 * ``block_influence``: ShortGPT's Block Influence BI_i = 1 - E[cos(h_in_i, h_out_i)]
   (Men et al. 2024); the k most influential layers are kept. One forward pass, cheap,
   usually worse than block_ppl on small models.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from raykd.config import ConfigError
+from raykd.errors import ConfigError
 
 
 def evenly_spaced(n: int, k: int) -> list[int]:
@@ -94,16 +94,6 @@ def layer_map(strategy: str, teacher_depth: int, student_depth: int, kept: list[
             raise ConfigError(f"layer_map.num_pairs: {num_pairs} exceeds the {len(out)} available pairs; use at most {len(out)}")
         out = [out[i] for i in evenly_spaced(len(out), num_pairs)]
     return out
-
-
-def pick_pairs(pairs: list[tuple[int, int]], indices: list[int] | None, default: str, field: str) -> list[tuple[int, int]]:
-    """A subset of the layer map by index (`default`: 'all' or 'middle' when `indices` is None)."""
-    if indices is None:
-        return list(pairs) if default == "all" else [pairs[len(pairs) // 2]]
-    bad = [i for i in indices if not -len(pairs) <= i < len(pairs)]
-    if bad:
-        raise ConfigError(f"{field}: index {bad[0]} out of range for a layer map of {len(pairs)} pairs; use 0..{len(pairs) - 1}")
-    return [pairs[i] for i in indices]
 
 
 class Projections(nn.Module):

@@ -1,4 +1,5 @@
-"""The one multi-task distillation objective (feature alignment, shared/papers/002):
+"""The one multi-task distillation objective (feature-alignment KD: "Feature Alignment-Based Knowledge
+Distillation for Efficient Compression"; hidden/attention terms after FitNets, TinyBERT and MiniLM):
 
     loss = w_ce * CE(data) + w_kd * D(p_teacher || q_student)             output distributions
          + w_hidden * mean_pairs H(P(h_student_s), h_teacher_t)           hidden states
@@ -15,28 +16,19 @@ nothing. No Ray and no torch.distributed here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from raykd.capture import QKV, Capture, run_layers
 from raykd.config import LossConfig, _build
-from raykd.layer_map import Projections, pick_pairs
+from raykd.layer_map import Projections
 from raykd.losses.attention import attention_kl, default_relation_heads, relation_loss
 from raykd.losses.divergences import HIDDEN_LOSSES
 from raykd.losses.fused import HeadWorkspace, fused_head_losses
 from raykd.losses.topk import TopK
-
-
-@dataclass
-class Needs:
-    """What a model's forward must capture: layer outputs, q/k/v, and decoder-layer kwargs."""
-
-    hidden: list[int] = field(default_factory=list)
-    qkv: list[int] = field(default_factory=list)
-    layer_inputs: list[int] = field(default_factory=list)
-    want_v: bool = False
+from raykd.spec import Needs, ObjectiveSpec
 
 
 @dataclass
@@ -77,102 +69,86 @@ class Distiller(nn.Module):
     even when the CE weight is 0 (the total is then not the training objective).
     """
 
-    def __init__(self, student: nn.Module, loss_cfg: LossConfig | dict, pairs: list[tuple[int, int]], teacher_width: int, teacher_depth: int):
+    def __init__(self, student: nn.Module, spec: ObjectiveSpec, teacher_width: int):
         super().__init__()
         self.student = student
-        self.cfg = loss_cfg if isinstance(loss_cfg, LossConfig) else _build(LossConfig, loss_cfg, "loss")
-        self.weights = self.cfg.weights.active()
-        self.pairs = list(pairs)
-        self.teacher_depth = teacher_depth
-        w = self.weights
-        self.attn_pairs = pick_pairs(self.pairs, self.cfg.attention_pairs, "all", "loss.attention_pairs") if ("attention" in w or "relation" in w) else []
-        self.block_pairs = pick_pairs(self.pairs, self.cfg.blockwise_pairs, "middle", "loss.blockwise_pairs") if "blockwise" in w else []
-        # only the terms that compare hidden states own projections (no unused parameters under DDP)
-        projected = self.pairs if ("hidden" in w or "blockwise" in w) else []
-        self.projections = Projections(projected, student.config.hidden_size, teacher_width)
-        self.relation_heads = self.cfg.relation_heads
+        self.spec = spec
+        self.weights = spec.weights
+        self.projections = Projections(list(spec.projected_pairs), student.config.hidden_size, teacher_width)
         self.head_workspace = HeadWorkspace()  # [chunk, V] buffers the fused head reuses step after step
 
-    # which layers each side must capture ------------------------------------------------
-    @property
-    def uses_teacher(self) -> bool:
-        """False when only data terms (CE) are weighted: a step then needs no teacher forward."""
-        return bool(set(self.weights) - {"ce"})
-
-    def teacher_needs(self) -> Needs:
-        w = self.weights
-        return Needs(
-            hidden=sorted({t for t, _ in self.pairs}) if "hidden" in w else [],
-            qkv=sorted({t for t, _ in self.attn_pairs}),
-            # kwargs of every layer a block-wise pass re-runs (per layer: sliding/full layers differ)
-            layer_inputs=list(range(min(t for t, _ in self.block_pairs) + 1, self.teacher_depth)) if self.block_pairs else [],
-            want_v="relation" in w,
-        )
-
-    def student_needs(self) -> Needs:
-        w = self.weights
-        hidden = {s for _, s in self.pairs} if "hidden" in w else set()
-        hidden |= {s for _, s in self.block_pairs}
-        return Needs(hidden=sorted(hidden), qkv=sorted({s for _, s in self.attn_pairs}), want_v="relation" in w)
+    @classmethod
+    def build(cls, student: nn.Module, loss: LossConfig | dict, pairs, teacher_width: int, teacher_depth: int) -> Distiller:
+        """From a loss config (or its dict) and the layer map: the spec derived here, once."""
+        loss = loss if isinstance(loss, LossConfig) else _build(LossConfig, loss, "loss")
+        return cls(student, ObjectiveSpec.build(loss, pairs, teacher_depth), teacher_width)
 
     # the objective -------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, teacher: TeacherOutputs | None, mask: torch.Tensor | None = None, eval_ce: bool = False):
         """`teacher` None: the data terms only (CE; validation without a teacher forward)."""
-        w, cfg = self.weights, self.cfg
+        w, spec = self.weights, self.spec
         if teacher is None:
             w = {k: v for k, v in w.items() if k == "ce"}
-        last, cap = forward_with_capture(self.student, input_ids, self.student_needs())
+        last, cap = forward_with_capture(self.student, input_ids, spec.student_needs())
         targets = input_ids[:, 1:].reshape(-1)
         tok_mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
         pos_mask = (tok_mask[:, :-1] & tok_mask[:, 1:]).reshape(-1)
-        flat = lambda x: x[:, :-1].reshape(-1, x.shape[-1])  # noqa: E731  [B, T, H] -> [B*(T-1), H]
         s_w, s_b = head(self.student)
         t_in = t_w = t_b = None
         if "kd" in w and teacher.topk is not None:  # cached top-k targets (raykd.losses.topk)
             t_in = teacher.topk.shifted()
         elif "kd" in w:
-            t_in, (t_w, t_b) = flat(teacher.last_hidden), head(teacher.model)
+            t_in, (t_w, t_b) = _flat(teacher.last_hidden), head(teacher.model)
         total, terms = fused_head_losses(
-            flat(last), s_w, t_in, t_w, targets, pos_mask,
-            kd=cfg.kd, temperature=cfg.temperature, kd_params=cfg.kd_params, ce_weight=w.get("ce", 0.0) or float(eval_ce),
-            kd_weight=w.get("kd", 0.0), chunk_size=cfg.chunk_size, student_bias=s_b, teacher_bias=t_b,
+            _flat(last), s_w, t_in, t_w, targets, pos_mask,
+            kd=spec.kd, temperature=spec.temperature, kd_params=spec.kd_params, ce_weight=w.get("ce", 0.0) or float(eval_ce),
+            kd_weight=w.get("kd", 0.0), chunk_size=spec.chunk_size, student_bias=s_b, teacher_bias=t_b,
             workspace=self.head_workspace,
         )
         terms = dict(terms)
-        all_mask = tok_mask.reshape(-1)
-        if "hidden" in w:
-            hidden_fn = HIDDEN_LOSSES[cfg.hidden]
-            vals = []
-            for i, (t, s) in enumerate(self.pairs):
-                hs = self.projections(i, cap.hidden[s])
-                ht = teacher.hidden[t].to(hs.dtype)
-                vals.append(hidden_fn(hs.reshape(-1, hs.shape[-1]), ht.reshape(-1, ht.shape[-1]), all_mask))
-            terms["hidden"] = torch.stack(vals).mean()
-            total = total + w["hidden"] * terms["hidden"]
-        if "attention" in w:
-            terms["attention"] = torch.stack([attention_kl(cap.qkv[s], teacher.qkv[t], tok_mask) for t, s in self.attn_pairs]).mean()
-            total = total + w["attention"] * terms["attention"]
-        if "relation" in w:
-            vals = []
-            for t, s in self.attn_pairs:
-                r = self.relation_heads or default_relation_heads(cap.qkv[s], teacher.qkv[t])
-                vals.append(relation_loss(cap.qkv[s], teacher.qkv[t], r, tok_mask))
-            terms["relation"] = torch.stack(vals).mean()
-            total = total + w["relation"] * terms["relation"]
-        if "blockwise" in w:
-            t_w, t_b = head(teacher.model)
-            vals = []
-            for t, s in self.block_pairs:
-                i = self.pairs.index((t, s))
-                h = run_layers(teacher.model, self.projections(i, cap.hidden[s]).to(t_w.dtype), t + 1, teacher.layer_inputs)
-                kd_b, _ = fused_head_losses(
-                    flat(h), t_w, flat(teacher.last_hidden), t_w, targets, pos_mask, kd=cfg.kd, temperature=cfg.temperature,
-                    kd_params=cfg.kd_params, ce_weight=0.0, kd_weight=1.0, chunk_size=cfg.chunk_size,
-                    student_bias=t_b, teacher_bias=t_b, workspace=self.head_workspace,
-                )
-                vals.append(kd_b)
-            terms["blockwise"] = torch.stack(vals).mean()
-            total = total + w["blockwise"] * terms["blockwise"]
+        feature_terms = {"hidden": self._hidden, "attention": self._attention, "relation": self._relation, "blockwise": self._blockwise}
+        for name, term in feature_terms.items():
+            if name in w:
+                terms[name] = term(cap, teacher, tok_mask, targets, pos_mask)
+                total = total + w[name] * terms[name]
         terms = {k: v.detach() for k, v in terms.items()}
         terms["loss"] = total.detach()
         return total, terms
+
+    # feature terms: (student capture, TeacherOutputs, token mask [B, T], targets [N], position mask [N]) -> scalar
+    def _hidden(self, cap, teacher: TeacherOutputs, tok_mask, _targets, _pos_mask) -> torch.Tensor:
+        hidden_fn, all_mask, vals = HIDDEN_LOSSES[self.spec.hidden_loss], tok_mask.reshape(-1), []
+        for i, (t, s) in enumerate(self.spec.pairs):
+            hs = self.projections(i, cap.hidden[s])
+            ht = teacher.hidden[t].to(hs.dtype)
+            vals.append(hidden_fn(hs.reshape(-1, hs.shape[-1]), ht.reshape(-1, ht.shape[-1]), all_mask))
+        return torch.stack(vals).mean()
+
+    def _attention(self, cap, teacher: TeacherOutputs, tok_mask, _targets, _pos_mask) -> torch.Tensor:
+        return torch.stack([attention_kl(cap.qkv[s], teacher.qkv[t], tok_mask) for t, s in self.spec.attn_pairs]).mean()
+
+    def _relation(self, cap, teacher: TeacherOutputs, tok_mask, _targets, _pos_mask) -> torch.Tensor:
+        vals = []
+        for t, s in self.spec.attn_pairs:
+            r = self.spec.relation_heads or default_relation_heads(cap.qkv[s], teacher.qkv[t])
+            vals.append(relation_loss(cap.qkv[s], teacher.qkv[t], r, tok_mask))
+        return torch.stack(vals).mean()
+
+    def _blockwise(self, cap, teacher: TeacherOutputs, _tok_mask, targets, pos_mask) -> torch.Tensor:
+        """The student's hidden state (projected) through the teacher's upper blocks and head vs the teacher."""
+        spec, (t_w, t_b), vals = self.spec, head(teacher.model), []
+        for t, s in spec.block_pairs:
+            i = spec.pairs.index((t, s))
+            h = run_layers(teacher.model, self.projections(i, cap.hidden[s]).to(t_w.dtype), t + 1, teacher.layer_inputs)
+            kd_b, _ = fused_head_losses(
+                _flat(h), t_w, _flat(teacher.last_hidden), t_w, targets, pos_mask, kd=spec.kd, temperature=spec.temperature,
+                kd_params=spec.kd_params, ce_weight=0.0, kd_weight=1.0, chunk_size=spec.chunk_size,
+                student_bias=t_b, teacher_bias=t_b, workspace=self.head_workspace,
+            )
+            vals.append(kd_b)
+        return torch.stack(vals).mean()
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """[B, T, H] -> [B*(T-1), H]: the positions that predict a next token."""
+    return x[:, :-1].reshape(-1, x.shape[-1])

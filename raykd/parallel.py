@@ -1,12 +1,17 @@
-"""One training engine over three parallel strategies: `ddp`, `fsdp2`, `deepspeed` (ZeRO 1/2/3).
+"""One training engine per parallel strategy: `ddp`, `fsdp2`, `deepspeed` (ZeRO 1/2/3).
 
-The train loop calls the same five methods whatever the strategy:
+The train loop calls the same methods whatever the strategy (`make_engine` picks the class):
 
     loss, terms = engine.forward(input_ids, teacher_out)     # the Distiller, wrapped
     engine.backward(loss, last_micro_step)                    # grad sync only on the last micro-step
-    grad_norm = engine.step()                                 # clip, optimizer, LR schedule
-    engine.save(directory, rank) / engine.load(directory)     # training state (not the export)
-    engine.student_state(rank)                                # full student weights on rank 0
+    engine.micro_step(); grad_norm = engine.step()            # clip, optimizer, LR schedule
+    engine.all_reduce(tensor)                                 # every collective, on the engine's device
+    engine.save(directory, rank, step) / engine.load(directory, step)   # training state
+    engine.student_state(rank)                                # full student weights on rank 0 (export)
+
+The shared base owns device placement of student and teacher, the collectives (always on the
+engine's device: NCCL takes CUDA tensors only), the optimizer and LR schedule (built once,
+here) and autocast. Each strategy overrides only what differs:
 
 * ddp: `DistributedDataParallel` over the Distiller (student + projections); gloo on CPU,
   NCCL on GPUs. Checkpoints hold full state dicts written by rank 0.
@@ -27,6 +32,7 @@ Precision: fp32 master weights everywhere; `bf16` runs the forward passes under 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 from pathlib import Path
@@ -73,56 +79,47 @@ def deepspeed_config(cfg, world_size: int) -> dict:
     return ds
 
 
-class Engine:
-    """The Distiller wrapped for `cfg.scale.strategy`, with its optimizer and LR schedule."""
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
-    def __init__(self, distiller, teacher, cfg, device: torch.device, world_size: int):
+
+class Engine:
+    """The shared base: one process, or DDP when a process group exists (strategy `ddp`)."""
+
+    fused_adamw: bool | None = True  # one in-place kernel over all parameters (no per-parameter temporaries)
+
+    def __init__(self, distiller, teacher, cfg, device: torch.device, world_size: int, precision: str = "fp32"):
         self.cfg, self.device, self.world_size = cfg, device, world_size
-        self.strategy = cfg.scale.strategy
         self.distiller = distiller.to(device)
         self.teacher = teacher
-        self.autocast_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else None
-        t = cfg.train
-        schedule = lr_lambda(t.warmup_steps, t.max_steps)
-        distributed = dist.is_available() and dist.is_initialized()
-        if self.strategy == "deepspeed":
-            import deepspeed
+        self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+        self.place_teacher()
+        self.model = self.wrap()
+        self.optimizer, self.scheduler = self.build_optimizer()
 
-            # ZeRO-3 partitions every weight; the fused loss reads the head weight outside its module
-            deepspeed.zero.register_external_parameter(self.distiller, self.distiller.student.get_output_embeddings().weight)
-            optimizer = torch.optim.AdamW(self.distiller.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-            self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
-                model=self.distiller, optimizer=optimizer, lr_scheduler=scheduler,
-                config=deepspeed_config(cfg, world_size), dist_init_required=False,
-            )
-            return
-        if self.strategy == "fsdp2" and distributed:
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
+    # what a strategy overrides ---------------------------------------------------------------
+    def place_teacher(self) -> None:
+        self.teacher.to(self.device)
 
-            mesh = init_device_mesh(device.type, (world_size,))
-            for layer in decoder_layers(self.distiller.student):
-                fully_shard(layer, mesh=mesh)
-            fully_shard(self.distiller, mesh=mesh)
-            if cfg.scale.shard_teacher:
-                teacher.to(device)
-                for layer in decoder_layers(teacher):
-                    fully_shard(layer, mesh=mesh)
-            self.model = self.distiller
-        elif distributed:
-            from torch.nn.parallel import DistributedDataParallel
+    def wrap(self):
+        if not _distributed():
+            return self.distiller
+        from torch.nn.parallel import DistributedDataParallel
 
-            unused = "hidden" not in distiller.weights and len(distiller.projections.maps) > 0  # block-wise maps a subset
-            ids = [device.index] if device.type == "cuda" else None
-            self.model = DistributedDataParallel(self.distiller, device_ids=ids, find_unused_parameters=unused)
-        else:
-            self.model = self.distiller
-        # fused AdamW (one kernel over all parameters) updates in place: no per-parameter temporaries, which on a
-        # CPU were a transient of ~0.4 GB for a 64 M student; FSDP2's sharded DTensors keep the default loop
-        fused = not (self.strategy == "fsdp2" and distributed)
-        self.optimizer = torch.optim.AdamW(self.distiller.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=fused)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        d = self.distiller
+        unused = "hidden" not in d.weights and len(d.projections.maps) > 0  # block-wise maps a subset
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(d, device_ids=ids, find_unused_parameters=unused)
+
+    def build_optimizer(self):
+        """AdamW and the warm-up + cosine schedule, built once for every strategy."""
+        t = self.cfg.train
+        optimizer = torch.optim.AdamW(self.distiller.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=self.fused_adamw)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.warmup_steps, t.max_steps))
+
+    def eval_teacher(self, load_full):
+        """The teacher as one whole module for the final evaluation (`load_full()` builds one if sharded)."""
+        return self.teacher
 
     # the step ------------------------------------------------------------------------------
     def autocast(self):
@@ -135,29 +132,18 @@ class Engine:
             return self.model(input_ids, teacher_out, eval_ce=eval_ce) if eval_ce else self.model(input_ids, teacher_out)
 
     def backward(self, loss: torch.Tensor, last_micro_step: bool) -> None:
-        if self.strategy == "deepspeed":
-            self.model.backward(loss)  # DeepSpeed scales by 1/grad_accum and syncs at the boundary
-            return
         loss = loss / self.cfg.train.grad_accum
-        if self.model is self.distiller and self.strategy == "fsdp2" and hasattr(self.model, "set_requires_gradient_sync"):
-            self.model.set_requires_gradient_sync(last_micro_step)
-            loss.backward()
-        elif hasattr(self.model, "no_sync") and not last_micro_step:
+        if hasattr(self.model, "no_sync") and not last_micro_step:
             with self.model.no_sync():
                 loss.backward()
         else:
             loss.backward()
 
     def micro_step(self) -> None:
-        """DeepSpeed counts micro-steps itself and steps at the accumulation boundary."""
-        if self.strategy == "deepspeed":
-            self.model.step()
+        """Nothing between micro-steps (DeepSpeed counts them itself)."""
 
     def step(self) -> float:
         """Clip, step the optimizer and the LR schedule; the global grad norm before clipping."""
-        if self.strategy == "deepspeed":
-            norm = self.model.get_global_grad_norm()
-            return float(norm) if norm is not None else float("nan")
         clip = self.cfg.train.grad_clip
         norm = torch.nn.utils.clip_grad_norm_(self.distiller.parameters(), clip if clip > 0 else float("inf"))
         if hasattr(norm, "full_tensor"):
@@ -170,39 +156,31 @@ class Engine:
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
 
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum `tensor` over workers in place (a no-op on one process); it must live on the engine's device."""
+        if (tensor.device.type, tensor.device.index or 0) != (self.device.type, self.device.index or 0):
+            raise RuntimeError(f"all_reduce: tensor on {tensor.device}, the engine runs on {self.device}")
+        if _distributed():
+            dist.all_reduce(tensor)
+        return tensor
+
     # state -----------------------------------------------------------------------------------
     def save(self, directory: Path, rank: int, step: int) -> None:
         """Student + projections + optimizer + LR schedule into `directory` (every rank calls)."""
-        directory = Path(directory)
-        if self.strategy == "deepspeed":
-            self.model.save_checkpoint(str(directory / DS_DIR), tag=f"step{step}")
-            return
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_sd = get_model_state_dict(self.distiller, options=opts)
         optim_sd = get_optimizer_state_dict(self.distiller, self.optimizer, options=opts)
         if rank == 0:
-            torch.save(model_sd, directory / MODEL_FILE)
-            torch.save({"optimizer": optim_sd, "scheduler": self.scheduler.state_dict()}, directory / OPTIM_FILE)
+            torch.save(model_sd, Path(directory) / MODEL_FILE)
+            torch.save({"optimizer": optim_sd, "scheduler": self.scheduler.state_dict()}, Path(directory) / OPTIM_FILE)
 
     def load(self, directory: Path, step: int) -> None:
-        directory = Path(directory)
-        if self.strategy == "deepspeed":
-            self.model.load_checkpoint(str(directory / DS_DIR), tag=f"step{step}")
-            return
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
-        model_sd = torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True)
-        extra = torch.load(directory / OPTIM_FILE, map_location="cpu", weights_only=True)
+        model_sd = torch.load(Path(directory) / MODEL_FILE, map_location="cpu", weights_only=True)
+        extra = torch.load(Path(directory) / OPTIM_FILE, map_location="cpu", weights_only=True)
         opts = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.distiller, model_sd, options=opts)
         set_optimizer_state_dict(self.distiller, self.optimizer, extra["optimizer"], options=opts)
@@ -210,18 +188,108 @@ class Engine:
 
     def student_state(self, rank: int) -> dict | None:
         """The student's full state dict on CPU for rank 0 (None elsewhere); every rank calls."""
-        student = self.distiller.student
-        if self.strategy == "deepspeed":
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(student.parameters()), modifier_rank=None):
-                return {k: v.detach().cpu().clone() for k, v in student.state_dict().items()} if rank == 0 else None
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-        )
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         sd = get_model_state_dict(self.distiller, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if rank != 0:
             return None
         return {k[len("student."):]: v for k, v in sd.items() if k.startswith("student.")}
+
+
+class FSDP2Engine(Engine):
+    """Student decoder layers and the Distiller root sharded with `fully_shard`; optionally the teacher's layers."""
+
+    def __init__(self, *args, **kwargs):
+        self.fused_adamw = not _distributed()  # FSDP2's sharded DTensors keep AdamW's default loop
+        super().__init__(*args, **kwargs)
+
+    @property
+    def shards_teacher(self) -> bool:
+        return self.cfg.scale.shard_teacher and _distributed()
+
+    def place_teacher(self) -> None:
+        self.teacher.to(self.device)
+        if self.shards_teacher:
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in decoder_layers(self.teacher):
+                fully_shard(layer, mesh=self.mesh)
+
+    @functools.cached_property
+    def mesh(self):
+        from torch.distributed.device_mesh import init_device_mesh
+
+        return init_device_mesh(self.device.type, (self.world_size,))
+
+    def wrap(self):
+        if not _distributed():
+            return self.distiller
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.mesh
+        for layer in decoder_layers(self.distiller.student):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self.distiller, mesh=mesh)
+        return self.distiller
+
+    def backward(self, loss: torch.Tensor, last_micro_step: bool) -> None:
+        if hasattr(self.model, "set_requires_gradient_sync"):
+            self.model.set_requires_gradient_sync(last_micro_step)
+        (loss / self.cfg.train.grad_accum).backward()
+
+    def eval_teacher(self, load_full):
+        return load_full().to(self.device) if self.shards_teacher else self.teacher
+
+
+class DeepSpeedEngine(Engine):
+    """`deepspeed.initialize` over the Distiller with our optimizer and schedule; ZeRO stage from the config."""
+
+    fused_adamw = None  # AdamW's default implementation: DeepSpeed wraps the optimizer itself
+
+    def wrap(self):
+        import deepspeed
+
+        # ZeRO-3 partitions every weight; the fused loss reads the head weight outside its module
+        deepspeed.zero.register_external_parameter(self.distiller, self.distiller.student.get_output_embeddings().weight)
+        return self.distiller  # replaced by DeepSpeed's engine when the optimizer is built (below)
+
+    def build_optimizer(self):
+        import deepspeed
+
+        optimizer, scheduler = super().build_optimizer()
+        self.model, optimizer, _, scheduler = deepspeed.initialize(
+            model=self.distiller, optimizer=optimizer, lr_scheduler=scheduler,
+            config=deepspeed_config(self.cfg, self.world_size), dist_init_required=False,
+        )
+        return optimizer, scheduler
+
+    def backward(self, loss: torch.Tensor, last_micro_step: bool) -> None:
+        self.model.backward(loss)  # DeepSpeed scales by 1/grad_accum and syncs at the boundary
+
+    def micro_step(self) -> None:
+        self.model.step()  # DeepSpeed counts micro-steps and steps at the accumulation boundary
+
+    def step(self) -> float:
+        norm = self.model.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def save(self, directory: Path, rank: int, step: int) -> None:
+        self.model.save_checkpoint(str(Path(directory) / DS_DIR), tag=f"step{step}")
+
+    def load(self, directory: Path, step: int) -> None:
+        self.model.load_checkpoint(str(Path(directory) / DS_DIR), tag=f"step{step}")
+
+    def student_state(self, rank: int) -> dict | None:
+        import deepspeed
+
+        student = self.distiller.student
+        with deepspeed.zero.GatheredParameters(list(student.parameters()), modifier_rank=None):
+            return {k: v.detach().cpu().clone() for k, v in student.state_dict().items()} if rank == 0 else None
+
+
+ENGINES = {"ddp": Engine, "fsdp2": FSDP2Engine, "deepspeed": DeepSpeedEngine}
+
+
+def make_engine(distiller, teacher, cfg, device: torch.device, world_size: int, precision: str = "fp32") -> Engine:
+    """The engine of `cfg.scale.strategy` around the Distiller and the frozen teacher."""
+    return ENGINES[cfg.scale.strategy](distiller, teacher, cfg, device, world_size, precision)

@@ -12,8 +12,9 @@ from pathlib import Path
 
 from raykd import models
 from raykd.capture import decoder_layers
-from raykd.config import Config, ConfigError
-from raykd.layer_map import layer_map, pick_pairs, select_layers
+from raykd.config import Config, ConfigError, from_dict
+from raykd.layer_map import layer_map, select_layers
+from raykd.spec import ObjectiveSpec
 
 
 @dataclass
@@ -37,11 +38,21 @@ class Plan:
     kept: list[int] | None  # teacher layers a cut student keeps (None: an HF student)
     importance: dict | None  # the scores that chose `kept` (student.init=importance)
     pairs: list[tuple[int, int]]  # (teacher_layer, student_layer)
-    terms: dict[str, float]  # active loss terms and weights
+    objective: ObjectiveSpec  # active terms, their pairs, what teacher and student capture
     flops_per_token: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def terms(self) -> dict[str, float]:
+        """Active loss terms and weights."""
+        return self.objective.weights
+
+    @property
+    def teacher_dir(self) -> Path:
+        """The teacher's local directory, resolved once (fetched or converted if needed)."""
+        return Path(self.teacher.path)
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "terms": dict(self.terms)}
 
 
 def model_info(config, source: str, path: str, trust_remote_code: bool = False) -> ModelInfo:
@@ -107,17 +118,25 @@ def build_plan(cfg: Config, log=print) -> Plan:
         student = model_info(s_config, f"cut from the teacher (init={cfg.student.init})", "", trc)
     lm = cfg.layer_map
     pairs = layer_map(lm.strategy, teacher.layers, student.layers, kept, lm.pairs, lm.num_pairs)
-    terms = cfg.loss.weights.active()
-    if "attention" in terms or "relation" in terms:
-        field = "loss.weights.attention" if "attention" in terms else "loss.weights.relation"
+    objective = ObjectiveSpec.build(cfg.loss, pairs, teacher.layers)  # bad attention/blockwise pair indices fail here
+    if objective.attn_pairs:
+        field = "loss.weights.attention" if "attention" in objective.weights else "loss.weights.relation"
         _check_attention_modules(t_config, field, trc)
         _check_attention_modules(s_config, field, trc)
-        pick_pairs(pairs, cfg.loss.attention_pairs, "all", "loss.attention_pairs")
-    if "blockwise" in terms:
-        pick_pairs(pairs, cfg.loss.blockwise_pairs, "middle", "loss.blockwise_pairs")
-    plan = Plan(teacher, student, kept, importance, pairs, terms)
+    plan = Plan(teacher, student, kept, importance, pairs, objective)
     plan.flops_per_token = kd_flops_per_token(teacher, student, cfg.data.block_size)
     return plan
+
+
+def resolve(cfg: Config, log=print) -> tuple[Config, Plan]:
+    """Validate and make the run explicit: kept layers and layer-map pairs written into the config
+    (workers and trials then never re-derive them); the plan carries the teacher's directory."""
+    plan = build_plan(cfg, log)
+    d = cfg.to_dict()
+    if plan.kept is not None:
+        d["student"].update(init="list", layers=list(plan.kept))
+    d["layer_map"].update(strategy="list", pairs=[list(p) for p in plan.pairs], num_pairs=None)
+    return from_dict(d), plan
 
 
 def _m(n: float) -> str:

@@ -372,7 +372,7 @@ def write_report(out_dir, trials: list[dict], meta: dict) -> dict[str, Path]:
     """Write the report set into `out_dir`; returns {name: path} with keys trials, pareto,
     best_config (only when some trial has a validation perplexity and a config), the PLOTS,
     md, html. Failed trials and missing metrics never raise."""
-    from raykd.config import ConfigError
+    from raykd.errors import ConfigError
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

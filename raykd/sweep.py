@@ -99,18 +99,18 @@ def _check_space(base: dict, sweep: SweepConfig) -> None:
                 raise ConfigError(f"sweep.params.{key}: the value {value!r} makes an invalid config ({e})") from None
 
 
-def _cache_config(cfg: Config, sw: SweepConfig, log) -> Config:
-    """The resolved config the shared teacher cache is built from (an existing one is checked).
+def _cache_config(cfg: Config, sw: SweepConfig, log):
+    """The resolved config and plan the shared teacher cache is built from (an existing one is checked).
     When trials change the student or the layer map, a `mapped` cache stores every teacher layer."""
-    from raykd.train import resolve
+    from raykd.plan import resolve
 
     d = cfg.to_dict()
     if d["teacher"]["cache_layers"] == "mapped" and any(k.startswith(("student.", "layer_map.")) for k in sw.params):
         d["teacher"]["cache_layers"] = "all"
         log("raykd: the sweep changes the student or the layer map: the teacher cache stores every teacher layer")
-    resolved, _ = resolve(from_dict(d), log=lambda m: None)
-    cache.status(resolved, models.resolve_model(cfg.teacher.model, "teacher.model", log))
-    return resolved
+    resolved, plan = resolve(from_dict(d), log=lambda m: None)
+    cache.status(resolved, plan)
+    return resolved, plan
 
 
 def _trainable(params: dict, base: dict, sweep_dict: dict, trials_root: str) -> None:
@@ -118,13 +118,14 @@ def _trainable(params: dict, base: dict, sweep_dict: dict, trials_root: str) -> 
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raykd.train import build_trainer, resolve
+    from raykd.plan import resolve
+    from raykd.train import build_trainer
 
     sweep = _build(SweepConfig, sweep_dict, "sweep")
     trial_dir = os.path.join(trials_root, tune.get_context().get_trial_id())
     cfg = trial_config(base, params, sweep, trial_dir)
-    resolved, _ = resolve(cfg, log=lambda m: None)
-    trainer = build_trainer(resolved, callbacks=[TuneReportCallback()])
+    resolved, plan = resolve(cfg, log=lambda m: None)
+    trainer = build_trainer(resolved, plan, callbacks=[TuneReportCallback()])
     trainer.fit()
 
 
@@ -135,7 +136,7 @@ def sweep(cfg: Config, resume: bool = False, log=print) -> dict:
 
     from raykd.data import pipeline
     from raykd.report import write_report
-    from raykd.train import init_ray
+    from raykd.runtime import init_ray
 
     if cfg.sweep is None:
         raise ConfigError("sweep: the config has no sweep: section; add sweep.params (see jobs/sweep-smoke.yaml)")
@@ -146,10 +147,10 @@ def sweep(cfg: Config, resume: bool = False, log=print) -> dict:
     models.resolve_model(cfg.teacher.model, "teacher.model", log)  # fetch/convert once, before trials race for it
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    cache_cfg = _cache_config(cfg, sw, log) if cfg.teacher.cache else None  # a mismatching cache is refused here, before Ray
+    cache_run = _cache_config(cfg, sw, log) if cfg.teacher.cache else None  # a mismatching cache is refused here, before Ray
     init_ray(cfg, runs=sw.max_concurrent, per_run_extra=sw.trial_cpus, log=log)  # sized for the sweep before the cache build can start Ray smaller
-    if cache_cfg is not None:
-        cache.ensure(cache_cfg, log)  # built once for every trial
+    if cache_run is not None:
+        cache.ensure(*cache_run, log)  # built once for every trial
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, base=base, sweep_dict=cfg.sweep, trials_root=str(out / "trials")),
         {"CPU": sw.trial_cpus},

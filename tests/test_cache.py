@@ -32,10 +32,10 @@ def local_ray():
 
 def _cfg(cache_dir, *overrides):
     from raykd.config import load_config
-    from raykd.train import resolve
+    from raykd.plan import resolve
 
     cfg = load_config(SMOKE, [*BASE, f"teacher.cache={cache_dir}", *overrides])
-    return resolve(cfg, log=lambda m: None)[0]
+    return resolve(cfg, log=lambda m: None)  # (resolved config, plan)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def built(local_ray, tmp_path_factory):
     from raykd.data import cache
 
     d = tmp_path_factory.mktemp("cache") / "c"
-    meta = cache.build(_cfg(d), log=lambda m: None)
+    meta = cache.build(*_cfg(d), log=lambda m: None)
     return d, meta
 
 
@@ -55,7 +55,8 @@ def _table(path):
 
 def test_build_holds_the_teachers_targets(built, tiny_teacher):
     from raykd.data import cache
-    from raykd.objective import Needs, forward_with_capture, head
+    from raykd.objective import forward_with_capture, head
+    from raykd.spec import Needs
     from raykd.losses.topk import teacher_topk
 
     d, meta = built
@@ -71,7 +72,7 @@ def test_build_holds_the_teachers_targets(built, tiny_teacher):
     assert ids.shape == (16, 64)
     assert table.schema.metadata[b"raykd_inputs_sha256"].decode() == hashlib.sha256(ids.to(torch.int32).numpy().tobytes()).hexdigest()
     with torch.no_grad():
-        last, cap = forward_with_capture(tiny_teacher, ids, Needs(hidden=[0, 2, 5]))
+        last, cap = forward_with_capture(tiny_teacher, ids, Needs(hidden=(0, 2, 5)))
         w, _ = head(tiny_teacher)
         want = teacher_topk((last @ w.T).reshape(-1, w.shape[0]), 64)
     got = t_out.topk.flat()
@@ -95,18 +96,12 @@ def test_resume_rebuilds_only_missing_shards(built, tmp_path):
     meta = json.loads((d / cache.META).read_text())
     (d / cache.META).write_text(json.dumps({**meta, "complete": False}))
     with pytest.raises(Exception, match="unfinished teacher cache"):
-        cache.require(_cfg(d), _teacher_dir())
-    meta = cache.build(_cfg(d), log=lambda m: None)
+        cache.require(*_cfg(d))
+    meta = cache.build(*_cfg(d), log=lambda m: None)
     assert meta["complete"] and meta["blocks"] == 48
     assert {n: (d / n).stat().st_mtime_ns for n in before} == before  # finished shards were not rewritten
     assert not list(d.glob(".*.tmp"))
     assert _table(d / "shard-00001.parquet").equals(_table(src / "shard-00001.parquet"))
-
-
-def _teacher_dir():
-    from raykd.models import resolve_model
-
-    return resolve_model("tiny-random", "teacher.model")
 
 
 @pytest.mark.parametrize("override, match", [
@@ -119,12 +114,11 @@ def _teacher_dir():
 def test_mismatching_cache_is_refused_before_ray(built, override, match):
     from raykd.data import cache
     from raykd.config import ConfigError
-    from raykd.models import resolve_model
 
     d, _ = built
-    cfg = _cfg(d, override)
+    cfg, plan = _cfg(d, override)
     with pytest.raises(ConfigError, match=match) as e:
-        cache.require(cfg, resolve_model(cfg.teacher.model, "teacher.model"))
+        cache.require(cfg, plan)
     assert "\n" not in str(e.value) and str(d) in str(e.value)
 
 

@@ -7,9 +7,9 @@ from raykd.layer_map import (
     contiguous_drops,
     evenly_spaced,
     layer_map,
-    pick_pairs,
     select_layers,
 )
+from raykd.spec import pick_pairs
 
 
 @pytest.mark.parametrize("L", [2, 6, 12, 30, 32])

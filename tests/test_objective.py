@@ -13,7 +13,7 @@ def make(teacher, student, kept, **weights):
     cfg = LossConfig(weights=LossWeights(**weights), chunk_size=37)
     L, S = teacher.config.num_hidden_layers, student.config.num_hidden_layers
     pairs = layer_map("auto", L, S, kept=kept)
-    return Distiller(student, cfg, pairs, teacher.config.hidden_size, L)
+    return Distiller.build(student, cfg, pairs, teacher.config.hidden_size, L)
 
 
 def ids_for(teacher, b=2, t=24, seed=0):
@@ -26,7 +26,7 @@ def test_every_term_is_computed_and_trains(tiny_teacher):
     kept = [0, 3, 5]
     dist = make(tiny_teacher, cut_student(tiny_teacher, kept), kept, **ALL)
     ids = ids_for(tiny_teacher)
-    out = teacher_forward(tiny_teacher, ids, dist.teacher_needs())
+    out = teacher_forward(tiny_teacher, ids, dist.spec.teacher_needs())
     loss, terms = dist(ids, out)
     assert set(terms) == {"ce", "kd", "hidden", "attention", "relation", "blockwise", "loss"}
     assert all(torch.isfinite(v) for v in terms.values())
@@ -52,12 +52,12 @@ def test_ce_matches_the_models_own_loss(tiny_teacher):
     student = cut_student(tiny_teacher, kept)
     dist = make(tiny_teacher, student, kept, ce=1.0, kd=0.0)
     ids = ids_for(tiny_teacher)
-    assert dist.teacher_needs().hidden == [] and dist.teacher_needs().qkv == []
-    _, terms = dist(ids, teacher_forward(tiny_teacher, ids, dist.teacher_needs()))
+    assert dist.spec.teacher_needs().hidden == () and dist.spec.teacher_needs().qkv == ()
+    _, terms = dist(ids, teacher_forward(tiny_teacher, ids, dist.spec.teacher_needs()))
     torch.testing.assert_close(terms["ce"], student(ids, labels=ids).loss.detach(), rtol=1e-5, atol=1e-5)
     assert "kd" not in terms
     # CE only: the training loop runs no teacher forward, and the loss without one is the same
-    assert not dist.uses_teacher and make(tiny_teacher, student, kept, ce=1.0, kd=0.5).uses_teacher
+    assert not dist.spec.uses_teacher and make(tiny_teacher, student, kept, ce=1.0, kd=0.5).spec.uses_teacher
     torch.testing.assert_close(dist(ids, None)[1]["ce"], terms["ce"], rtol=1e-6, atol=1e-6)
 
 
@@ -65,7 +65,7 @@ def test_a_student_identical_to_the_teacher_has_zero_alignment_losses(tiny_teach
     kept = list(range(tiny_teacher.config.num_hidden_layers))
     dist = make(tiny_teacher, cut_student(tiny_teacher, kept), kept, **ALL)
     ids = ids_for(tiny_teacher)
-    _, terms = dist(ids, teacher_forward(tiny_teacher, ids, dist.teacher_needs()))
+    _, terms = dist(ids, teacher_forward(tiny_teacher, ids, dist.spec.teacher_needs()))
     for name in ("kd", "hidden", "attention", "relation", "blockwise"):
         assert abs(float(terms[name])) < 1e-4, (name, terms[name])
 
@@ -73,18 +73,18 @@ def test_a_student_identical_to_the_teacher_has_zero_alignment_losses(tiny_teach
 def test_weight_zero_terms_capture_nothing(tiny_teacher):
     kept = [0, 3, 5]
     dist = make(tiny_teacher, cut_student(tiny_teacher, kept), kept, ce=1.0, kd=1.0)
-    t, s = dist.teacher_needs(), dist.student_needs()
-    assert (t.hidden, t.qkv, t.layer_inputs, s.hidden, s.qkv) == ([], [], [], [], [])
+    t, s = dist.spec.teacher_needs(), dist.spec.student_needs()
+    assert (t.hidden, t.qkv, t.layer_inputs, s.hidden, s.qkv) == ((), (), (), (), ())
     dist = make(tiny_teacher, cut_student(tiny_teacher, kept), kept, ce=1.0, blockwise=1.0)
-    assert dist.block_pairs == [(3, 1)] and dist.teacher_needs().layer_inputs == [4, 5]
+    assert dist.spec.block_pairs == ((3, 1),) and dist.spec.teacher_needs().layer_inputs == (4, 5)
 
 
 def test_hf_student_of_another_width_uses_learned_projections(tiny_teacher):
     student = load_model(build_tiny_random("tiny-random:layers=2,hidden=32,heads=2,kv_heads=1"))
     dist = make(tiny_teacher, student, None, ce=1.0, kd=1.0, hidden=1.0, relation=0.5, blockwise=0.5)
-    assert dist.pairs == [(2, 0), (5, 1)]
+    assert dist.spec.pairs == ((2, 0), (5, 1))
     ids = ids_for(tiny_teacher)
-    loss, terms = dist(ids, teacher_forward(tiny_teacher, ids, dist.teacher_needs()))
+    loss, terms = dist(ids, teacher_forward(tiny_teacher, ids, dist.spec.teacher_needs()))
     loss.backward()
     assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in dist.projections.maps)
     assert float(terms["hidden"]) > 0
@@ -94,8 +94,8 @@ def test_hf_student_of_another_width_uses_learned_projections(tiny_teacher):
 def test_every_logit_loss_runs_in_the_objective(tiny_teacher, kd):
     kept = [0, 3, 5]
     cfg = LossConfig(kd=kd, temperature=2.0, weights=LossWeights(ce=0.5, kd=1.0))
-    dist = Distiller(cut_student(tiny_teacher, kept), cfg, layer_map("auto", 6, 3, kept=kept), 64, 6)
+    dist = Distiller.build(cut_student(tiny_teacher, kept), cfg, layer_map("auto", 6, 3, kept=kept), 64, 6)
     ids = ids_for(tiny_teacher)
-    loss, terms = dist(ids, teacher_forward(tiny_teacher, ids, dist.teacher_needs()))
+    loss, terms = dist(ids, teacher_forward(tiny_teacher, ids, dist.spec.teacher_needs()))
     loss.backward()
     assert torch.isfinite(loss) and float(terms["kd"]) >= 0

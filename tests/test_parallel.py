@@ -32,7 +32,7 @@ def _worker(rank, world, strategy, port, teacher_dir, out, grad_accum, shard_tea
     from raykd.layer_map import layer_map
     from raykd.models import cut_student, load_model
     from raykd.objective import Distiller, teacher_forward
-    from raykd.parallel import Engine
+    from raykd.parallel import make_engine
 
     cfg = from_dict({**CFG, "scale": {"strategy": strategy, "zero_stage": 3, "num_workers": world, "shard_teacher": shard_teacher},
                      "train": {**CFG["train"], "grad_accum": grad_accum, "batch_size": 4 // world // grad_accum}})
@@ -40,10 +40,10 @@ def _worker(rank, world, strategy, port, teacher_dir, out, grad_accum, shard_tea
     teacher = load_model(teacher_dir, frozen=True)
     student = cut_student(teacher, cfg.student.layers)
     pairs = layer_map("kept", 6, 3, cfg.student.layers)
-    distiller = Distiller(student, cfg.loss, pairs, teacher.config.hidden_size, 6)
-    needs = distiller.teacher_needs()
+    distiller = Distiller.build(student, cfg.loss, pairs, teacher.config.hidden_size, 6)
+    needs = distiller.spec.teacher_needs()
     init = {k: v.detach().clone() for k, v in student.state_dict().items()}
-    engine = Engine(distiller, teacher, cfg, torch.device("cpu"), world)
+    engine = make_engine(distiller, teacher, cfg, torch.device("cpu"), world)
     data = torch.randint(0, 1024, (cfg.train.max_steps, 4, 32), generator=torch.Generator().manual_seed(1))
     per = 4 // world
     losses = []

@@ -79,11 +79,6 @@ def stored_layers(cfg: Config, depth: int) -> list[int]:
     return layers
 
 
-def needed_layers(cfg: Config) -> list[int]:
-    """Teacher layers whose hidden states the run's loss reads (resolved config)."""
-    return sorted({t for t, _ in cfg.layer_map.pairs or []}) if "hidden" in cfg.loss.weights.active() else []
-
-
 def identity(cfg: Config, teacher_dir: Path, layers: list[int]) -> dict:
     """What a cache must agree on with a run that reads it."""
     return {
@@ -131,10 +126,10 @@ def _mismatch(path: Path, have: dict, want: dict) -> str | None:
     return None
 
 
-def status(cfg: Config, teacher_dir: Path, build_layers: list[int] | None = None) -> tuple[str, dict | None]:
-    """("missing" | "incomplete" | "complete", meta) for the resolved `cfg`; a cache that does
-    not match the run raises ConfigError (one line: what differs and what to do)."""
-    path = Path(cfg.teacher.cache)
+def status(cfg: Config, plan, build_layers: list[int] | None = None) -> tuple[str, dict | None]:
+    """("missing" | "incomplete" | "complete", meta) for the resolved `cfg` and its `raykd.plan.Plan`;
+    a cache that does not match the run raises ConfigError (one line: what differs and what to do)."""
+    path, teacher_dir = Path(cfg.teacher.cache), plan.teacher_dir
     meta = _read_meta(path)
     if meta is None:
         return "missing", None
@@ -146,16 +141,16 @@ def status(cfg: Config, teacher_dir: Path, build_layers: list[int] | None = None
     if build_layers is not None and (not set(build_layers) <= set(have) or (not meta.get("complete") and have != build_layers)):
         raise ConfigError(f"teacher.cache: {path} stores teacher layers {meta.get('layers')}, this build asks for {build_layers}; "
                           f"point teacher.cache at a new directory or delete this one to rebuild")
-    missing = sorted(set(needed_layers(cfg)) - set(meta.get("layers", [])))
+    missing = sorted(set(plan.objective.cache_layers) - set(meta.get("layers", [])))
     if missing:
         raise ConfigError(f"teacher.cache: {path} holds hidden states of teacher layers {meta.get('layers')}, this run's layer map needs "
                           f"{missing} too; rebuild it with teacher.cache_layers=all (or list them), or set loss.weights.hidden=0")
     return ("complete" if meta.get("complete") else "incomplete"), meta
 
 
-def require(cfg: Config, teacher_dir: Path) -> dict:
+def require(cfg: Config, plan) -> dict:
     """The meta of a complete, matching cache for a run (ConfigError otherwise)."""
-    state, meta = status(cfg, teacher_dir)
+    state, meta = status(cfg, plan)
     if state != "complete":
         what = "holds no teacher cache" if state == "missing" else "holds an unfinished teacher cache"
         raise ConfigError(f"teacher.cache: {cfg.teacher.cache} {what}; build it with `raykd cache-teacher CONFIG` (raykd distill/sweep build it when missing)")
@@ -173,19 +168,19 @@ class _ShardWriter:
     """Ray Data actor: one teacher; each input row is a shard of blocks to run and write."""
 
     def __init__(self, config: dict, layers: list[int], out: str):
-        from raykd.objective import Needs, head
-        from raykd.train import _precision, _threads
+        from raykd import runtime
+        from raykd.objective import head
+        from raykd.spec import Needs
 
         cfg = from_dict(config)
         use_gpu = cfg.scale.use_gpu and torch.cuda.is_available()
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        torch.set_num_threads(_threads(cfg, 1) if use_gpu else max(1, int(cfg.scale.cpus_per_worker)))
+        torch.set_num_threads(runtime.threads(cfg, 1) if use_gpu else max(1, int(cfg.scale.cpus_per_worker)))
         teacher_dir = models.resolve_model(cfg.teacher.model, "teacher.model", log=lambda m: None)
         self.teacher = models.load_model(teacher_dir, models.resolve_dtype(cfg.teacher.dtype), cfg.teacher.trust_remote_code, frozen=True).to(self.device)
-        precision = _precision(cfg, self.device)
-        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if precision == "bf16" else None
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if runtime.precision(cfg) == "bf16" else None
         self.w, self.b = head(self.teacher)
-        self.needs = Needs(hidden=layers)
+        self.needs = Needs(hidden=tuple(layers))
         self.cfg, self.layers, self.out = cfg, layers, Path(out)
         self.dtype = _DTYPES[cfg.teacher.cache_dtype]
 
@@ -260,20 +255,19 @@ def _driven(it):
         raise err from None
 
 
-def build(cfg: Config, log=print) -> dict:
+def build(cfg: Config, plan, log=print) -> dict:
     """`raykd cache-teacher`: build (or finish) the cache of a resolved config; returns its meta."""
     import pyarrow.parquet as pq
     import ray.data
 
     from raykd.data import pipeline
-    from raykd.train import init_ray
+    from raykd.runtime import init_ray, quiet_data_progress
 
     t0 = time.perf_counter()
     path = Path(cfg.teacher.cache)
-    teacher_dir = models.resolve_model(cfg.teacher.model, "teacher.model", log)
-    depth = models.num_layers(models.load_config(teacher_dir, cfg.teacher.trust_remote_code))
-    layers = stored_layers(cfg, depth)
-    state, meta = status(cfg, teacher_dir, build_layers=layers)  # a mismatching cache is refused here, before Ray
+    teacher_dir = plan.teacher_dir
+    layers = stored_layers(cfg, plan.teacher.layers)
+    state, meta = status(cfg, plan, build_layers=layers)  # a mismatching cache is refused here, before Ray
     if state == "complete":
         log(f"raykd: teacher cache {path} is complete ({meta['shards']} shards, {meta['tokens']} tokens)")
         return meta
@@ -284,10 +278,7 @@ def build(cfg: Config, log=print) -> dict:
     meta = {**identity(cfg, teacher_dir, layers), "complete": False, "teacher": cfg.teacher.model}
     _write_meta(path, meta)
     init_ray(cfg, log=log)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = ctx.enable_operator_progress_bars = False
-    ctx.print_on_execution_start = False
-    ctx.execution_options.preserve_order = True  # the same shards, block for block, on every build
+    quiet_data_progress(preserve_order=True)  # the same shards, block for block, on every build
     train_ds, _ = pipeline.build_datasets(cfg.data, str(teacher_dir), cfg.seed, cfg.teacher.trust_remote_code)
     pipeline.check_blocks(train_ds, "data.train")
     todo, n_shards = [], 0
@@ -330,30 +321,22 @@ def build(cfg: Config, log=print) -> dict:
     return meta
 
 
-def ensure(cfg: Config, log=print) -> dict:
+def ensure(cfg: Config, plan, log=print) -> dict:
     """Before training or a sweep: the meta of a matching, complete cache, building or finishing it first."""
-    teacher_dir = models.resolve_model(cfg.teacher.model, "teacher.model", log)
-    state, meta = status(cfg, teacher_dir)
-    return meta if state == "complete" else build(cfg, log)
+    state, meta = status(cfg, plan)
+    return meta if state == "complete" else build(cfg, plan, log)
 
 
 # --- reading --------------------------------------------------------------------------------
 
 
-def columns(cfg: Config) -> list[str]:
-    """The shard columns a run needs: ids, the top-k targets when KD is on, its mapped layers."""
-    cols = ["input_ids"]
-    if "kd" in cfg.loss.weights.active():
-        cols += ["topk_idx", "topk_logp", "tail"]
-    return cols + [f"hidden_{t}" for t in needed_layers(cfg)]
-
-
-def train_dataset(cfg: Config):
-    """The cached train blocks as a Ray Dataset (one row per block, binary cells)."""
+def train_dataset(cfg: Config, objective):
+    """The cached train blocks as a Ray Dataset (one row per block, binary cells): only the
+    columns the run's objective (`raykd.spec.ObjectiveSpec`) reads."""
     import ray.data
 
     files = sorted(Path(cfg.teacher.cache).resolve().glob("shard-*.parquet"))
-    return ray.data.read_parquet([str(f) for f in files], columns=columns(cfg), num_cpus=cfg.data.task_cpus)
+    return ray.data.read_parquet([str(f) for f in files], columns=objective.cache_columns, num_cpus=cfg.data.task_cpus)
 
 
 def _cells(col, dtype, shape: tuple[int, ...]) -> torch.Tensor:

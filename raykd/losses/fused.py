@@ -5,6 +5,7 @@ full [N, V] logits never exist; teacher targets dense (teacher hidden + head) or
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -128,9 +129,22 @@ def _closed_form_chunk(h, th, sw, sb, tw, tb, tgt, kd, temperature, ce_w, kd_w, 
     return ce_sum, kd_sum, g
 
 
-def _fused_pass(sh, sw, sb, th, tw, tb, targets, mask, cfg, ws, need_h, need_w, need_b):
+@dataclass(frozen=True)
+class HeadLoss:
+    """What one fused-head call computes: ce_weight·CE + kd_weight·KD(kd, temperature, **kd_params)."""
+
+    kd: str | None  # the logit loss (raykd.losses.divergences.TOKEN_LOSSES name); None: CE only
+    temperature: float
+    kd_params: dict
+    ce_weight: float
+    kd_weight: float
+    chunk_size: int  # tokens per chunk: only [chunk_size, V] logits exist at once
+
+
+def _fused_pass(sh, sw, sb, th, tw, tb, targets, mask, cfg: HeadLoss, ws, need_h, need_w, need_b):
     """Chunked forward that also builds the gradients (see fused_head_losses)."""
-    kd, temperature, kd_params, ce_w, kd_w, chunk = cfg
+    kd, temperature, kd_params, chunk = cfg.kd, cfg.temperature, cfg.kd_params, cfg.chunk_size
+    ce_w, kd_w = cfg.ce_weight, cfg.kd_weight
     idx = None if mask is None else mask.nonzero().squeeze(1)
     n = sh.shape[0] if idx is None else idx.numel()
     denom = max(n, 1)
@@ -285,8 +299,7 @@ def fused_head_losses(student_hidden: Tensor, student_weight: Tensor, teacher_hi
                              f"Ht={th.shape[1]}]; KD needs a shared vocabulary")
     tgt = targets.reshape(n).long()
     m = None if mask is None else mask.reshape(n).bool()
-    cfg = (kd if use_kd else None, float(temperature), kd_params, float(ce_weight),
-           float(kd_weight), int(chunk_size))
+    cfg = HeadLoss(kd if use_kd else None, float(temperature), kd_params, float(ce_weight), float(kd_weight), int(chunk_size))
     args = (sh, student_weight, student_bias, th, tw, tb, tgt, m, cfg, workspace or HeadWorkspace())
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad
                                        for x in (sh, student_weight, student_bias)):

@@ -1,0 +1,82 @@
+"""What every Ray entry point shares (`raykd distill`, `sweep`, `cache-teacher`, the train workers):
+starting or joining Ray, the precision a run uses, torch threads, quiet Ray Data progress, the
+device's name for reports. Only this module, `raykd.data`, `raykd.train` and `raykd.sweep` import Ray.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from raykd import models
+from raykd.config import Config, ConfigError
+
+
+def threads(cfg: Config, local_world: int) -> int:
+    """torch threads per worker: `scale.torch_threads`, else this node's cores shared by its workers."""
+    return cfg.scale.torch_threads or max(1, (os.cpu_count() or 1) // max(1, local_world))
+
+
+def precision(cfg: Config) -> str:
+    """`train.precision` made concrete: `auto` is bf16 only where bf16 is fast here (GPU or bf16 CPU)."""
+    if cfg.train.precision != "auto":
+        return cfg.train.precision
+    return "bf16" if models.bf16_is_fast() else "fp32"
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name and core count (figures name the machine they ran on)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return "cpu"
+
+
+def quiet_data_progress(preserve_order: bool = False) -> None:
+    """raykd prints its own progress lines; Ray Data's bars and start-up banners would bury them."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = ctx.enable_operator_progress_bars = False
+    ctx.print_on_execution_start = False
+    if preserve_order:
+        ctx.execution_options.preserve_order = True
+
+
+def init_ray(cfg: Config, runs: int = 1, per_run_extra: float = 0.0, log=print) -> None:
+    """Join the cluster in RAY_ADDRESS (set by `ray job submit`), else start a local instance with
+    enough logical CPUs for `runs` concurrent runs' train workers (+ `per_run_extra` each, e.g. a
+    Tune trial process) plus one for Ray Data tasks (no deadlock on 2 cores). When a Ray instance
+    already runs on this machine (`ray start --head`), Ray finds it and raykd joins it as it is,
+    after checking that it has those CPUs (a one-line error otherwise, not a run that waits forever)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return
+    need = math.ceil(runs * (cfg.scale.num_workers * cfg.scale.cpus_per_worker + per_run_extra)) + 1
+    try:
+        ray.init(num_cpus=max(os.cpu_count() or 1, need))  # (the dashboard's State API is what Train's cleanup polls)
+        return
+    except ValueError as e:  # Ray found a running local instance, which cannot be re-sized from here
+        if "existing cluster" not in str(e):
+            raise
+    ray.init()
+    have = ray.cluster_resources().get("CPU", 0.0)
+    address = ray.get_runtime_context().gcs_address
+    if have < need:
+        ray.shutdown()
+        raise ConfigError(f"scale: the Ray instance already running here ({address}) has {have:g} CPUs and this run needs "
+                          f"{need} (workers x cpus_per_worker + 1 for Ray Data); start it with more (`ray start --head "
+                          f"--num-cpus={need}`), stop it, or lower scale.num_workers / scale.cpus_per_worker")
+    log(f"raykd: joined the Ray instance already running on this machine ({address}, {have:g} CPUs)")

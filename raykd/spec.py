@@ -1,0 +1,126 @@
+"""`ObjectiveSpec`: what the loss config means for a run, derived once (no torch, no Ray).
+
+Which terms are active and with what weight, which layer pairs each term reads, what the
+teacher and the student must capture in their forwards, whether a step needs the teacher at
+all, which teacher-cache columns a run reads and whether a cache can serve it. Config
+validation, the plan, the teacher cache, the `Distiller` and the train loop's reports all read
+this one object instead of re-deriving it from the weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from raykd.errors import ConfigError
+
+TERMS = ("ce", "kd", "hidden", "attention", "relation", "blockwise")  # every loss term, in report order
+CACHE_CANNOT_SERVE = ("attention", "relation", "blockwise")  # a cache holds log-probs and hidden states only
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a model's forward must capture: layer outputs, q/k/v, and decoder-layer kwargs."""
+
+    hidden: tuple[int, ...] = ()
+    qkv: tuple[int, ...] = ()
+    layer_inputs: tuple[int, ...] = ()
+    want_v: bool = False
+
+
+def pick_pairs(pairs, indices: list[int] | None, default: str, field: str) -> list[tuple[int, int]]:
+    """A subset of the layer map by index (`default`: 'all' or 'middle' when `indices` is None)."""
+    pairs = [tuple(p) for p in pairs]
+    if indices is None:
+        return list(pairs) if default == "all" else [pairs[len(pairs) // 2]]
+    bad = [i for i in indices if not -len(pairs) <= i < len(pairs)]
+    if bad:
+        raise ConfigError(f"{field}: index {bad[0]} out of range for a layer map of {len(pairs)} pairs; use 0..{len(pairs) - 1}")
+    return [pairs[i] for i in indices]
+
+
+def weights_of(loss) -> dict[str, float]:
+    """The active terms of a `LossConfig` (weight > 0) in report order."""
+    w = loss.weights
+    return {t: float(getattr(w, t)) for t in TERMS if getattr(w, t) > 0}
+
+
+def cache_refusal(loss, sparse_unsupported) -> str | None:
+    """Why a teacher cache cannot serve this loss config (one line naming the field), or None."""
+    w = weights_of(loss)
+    for term in CACHE_CANNOT_SERVE:
+        if term in w:
+            return (f"loss.weights.{term}: the teacher cache (teacher.cache) cannot serve this term; "
+                    f"set loss.weights.{term}=0 or drop teacher.cache to run the teacher online")
+    if "kd" in w and loss.kd in sparse_unsupported:
+        return (f"loss.kd: {loss.kd} needs the dense teacher distribution, which the teacher cache does not hold; "
+                f"use forward_kl, reverse_kl, jsd, skew_*, tvd or drop teacher.cache")
+    return None
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """The multi-task objective of one run: active terms, their pairs and what they need."""
+
+    weights: dict[str, float]  # active term -> weight (TERMS order)
+    kd: str  # logit loss name (raykd.losses LOGIT_LOSSES)
+    temperature: float
+    kd_params: dict = field(default_factory=dict)
+    hidden_loss: str = "cosine"  # HIDDEN_LOSSES name
+    chunk_size: int = 256  # tokens per fused-head chunk
+    relation_heads: int | None = None
+    pairs: tuple[tuple[int, int], ...] = ()  # (teacher layer, student layer)
+    attn_pairs: tuple[tuple[int, int], ...] = ()  # the pairs attention/relation terms read
+    block_pairs: tuple[tuple[int, int], ...] = ()  # the pairs block-wise KD reads
+    teacher_depth: int = 0
+
+    @classmethod
+    def build(cls, loss, pairs, teacher_depth: int) -> ObjectiveSpec:
+        """From a validated `LossConfig` and the layer map; bad pair indices raise ConfigError."""
+        w = weights_of(loss)
+        pairs = tuple(tuple(p) for p in pairs)
+        attn = pick_pairs(pairs, loss.attention_pairs, "all", "loss.attention_pairs") if {"attention", "relation"} & set(w) else []
+        block = pick_pairs(pairs, loss.blockwise_pairs, "middle", "loss.blockwise_pairs") if "blockwise" in w else []
+        return cls(w, loss.kd, float(loss.temperature), dict(loss.kd_params or {}), loss.hidden, int(loss.chunk_size),
+                   loss.relation_heads, pairs, tuple(attn), tuple(block), int(teacher_depth))
+
+    @property
+    def uses_teacher(self) -> bool:
+        """False when only data terms (CE) are weighted: a step then needs no teacher forward."""
+        return bool(set(self.weights) - {"ce"})
+
+    @property
+    def report_terms(self) -> tuple[str, ...]:
+        """The metric keys a step reports: the total and every active term."""
+        return ("loss", *self.weights)
+
+    @property
+    def projected_pairs(self) -> tuple[tuple[int, int], ...]:
+        """Pairs with a learned projection: only terms that compare hidden states own one."""
+        return self.pairs if ({"hidden", "blockwise"} & set(self.weights)) else ()
+
+    def teacher_needs(self) -> Needs:
+        return Needs(
+            hidden=self.cache_layers,
+            qkv=tuple(sorted({t for t, _ in self.attn_pairs})),
+            # kwargs of every layer a block-wise pass re-runs (per layer: sliding/full layers differ)
+            layer_inputs=tuple(range(min(t for t, _ in self.block_pairs) + 1, self.teacher_depth)) if self.block_pairs else (),
+            want_v="relation" in self.weights,
+        )
+
+    def student_needs(self) -> Needs:
+        hidden = {s for _, s in self.pairs} if "hidden" in self.weights else set()
+        hidden |= {s for _, s in self.block_pairs}
+        return Needs(hidden=tuple(sorted(hidden)), qkv=tuple(sorted({s for _, s in self.attn_pairs})), want_v="relation" in self.weights)
+
+    @property
+    def cache_layers(self) -> tuple[int, ...]:
+        """Teacher layers whose hidden states the loss reads (from the teacher or its cache)."""
+        return tuple(sorted({t for t, _ in self.pairs})) if "hidden" in self.weights else ()
+
+    @property
+    def cache_columns(self) -> list[str]:
+        """The teacher-cache columns a run reads: ids, the top-k targets when KD is on, its mapped layers."""
+        cols = ["input_ids"]
+        if "kd" in self.weights:
+            cols += ["topk_idx", "topk_logp", "tail"]
+        return cols + [f"hidden_{t}" for t in self.cache_layers]
