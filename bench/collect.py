@@ -47,6 +47,15 @@ GOALS = {  # script -> figure -> (op, value, what it means)
 }
 
 
+HAND_KEPT = "## Measured outside `make bench`"  # docs/BENCHMARKS.md from this heading on is written by hand
+
+
+def keep_hand_section(old: str, new: str) -> str:
+    """`new` with the hand-maintained section of `old` (from HAND_KEPT on) appended: a rerun keeps it."""
+    parts = old.split(HAND_KEPT, 1)
+    return new if len(parts) == 1 else new.rstrip("\n") + "\n\n" + HAND_KEPT + parts[1]
+
+
 def benchmarks(only: list[str] | None) -> list[Path]:
     found = {p.stem: p for p in BENCH.glob("*.py") if not p.name.startswith("_") and p.name not in NOT_BENCHMARKS}
     names = [n for n in ORDER if n in found] + sorted(set(found) - set(ORDER))
@@ -221,7 +230,8 @@ def main() -> int:
     infos = [stored[n] for n in known if n in stored] + [stored[n] for n in sorted(set(stored) - set(known))]
     out.parent.mkdir(parents=True, exist_ok=True)
     store.write_text(json.dumps(stored, indent=1))
-    out.write_text(render(infos, machine, C.versions(), dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")))
+    page = render(infos, machine, C.versions(), dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"))
+    out.write_text(keep_hand_section(out.read_text() if out.exists() else "", page))
     failed = [i["name"] for i in fresh if i["error"]]
     print(f"\nwrote {out} ({len(infos)} benchmark(s); ran {len(fresh)}, {len(failed)} failed"
           f"{': ' + ', '.join(failed) if failed else ''})", flush=True)

@@ -120,3 +120,12 @@ def test_result_from_a_saved_log(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["collect.py", "--no-fetch", f"--out={out}", "--from-log=cache"])
     with pytest.raises(SystemExit):
         collect.main()
+
+
+def test_rerun_keeps_the_hand_maintained_section():
+    old = "# Benchmarks\nold figures\n\n" + collect.HAND_KEPT + "\n\nquality seed 1: 107.1\n"
+    merged = collect.keep_hand_section(old, "# Benchmarks\nnew figures\n")
+    assert merged == "# Benchmarks\nnew figures\n\n" + collect.HAND_KEPT + "\n\nquality seed 1: 107.1\n"
+    assert collect.keep_hand_section("# Benchmarks\nold\n", "new\n") == "new\n"  # nothing hand-kept: the page as rendered
+    repo_page = (Path(collect.__file__).parents[1] / "docs" / "BENCHMARKS.md").read_text()
+    assert collect.HAND_KEPT in repo_page  # the heading the merge looks for is the one the page uses
