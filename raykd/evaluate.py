@@ -60,26 +60,48 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, use_cache=False).logits
 
 
-def _forward_stats(model, blocks: torch.Tensor, batch_size: int = 8, want_nll: bool = True, want_argmax: bool = True):
-    """One pass over `blocks` [N, T]: (summed next-token NLL as float, count N*(T-1), argmax [N, T] on CPU or None).
+def batch_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL (fp32 cross-entropy, float64 sum) of logits [B, T, V] for ids [B, T]: B*(T-1) predictions."""
+    flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # [B*(T-1), V]
+    return F.cross_entropy(flat, ids[:, 1:].reshape(-1), reduction="sum").double()
 
-    The NLL is fp32 cross-entropy of logits[:, :-1] against ids[:, 1:], summed in float64.
+
+def nll_sums(score, blocks: torch.Tensor, batch_size: int = 8, rank: int = 0, world: int = 1, all_reduce=None,
+             device: torch.device | None = None) -> tuple[float, int]:
+    """The one perplexity routine (evaluation, importance scoring and validation during training).
+
+    `score(ids [B, T]) -> summed next-token NLL` (a 0-dim tensor) of a batch of `blocks` [N, T];
+    returns (summed NLL in nats, number of predictions). With `world` > 1 rank r scores every
+    world-th block (blocks repeated when fewer than `world`: sharded models need every rank in
+    every forward) and the sums are added across ranks with `all_reduce(tensor)` on `device`;
+    the sums stay on the device until the end (one host sync).
     """
     _check_blocks(blocks)
-    device = _device(model)
-    nll, count, argmax = 0.0, 0, []
+    if world > 1:
+        blocks = blocks.repeat(world, 1) if len(blocks) < world else blocks
+        blocks = blocks[: len(blocks) // world * world][rank::world]
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    for ids in blocks.split(batch_size):
+        sums[0] += score(ids).to(sums.device)
+        sums[1] += ids[:, 1:].numel()
+    if all_reduce is not None:
+        all_reduce(sums)
+    nll, count = sums.tolist()
+    return nll, int(count)
+
+
+def _forward_stats(model, blocks: torch.Tensor, batch_size: int = 8, want_nll: bool = True, want_argmax: bool = True):
+    """One pass over `blocks` [N, T]: (summed next-token NLL as float, count N*(T-1), argmax [N, T] on CPU or None)."""
+    device, argmax = _device(model), []
+
+    def score(ids):
+        logits = _logits(model, ids.to(device))  # [B, T, V]
+        if want_argmax:
+            argmax.append(logits.argmax(dim=-1).cpu())  # [B, T]
+        return batch_nll(logits, ids.to(device)) if want_nll else torch.zeros((), dtype=torch.float64)
+
     with _inference(model):
-        for start in range(0, blocks.shape[0], batch_size):
-            ids = blocks[start:start + batch_size].to(device)
-            logits = _logits(model, ids)  # [B, T, V]
-            if want_nll:
-                flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # [B*(T-1), V]
-                nll += F.cross_entropy(flat, ids[:, 1:].reshape(-1), reduction="sum").double().item()
-                count += ids[:, 1:].numel()
-                del flat
-            if want_argmax:
-                argmax.append(logits.argmax(dim=-1).cpu())  # [B, T]
-            del logits
+        nll, count = nll_sums(score, blocks, batch_size)
     return nll, count, (torch.cat(argmax) if want_argmax else None)
 
 
@@ -230,30 +252,32 @@ def eval_blocks(sources: list[str], tokenizer, block_size: int, max_blocks: int,
     packed in order; reading stops once `max_blocks` blocks are full, and a final partial
     block is dropped. `field` names the setting in error messages.
     """
-    from raykd.data.corpora import clean_text, pack_blocks, read_documents, resolve_sources
+    from raykd.config import DataConfig
+    from raykd.data.corpora import pack_blocks
+    from raykd.data.reader import documents
 
     if block_size < 2:
         raise ConfigError(f"{field}: block size {block_size} is too small; use at least 2 tokens")
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"{field}: the tokenizer has no EOS token to separate documents; use a tokenizer with eos_token set")
+    split = "train" if field == "data.train" else "validation"
+    # the training reader: a named corpus or a datasets dir gives its own split, plain files are read whole
+    data_cfg = DataConfig(train=list(sources), validation=None if split == "train" else list(sources), text_field=text_field,
+                          min_chars=1, dedupe=False)
     blocks, carry, n_tokens = [], [], 0
-    for path in resolve_sources(sources, field):
-        for doc in read_documents(path, text_field):
-            text = clean_text(doc or "")
-            if not text:
-                continue
-            ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-            n_tokens += len(ids) + 1
-            new, carry = pack_blocks([ids], block_size, tokenizer.eos_token_id, carry)
-            blocks.extend(new)
-            if len(blocks) >= max_blocks:
-                return torch.tensor(blocks[:max_blocks], dtype=torch.long)
+    for text in documents(data_cfg, split):
+        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        n_tokens += len(ids) + 1
+        new, carry = pack_blocks([ids], block_size, tokenizer.eos_token_id, carry)
+        blocks.extend(new)
+        if len(blocks) >= max_blocks:
+            return torch.tensor(blocks[:max_blocks], dtype=torch.long)
     if not blocks:
         raise ConfigError(f"{field}: the text holds {n_tokens} tokens, fewer than one block of {block_size}; add more text or use a smaller block size")
     return torch.tensor(blocks, dtype=torch.long)
 
 
-_CLI_FIELDS = {"data.text_field": "--text-field", "data.train": "--data", "teacher.model": "--teacher"}
+_CLI_FIELDS = {"data.text_field": "--text-field", "data.train": "--data", "data.validation": "--data", "teacher.model": "--teacher"}
 
 
 def run_eval(student_dir, teacher_spec: str, data: list[str], block_size: int = 256, max_blocks: int = 32,

@@ -14,12 +14,12 @@ Two scores on a small calibration sample of training text:
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 from torch import nn
 
 from raykd.capture import Capture, decoder_layers
+from raykd.evaluate import perplexity
 from raykd.layer_map import contiguous_drops, evenly_spaced
 
 
@@ -51,17 +51,6 @@ def only_layers(model, keep: list[int]):
             c.num_hidden_layers = d
 
 
-@torch.no_grad()
-def perplexity(model, ids: torch.Tensor) -> float:
-    """exp(mean next-token NLL) of `model` over [n, T] ids, one row at a time."""
-    total, count = 0.0, 0
-    for row in ids:
-        logits = model(input_ids=row[None], use_cache=False).logits[0, :-1].float()
-        total += torch.nn.functional.cross_entropy(logits, row[1:], reduction="sum").item()
-        count += row.numel() - 1
-    return math.exp(total / max(count, 1))
-
-
 def score_block_ppl(model, k: int, ids: torch.Tensor) -> dict[tuple[int, ...], float]:
     """Perplexity of each candidate cut keeping k layers (contiguous drops + uniform)."""
     L = len(decoder_layers(model))
@@ -69,7 +58,7 @@ def score_block_ppl(model, k: int, ids: torch.Tensor) -> dict[tuple[int, ...], f
     scores = {}
     for keep in sorted(candidates):
         with only_layers(model, list(keep)):
-            scores[keep] = perplexity(model, ids)
+            scores[keep] = perplexity(model, ids, batch_size=1)
     return scores
 
 

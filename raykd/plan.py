@@ -88,13 +88,13 @@ def _choose_kept(cfg: Config, teacher_dir: Path, depth: int, log) -> tuple[list[
     if s.init != "importance":
         return select_layers(s.init, depth, s.num_layers, s.layers, s.ends_first), None
     select_layers("first", depth, s.num_layers)  # the depth check, before loading anything
-    from raykd.data.corpora import calibration_text
+    from raykd.data.reader import calibration_text
     from raykd.importance import calibration_ids, importance_cut
 
     log(f"raykd: scoring {s.importance_metric} cuts of the teacher on {s.calibration_tokens} calibration tokens")
     teacher = models.load_model(teacher_dir, models.DTYPE["float32"], cfg.teacher.trust_remote_code, frozen=True)
     tok = models.load_tokenizer(teacher_dir, cfg.teacher.trust_remote_code)
-    text = calibration_text(cfg.data.train, cfg.data.text_field, n_chars=8 * s.calibration_tokens)
+    text = calibration_text(cfg.data, n_chars=8 * s.calibration_tokens)
     ids = calibration_ids(tok, text, s.calibration_tokens, cfg.data.block_size)
     kept, scores = importance_cut(teacher, s.num_layers, ids, s.importance_metric)
     scores["calibration_tokens"] = int(ids.numel())

@@ -99,11 +99,27 @@ def test_eval_blocks_packs_documents_with_eos(tmp_path, tokenizer):
 
 
 def test_eval_blocks_uses_the_validation_split(tokenizer):
-    from raykd.data.corpora import clean_text, read_documents
+    from raykd.data.corpora import clean_text, pydoc_split
 
-    first = clean_text(next(read_documents("pydoc:validation")))
+    first = clean_text(next(pydoc_split("pydoc:validation")))
     head = tokenizer(first, add_special_tokens=False)["input_ids"][:16]
     assert eval_blocks(["pydoc"], tokenizer, block_size=16, max_blocks=2)[0].tolist() == head
+
+
+def test_eval_blocks_reads_what_training_reads(tmp_path, tokenizer):
+    """`raykd eval --data` takes the training reader's inputs: a datasets DatasetDict (its validation
+    split), a BOM-prefixed JSONL; a bad row is one line naming --data's field."""
+    import datasets
+
+    texts = {"train": ["Training text only. " * 20], "validation": ["The held-out speech about the union. " * 20]}
+    datasets.DatasetDict({k: datasets.Dataset.from_dict({"text": v}) for k, v in texts.items()}).save_to_disk(str(tmp_path / "dd"))
+    want = tokenizer(texts["validation"][0].strip(), add_special_tokens=False)["input_ids"][:16]
+    assert eval_blocks([str(tmp_path / "dd")], tokenizer, block_size=16, max_blocks=1)[0].tolist() == want
+    (tmp_path / "bom.jsonl").write_text("\ufeff" + json.dumps({"text": texts["validation"][0]}) + "\n", encoding="utf-8")
+    assert eval_blocks([str(tmp_path / "bom.jsonl")], tokenizer, block_size=16, max_blocks=1)[0].tolist() == want
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"body": "no text field"}) + "\n")
+    with pytest.raises(ConfigError, match=r"^data\.text_field: .*bad\.jsonl:1 has no field 'text'"):
+        eval_blocks([str(tmp_path / "bad.jsonl")], tokenizer, block_size=16, max_blocks=1)
 
 
 def test_eval_blocks_too_short_names_the_field(tmp_path, tokenizer):

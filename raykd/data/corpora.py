@@ -90,48 +90,11 @@ def resolve_sources(sources: list[str], field: str, fetch: bool = True) -> list[
     return files
 
 
-def read_documents(path: str, text_field: str = "text"):
-    """Yield the documents of one file: .txt (one document per file), .jsonl, .parquet, 'pydoc:*'."""
-    if path.startswith("pydoc:"):
-        docs = pydoc_documents()
-        # a deterministic split of the stdlib prose: every 20th topic is validation
-        keep = (lambda i: i % 20 == 0) if path == "pydoc:validation" else (lambda i: i % 20 != 0)
-        yield from (d for i, d in enumerate(docs) if keep(i))
-    elif path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as fh:
-            for line_no, line in enumerate(fh, 1):
-                if line.strip():
-                    row = json.loads(line)
-                    if text_field not in row:
-                        raise ConfigError(f"data.text_field: {path}:{line_no} has no field {text_field!r}; set data.text_field to one of {sorted(row)}")
-                    yield row[text_field]
-    elif path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-        if text_field not in table.column_names:
-            raise ConfigError(f"data.text_field: {path} has no column {text_field!r}; set data.text_field to one of {table.column_names}")
-        yield from table.column(text_field).to_pylist()
-    else:
-        try:
-            with open(path, encoding="utf-8") as fh:
-                yield fh.read()
-        except UnicodeDecodeError:
-            raise ConfigError(f"data.train: {path} is not UTF-8 text; convert it or remove it from the corpus") from None
-
-
-def calibration_text(sources: list[str], text_field: str, n_chars: int) -> str:
-    """About `n_chars` of training text, documents joined by blank lines (importance scoring)."""
-    parts, total = [], 0
-    for path in resolve_sources(sources, "data.train"):
-        for doc in read_documents(path, text_field):
-            parts.append(doc.strip())
-            total += len(parts[-1])
-            if total >= n_chars:
-                return "\n\n".join(parts)
-    if not parts:
-        raise ConfigError("data.train: the corpus holds no text; add documents")
-    return "\n\n".join(parts)
+def pydoc_split(path: str):
+    """The documents of 'pydoc:train' or 'pydoc:validation': a deterministic split of the stdlib
+    prose, every 20th topic is validation."""
+    keep = (lambda i: i % 20 == 0) if path == "pydoc:validation" else (lambda i: i % 20 != 0)
+    yield from (d for i, d in enumerate(pydoc_documents()) if keep(i))
 
 
 def clean_text(text: str) -> str:

@@ -195,7 +195,7 @@ def _bad_row(where: str, text_field: str, problem: str) -> str:
 def _rows(f: _File, text_field: str) -> Iterator[tuple[str | None, str | None]]:
     """(text, None) for each row of one file, or (None, one-line problem) for a bad row."""
     if f.kind == "pydoc":
-        for doc in _corpora().read_documents(f.path):
+        for doc in _corpora().pydoc_split(f.path):
             yield doc, None
     elif f.kind == "text":
         try:
@@ -304,6 +304,36 @@ def _documents(f: _File, text_field: str, bad_rows: str, min_chars: int, on_skip
         yield i, text, _digest(text)
 
 
+def documents(data_cfg: DataConfig, split: str = "train", fetch: bool = True) -> Iterator[str]:
+    """The cleaned documents of one split (train | validation), read as the Ray Data pipeline reads
+    them (same files, split, `bad_rows`, `min_chars`; duplicates within the split dropped when
+    `dedupe`): evaluation blocks and importance calibration text come from here, without Ray."""
+    plan = _plan(data_cfg, fetch=fetch)
+    seen: set[bytes] = set()
+    for idx, mode in plan.train if split == "train" else plan.validation:
+        for _, text, digest in _documents(plan.files[idx], data_cfg.text_field, data_cfg.bad_rows, data_cfg.min_chars):
+            if mode == "hash" and _held_out(digest, data_cfg.val_fraction) != (split == "validation"):
+                continue
+            if data_cfg.dedupe:
+                if digest in seen:
+                    continue
+                seen.add(digest)
+            yield text
+
+
+def calibration_text(data_cfg: DataConfig, n_chars: int) -> str:
+    """About `n_chars` of training text, documents joined by blank lines (importance scoring)."""
+    parts, total = [], 0
+    for doc in documents(data_cfg, "train"):
+        parts.append(doc)
+        total += len(doc)
+        if total >= n_chars:
+            break
+    if not parts:
+        raise ConfigError("data.train: the corpus holds no text; add documents")
+    return "\n\n".join(parts)
+
+
 # --- preflight: driver side, no Ray ---------------------------------------------------------
 
 
@@ -357,6 +387,6 @@ def preflight(data_cfg: DataConfig) -> dict:
 
 def _size(f: _File) -> int:
     if f.kind == "pydoc":
-        return sum(len(d.encode()) for d in _corpora().read_documents(f.path))
+        return sum(len(d.encode()) for d in _corpora().pydoc_split(f.path))
     p = Path(f.path)
     return sum(q.stat().st_size for q in p.glob("*.arrow")) if p.is_dir() else p.stat().st_size
