@@ -7,12 +7,13 @@ needs the teacher's weights (`student.init: importance`).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from raykd import models
 from raykd.capture import decoder_layers
-from raykd.config import Config, ConfigError, from_dict
+from raykd.config import Config, ConfigError
 from raykd.layer_map import layer_map, select_layers
 from raykd.spec import ObjectiveSpec
 
@@ -132,11 +133,9 @@ def resolve(cfg: Config, log=print) -> tuple[Config, Plan]:
     """Validate and make the run explicit: kept layers and layer-map pairs written into the config
     (workers and trials then never re-derive them); the plan carries the teacher's directory."""
     plan = build_plan(cfg, log)
-    d = cfg.to_dict()
-    if plan.kept is not None:
-        d["student"].update(init="list", layers=list(plan.kept))
-    d["layer_map"].update(strategy="list", pairs=[list(p) for p in plan.pairs], num_pairs=None)
-    return from_dict(d), plan
+    student = cfg.student if plan.kept is None else dataclasses.replace(cfg.student, init="list", layers=list(plan.kept))
+    layer_map_cfg = dataclasses.replace(cfg.layer_map, strategy="list", pairs=[list(p) for p in plan.pairs], num_pairs=None)
+    return dataclasses.replace(cfg, student=student, layer_map=layer_map_cfg), plan
 
 
 def _m(n: float) -> str:

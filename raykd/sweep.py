@@ -129,10 +129,36 @@ def _trainable(params: dict, base: dict, sweep_dict: dict, trials_root: str) -> 
     trainer.fit()
 
 
+def _tuner(cfg: Config, sw: SweepConfig, trainable, out: Path, resume: bool):
+    """A new Tuner (ASHA or FIFO, the seeded search), or the one restored from `out` with --resume."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    path = out / EXPERIMENT
+    if resume:
+        if not tune.Tuner.can_restore(str(path)):
+            raise ConfigError(f"--resume: no sweep to resume in {path}; run without --resume to start one")
+        return tune.Tuner.restore(str(path), trainable=trainable, resume_errored=False, restart_errored=False)
+    if path.exists():
+        raise ConfigError(f"output_dir: {out} already holds a sweep; pass --resume to continue it or choose another output_dir")
+    scheduler = (
+        ASHAScheduler(time_attr="step", max_t=cfg.train.max_steps, grace_period=sw.grace_period, reduction_factor=sw.reduction_factor)
+        if sw.scheduler == "asha" else FIFOScheduler()
+    )
+    search_alg, space = searcher(sw, cfg.seed)
+    return tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(metric="val_loss", mode="min", scheduler=scheduler, search_alg=search_alg,
+                                    num_samples=sw.num_samples),  # the search algorithm carries max_concurrent
+        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out), verbose=1,
+                                  failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
+    )
+
+
 def sweep(cfg: Config, resume: bool = False, log=print) -> dict:
     """Run (or resume) the sweep in `cfg.sweep`; write the report into `cfg.output_dir`."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from raykd.data import pipeline
     from raykd.report import write_report
@@ -158,26 +184,7 @@ def sweep(cfg: Config, resume: bool = False, log=print) -> dict:
     t0 = time.time()
     path = out / EXPERIMENT
     record = out / "sweep.json"  # what `raykd report DIR` needs to rebuild the report later
-    if resume:
-        if not tune.Tuner.can_restore(str(path)):
-            raise ConfigError(f"--resume: no sweep to resume in {path}; run without --resume to start one")
-        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=False, restart_errored=False)
-    else:
-        if path.exists():
-            raise ConfigError(f"output_dir: {out} already holds a sweep; pass --resume to continue it or choose another output_dir")
-        scheduler = (
-            ASHAScheduler(time_attr="step", max_t=cfg.train.max_steps, grace_period=sw.grace_period, reduction_factor=sw.reduction_factor)
-            if sw.scheduler == "asha" else FIFOScheduler()
-        )
-        search_alg, space = searcher(sw, cfg.seed)
-        tuner = tune.Tuner(
-            trainable,
-            param_space=space,
-            tune_config=tune.TuneConfig(metric="val_loss", mode="min", scheduler=scheduler, search_alg=search_alg,
-                                        num_samples=sw.num_samples),  # the search algorithm carries max_concurrent
-            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out), verbose=1,
-                                      failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
-        )
+    tuner = _tuner(cfg, sw, trainable, out, resume)
     meta = {"experiment": str(path), "scheduler": sw.scheduler, "search": sw.search, "metric": "val_loss", "objectives": list(sw.objectives)}
     if not resume:
         record.write_text(json.dumps({"config": base, "meta": meta}, indent=1))

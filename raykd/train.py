@@ -38,7 +38,7 @@ import torch
 
 from raykd import models, runtime
 from raykd.config import Config, from_dict
-from raykd.data import cache
+from raykd.data import cache, pipeline
 from raykd.objective import Distiller, teacher_forward
 
 
@@ -75,53 +75,7 @@ class Worker:
         return self.engine.distiller.spec
 
 
-class _Batches:
-    """Endless micro-batches from this worker's shard, epoch after epoch; resumable by position.
-    Yields input_ids [B, T] long, or with `cached` the numpy batch of teacher-cache rows."""
-
-    def __init__(self, batch_size: int, epoch: int = 0, skip: int = 0, cached: bool = False):
-        import ray.train
-
-        self.shard = ray.train.get_dataset_shard("train")
-        self.batch_size, self.epoch, self.index, self._skip, self.cached = batch_size, epoch, 0, skip, cached
-        self._it = None
-
-    def _iter(self):
-        if self.cached:
-            return iter(self.shard.iter_batches(batch_size=self.batch_size, batch_format="numpy", drop_last=True))
-        return (b["input_ids"] for b in self.shard.iter_torch_batches(batch_size=self.batch_size, dtypes=torch.long, drop_last=True))
-
-    def __next__(self):
-        while True:
-            if self._it is None:
-                self._it = self._iter()
-            try:
-                batch = next(self._it)
-            except StopIteration:
-                if self.index == 0:
-                    raise RuntimeError("data.train: a worker's shard holds fewer blocks than one batch; lower train.batch_size or add text") from None
-                self._it, self.epoch, self.index = None, self.epoch + 1, 0
-                continue
-            self.index += 1
-            if self._skip:  # resuming: replay the data position of the checkpoint
-                self._skip -= 1
-                continue
-            return batch
-
-
 # --- setup and restore -----------------------------------------------------------------------
-
-
-def _val_blocks(max_blocks: int) -> torch.Tensor:
-    import ray.train
-
-    out, n = [], 0
-    for batch in ray.train.get_dataset_shard("validation").iter_torch_batches(batch_size=min(32, max_blocks), dtypes=torch.long):
-        out.append(batch["input_ids"])
-        n += len(out[-1])
-        if n >= max_blocks:
-            break
-    return torch.cat(out)[:max_blocks]
 
 
 def _build_models(cfg: Config):
@@ -155,7 +109,7 @@ def setup(config: dict) -> tuple[Worker, RunState]:
     precision = runtime.precision(cfg)
     torch.manual_seed(cfg.seed)  # identical model init on every rank
     teacher_dir, teacher, distiller = _build_models(cfg)
-    val = _val_blocks(max(cfg.data.max_val_blocks, cfg.train.eval_blocks)) if (rank == 0 or cfg.train.eval_every > 0) else None
+    val = pipeline.val_blocks(max(cfg.data.max_val_blocks, cfg.train.eval_blocks)) if (rank == 0 or cfg.train.eval_every > 0) else None
     state, checkpoint = RunState(), ray.train.get_checkpoint()
     if checkpoint is None and rank == 0:  # the untrained student, before any strategy wraps it
         state.init_val_perplexity = perplexity(distiller.student.to(device), val.to(device), batch_size=cfg.train.batch_size)
@@ -200,7 +154,7 @@ def train_loop_per_worker(config: dict) -> None:
     w, state = setup(config)
     t, spec, engine = w.cfg.train, w.spec, w.engine
     cached = bool(w.cfg.teacher.cache)  # the teacher's targets come from the cache instead of a forward
-    batches = _Batches(t.batch_size, state.epoch, state.batch_index, cached)
+    batches = pipeline.ShardBatches(t.batch_size, state.epoch, state.batch_index, cached)
     tokens_per_step = t.batch_size * w.cfg.data.block_size * t.grad_accum * w.world
     window = torch.zeros(len(spec.report_terms) + 1, dtype=torch.float64, device=w.device)  # term sums + micro-steps
     meter = {"start": time.perf_counter(), "tokens": 0, "first_step": state.step}
@@ -234,19 +188,17 @@ def micro_step(w: Worker, batch, cached: bool):
 
 
 def _val_loss(w: Worker, blocks: torch.Tensor) -> float:
-    """Mean next-token CE (nats) of the student on `blocks` [N, T] (no teacher forward); every
-    rank takes its share (sharded strategies need every rank in every forward), sums all-reduced."""
-    if len(blocks) < w.world:  # too few blocks for one each: repeat them
-        blocks = blocks.repeat(w.world, 1)
-    mine = blocks[: len(blocks) // w.world * w.world][w.rank::w.world]
-    sums = torch.zeros(2, dtype=torch.float64, device=w.device)
+    """Mean next-token CE (nats) of the student on `blocks` [N, T] through the engine (no teacher
+    forward), by raykd.evaluate's one routine: every rank scores its share, sums all-reduced."""
+    from raykd.evaluate import nll_sums
+
+    def score(ids: torch.Tensor) -> torch.Tensor:  # the fused head's mean CE x the batch's predictions
+        _, terms = w.engine.forward(ids.to(w.device), None, eval_ce=True)
+        return terms["ce"].double() * ids[:, 1:].numel()
+
     with torch.no_grad():
-        for ids in mine.split(w.cfg.train.batch_size):
-            _, terms = w.engine.forward(ids.to(w.device), None, eval_ce=True)
-            sums[0] += terms["ce"].double() * len(ids)
-            sums[1] += len(ids)
-    w.engine.all_reduce(sums)
-    return float(sums[0] / sums[1])
+        nll, count = nll_sums(score, blocks, w.cfg.train.batch_size, w.rank, w.world, w.engine.all_reduce, w.device)
+    return nll / count
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -344,8 +296,6 @@ def build_trainer(cfg: Config, plan, log=print, callbacks: list | None = None):
     )
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from raykd.data import pipeline
-
     runtime.quiet_data_progress()
     sc = cfg.scale
     train_ds, val_ds = pipeline.build_datasets(cfg.data, str(plan.teacher_dir), cfg.seed, cfg.teacher.trust_remote_code)
@@ -394,7 +344,6 @@ def _replace(src: Path, dst: Path) -> None:
 
 def distill(cfg: Config, log=print) -> dict:
     """`raykd distill`: validate, start or join Ray, train, export OUTPUT/{student,metrics.json,config.yaml}."""
-    from raykd.data import pipeline
     from raykd.plan import resolve
 
     resolved, plan = resolve(cfg, log)

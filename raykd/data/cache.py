@@ -255,9 +255,30 @@ def _driven(it):
         raise err from None
 
 
+def _pending_shards(train_ds, path: Path, shard_blocks: int) -> tuple[list[dict], int]:
+    """Stream the train blocks into shards: (the shards still to build, the number of shards);
+    finished shards are checked against the blocks (sha256) and skipped, stale extra ones removed."""
+    import pyarrow.parquet as pq
+
+    todo, n_shards = [], 0
+    for i, batch in enumerate(_driven(train_ds.iter_batches(batch_size=shard_blocks, batch_format="numpy"))):
+        ids = np.ascontiguousarray(batch["input_ids"], dtype=np.int32)
+        sha = hashlib.sha256(ids.tobytes()).hexdigest()
+        n_shards = i + 1
+        f = path / f"shard-{i:05d}.parquet"
+        if f.exists():
+            if (pq.read_schema(f).metadata or {}).get(_SHA_KEY, b"").decode() != sha:
+                raise ConfigError(f"teacher.cache: {f} holds other blocks than the data now gives (the corpus files changed?); "
+                                  f"delete {path} to rebuild the cache")
+            continue
+        todo.append({"shard": i, "ids": ids.tobytes(), "sha": sha})
+    for extra in sorted(path.glob("shard-*.parquet"))[n_shards:]:
+        extra.unlink()
+    return todo, n_shards
+
+
 def build(cfg: Config, plan, log=print) -> dict:
     """`raykd cache-teacher`: build (or finish) the cache of a resolved config; returns its meta."""
-    import pyarrow.parquet as pq
     import ray.data
 
     from raykd.data import pipeline
@@ -281,20 +302,7 @@ def build(cfg: Config, plan, log=print) -> dict:
     quiet_data_progress(preserve_order=True)  # the same shards, block for block, on every build
     train_ds, _ = pipeline.build_datasets(cfg.data, str(teacher_dir), cfg.seed, cfg.teacher.trust_remote_code)
     pipeline.check_blocks(train_ds, "data.train")
-    todo, n_shards = [], 0
-    for i, batch in enumerate(_driven(train_ds.iter_batches(batch_size=cfg.teacher.cache_shard_blocks, batch_format="numpy"))):
-        ids = np.ascontiguousarray(batch["input_ids"], dtype=np.int32)
-        sha = hashlib.sha256(ids.tobytes()).hexdigest()
-        n_shards = i + 1
-        f = path / f"shard-{i:05d}.parquet"
-        if f.exists():
-            if (pq.read_schema(f).metadata or {}).get(_SHA_KEY, b"").decode() != sha:
-                raise ConfigError(f"teacher.cache: {f} holds other blocks than the data now gives (the corpus files changed?); "
-                                  f"delete {path} to rebuild the cache")
-            continue
-        todo.append({"shard": i, "ids": ids.tobytes(), "sha": sha})
-    for extra in sorted(path.glob("shard-*.parquet"))[n_shards:]:
-        extra.unlink()
+    todo, n_shards = _pending_shards(train_ds, path, cfg.teacher.cache_shard_blocks)
     log(f"raykd: teacher cache {path}: {n_shards} shards, {n_shards - len(todo)} already built, {len(todo)} to build "
         f"(top-{cfg.teacher.cache_topk}, {cfg.teacher.cache_dtype}, hidden of teacher layers {layers or 'none'})")
     if todo:

@@ -240,3 +240,56 @@ def take_blocks(ds, max_blocks: int):
     if not rows:
         raise ConfigError("data.validation: no validation block; add held-out text or lower data.block_size")
     return torch.from_numpy(np.stack([np.asarray(r["input_ids"]) for r in rows])).long()
+
+
+# --- reading inside Ray Train workers --------------------------------------------------------
+
+
+def val_blocks(max_blocks: int):
+    """In a Ray Train worker: the first `max_blocks` validation blocks as a LongTensor [n, T]."""
+    import torch
+    import ray.train
+
+    out, n = [], 0
+    for batch in ray.train.get_dataset_shard("validation").iter_torch_batches(batch_size=min(32, max_blocks), dtypes=torch.long):
+        out.append(batch["input_ids"])
+        n += len(out[-1])
+        if n >= max_blocks:
+            break
+    return torch.cat(out)[:max_blocks]
+
+
+class ShardBatches:
+    """In a Ray Train worker: endless micro-batches from its shard of "train", epoch after epoch; resumable by position.
+    Yields input_ids [B, T] long, or with `cached` the numpy batch of teacher-cache rows."""
+
+    def __init__(self, batch_size: int, epoch: int = 0, skip: int = 0, cached: bool = False):
+        import ray.train
+
+        self.shard = ray.train.get_dataset_shard("train")
+        self.batch_size, self.epoch, self.index, self._skip, self.cached = batch_size, epoch, 0, skip, cached
+        self._it = None
+
+    def _iter(self):
+        import torch
+
+        if self.cached:
+            return iter(self.shard.iter_batches(batch_size=self.batch_size, batch_format="numpy", drop_last=True))
+        return (b["input_ids"] for b in self.shard.iter_torch_batches(batch_size=self.batch_size, dtypes=torch.long, drop_last=True))
+
+    def __next__(self):
+        while True:
+            if self._it is None:
+                self._it = self._iter()
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                if self.index == 0:
+                    raise RuntimeError("data.train: a worker's shard holds fewer blocks than one batch; lower train.batch_size or add text") from None
+                self._it, self.epoch, self.index = None, self.epoch + 1, 0
+                continue
+            self.index += 1
+            if self._skip:  # resuming: replay the data position of the checkpoint
+                self._skip -= 1
+                continue
+            return batch

@@ -143,7 +143,7 @@ class HeadLoss:
 
 def _fused_pass(sh, sw, sb, th, tw, tb, targets, mask, cfg: HeadLoss, ws, need_h, need_w, need_b):
     """Chunked forward that also builds the gradients (see fused_head_losses)."""
-    kd, temperature, kd_params, chunk = cfg.kd, cfg.temperature, cfg.kd_params, cfg.chunk_size
+    kd, temperature, chunk = cfg.kd, cfg.temperature, cfg.chunk_size
     ce_w, kd_w = cfg.ce_weight, cfg.kd_weight
     idx = None if mask is None else mask.nonzero().squeeze(1)
     n = sh.shape[0] if idx is None else idx.numel()
@@ -156,7 +156,6 @@ def _fused_pass(sh, sw, sb, th, tw, tb, targets, mask, cfg: HeadLoss, ws, need_h
     need_any = need_h or need_w or need_b
     kd_fn = TOKEN_LOSSES[kd] if kd is not None else None
     sparse = isinstance(th, TopK)  # cached top-k teacher targets instead of teacher hidden + head
-    kd_scale = kd_w * temperature * temperature
     # written-out gradients for CE and forward/reverse KL; other losses (and ignore-index targets) use autograd
     closed = not sparse and (kd_fn is None or kd in CLOSED_FORM) and not bool(((targets if idx is None else targets[idx]) < 0).any())
     dev = sh.device.type
@@ -177,34 +176,43 @@ def _fused_pass(sh, sw, sb, th, tw, tb, targets, mask, cfg: HeadLoss, ws, need_h
             if g is not None:
                 _accumulate(g, h, sw_c, rows, gh, gw, gb, acc)  # sw_c: no per-chunk cast of the head under autocast
             continue
-        with torch.no_grad():
-            logits = F.linear(h, sw, sb)  # [C, V] in the input dtype
-            t_logits = F.linear(th[rows], tw, tb) if kd_fn is not None and not sparse else None
-        with torch.enable_grad() if need_any else nullcontext():
-            leaf = logits.detach().requires_grad_(need_any)
-            obj = 0.0
-            if ce_w != 0:
-                ce_c = F.cross_entropy(_upcast(leaf), tgt, reduction="sum")
-                sums["ce"] += ce_c.detach()
-                obj = obj + ce_w * ce_c
-            if kd_fn is not None:
-                if sparse:  # (k+1)-bin distributions, already at temperature (raykd.losses.topk)
-                    kd_c = kd_fn(*sparse_bins(leaf, th.rows(rows), temperature), 1.0, **kd_params).sum()
-                else:
-                    extra = {"targets": tgt} if kd in NEEDS_TARGETS else {}
-                    kd_c = kd_fn(leaf, t_logits, temperature, **kd_params, **extra).sum()
-                sums["kd"] += kd_c.detach()
-                obj = obj + kd_scale * kd_c
-            obj = obj / denom
-        if need_any and torch.is_tensor(obj):
-            (g,) = torch.autograd.grad(obj, leaf)  # [C, V], input dtype
+        g = _autograd_chunk(h, th, sw, sb, tw, tb, tgt, rows, cfg, sparse, need_any, denom, sums)
+        if g is not None:
             _accumulate(g, h, sw, rows, gh, gw, gb, acc)
-        del logits, t_logits
     ce = sums["ce"] / denom
     kd_term = sums["kd"] * (temperature * temperature) / denom
     total = ce_w * ce + (kd_w * kd_term if kd_fn is not None else 0.0)
     cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
     return total, ce, kd_term, cast(gh, sh), cast(gw, sw), cast(gb, sb)
+
+
+def _autograd_chunk(h, th, sw, sb, tw, tb, tgt, rows, cfg: HeadLoss, sparse: bool, need_grad: bool, denom: int, sums: dict):
+    """One chunk through autograd on its own [C, V] logits (losses without a written-out gradient):
+    adds the chunk's CE / KD sums to `sums`; returns the logit gradient [C, V] (or None)."""
+    kd_fn = TOKEN_LOSSES[cfg.kd] if cfg.kd is not None else None
+    with torch.no_grad():
+        logits = F.linear(h, sw, sb)  # [C, V] in the input dtype
+        t_logits = F.linear(th[rows], tw, tb) if kd_fn is not None and not sparse else None
+    with torch.enable_grad() if need_grad else nullcontext():
+        leaf = logits.detach().requires_grad_(need_grad)
+        obj = 0.0
+        if cfg.ce_weight != 0:
+            ce_c = F.cross_entropy(_upcast(leaf), tgt, reduction="sum")
+            sums["ce"] += ce_c.detach()
+            obj = obj + cfg.ce_weight * ce_c
+        if kd_fn is not None:
+            if sparse:  # (k+1)-bin distributions, already at temperature (raykd.losses.topk)
+                kd_c = kd_fn(*sparse_bins(leaf, th.rows(rows), cfg.temperature), 1.0, **cfg.kd_params).sum()
+            else:
+                extra = {"targets": tgt} if cfg.kd in NEEDS_TARGETS else {}
+                kd_c = kd_fn(leaf, t_logits, cfg.temperature, **cfg.kd_params, **extra).sum()
+            sums["kd"] += kd_c.detach()
+            obj = obj + cfg.kd_weight * cfg.temperature * cfg.temperature * kd_c
+        obj = obj / denom
+    if not (need_grad and torch.is_tensor(obj)):
+        return None
+    (g,) = torch.autograd.grad(obj, leaf)  # [C, V], input dtype
+    return g
 
 
 def _accumulate(g, h, sw, rows, gh, gw, gb, acc):
@@ -244,6 +252,24 @@ class _FusedHeadLoss(torch.autograd.Function):
         return (*scaled, None, None, None, None, None, None, None)
 
 
+def _teacher_side(teacher_hidden, teacher_weight, teacher_bias, kd: str, kd_params: dict, n: int, vocab: int):
+    """Checked, detached teacher inputs (th [N, Ht] or TopK, tw [V, Ht] | None, tb [V] | None) for KD on n tokens."""
+    check_logit_loss(kd, kd_params)
+    if isinstance(teacher_hidden, TopK):
+        if kd in SPARSE_UNSUPPORTED:
+            raise ValueError(f"loss.kd: {kd} needs the dense teacher distribution; cached top-k targets serve the others")
+        th = teacher_hidden.flat()
+        if th.idx.shape[0] != n or th.vocab != vocab:
+            raise ValueError(f"top-k teacher targets {tuple(th.idx.shape)} over V={th.vocab} do not match {n} student tokens over V={vocab}")
+        return th, None, None
+    if teacher_weight is None:
+        raise ValueError("fused_head_losses: teacher_hidden given without teacher_weight")
+    th, tw = teacher_hidden.detach().reshape(n, -1), teacher_weight.detach()
+    if tw.shape != (vocab, th.shape[1]):
+        raise ValueError(f"teacher_weight {tuple(tw.shape)} does not match [V={vocab}, Ht={th.shape[1]}]; KD needs a shared vocabulary")
+    return th, tw, None if teacher_bias is None else teacher_bias.detach()
+
+
 def fused_head_losses(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor | None,
                       teacher_weight: Tensor | None, targets: Tensor, mask: Tensor | None, *,
                       kd: str = "forward_kl", temperature: float = 1.0, kd_params: dict | None = None,
@@ -272,31 +298,12 @@ def fused_head_losses(student_hidden: Tensor, student_weight: Tensor, teacher_hi
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     use_kd = teacher_hidden is not None and kd_weight != 0
     kd_params = dict(kd_params or {})
-    sparse = isinstance(teacher_hidden, TopK)
-    if use_kd:
-        check_logit_loss(kd, kd_params)
-        if sparse and kd in SPARSE_UNSUPPORTED:
-            raise ValueError(f"loss.kd: {kd} needs the dense teacher distribution; cached top-k targets serve the others")
-        if teacher_weight is None and not sparse:
-            raise ValueError("fused_head_losses: teacher_hidden given without teacher_weight")
     hs = student_hidden.shape[-1]
     sh = student_hidden.reshape(-1, hs)
     n = sh.shape[0]
     if student_weight.shape[-1] != hs:
         raise ValueError(f"student_weight {tuple(student_weight.shape)} does not match hidden width {hs}")
-    th = tw = tb = None
-    if use_kd and sparse:
-        th = teacher_hidden.flat()
-        if th.idx.shape[0] != n or th.vocab != student_weight.shape[0]:
-            raise ValueError(f"top-k teacher targets {tuple(th.idx.shape)} over V={th.vocab} do not match "
-                             f"{n} student tokens over V={student_weight.shape[0]}")
-    elif use_kd:
-        th = teacher_hidden.detach().reshape(n, -1)
-        tw = teacher_weight.detach()
-        tb = None if teacher_bias is None else teacher_bias.detach()
-        if tw.shape != (student_weight.shape[0], th.shape[1]):
-            raise ValueError(f"teacher_weight {tuple(tw.shape)} does not match [V={student_weight.shape[0]}, "
-                             f"Ht={th.shape[1]}]; KD needs a shared vocabulary")
+    th, tw, tb = _teacher_side(teacher_hidden, teacher_weight, teacher_bias, kd, kd_params, n, student_weight.shape[0]) if use_kd else (None, None, None)
     tgt = targets.reshape(n).long()
     m = None if mask is None else mask.reshape(n).bool()
     cfg = HeadLoss(kd if use_kd else None, float(temperature), kd_params, float(ce_weight), float(kd_weight), int(chunk_size))

@@ -1,0 +1,102 @@
+"""Plain dicts <-> typed dataclasses: the checks and messages every config section shares.
+
+`build(cls, data, prefix)` makes a dataclass from a mapping, refusing unknown keys (with a
+suggestion) and values of the wrong type (one line naming the dotted key); `set_dotted` and
+`parse_overrides` apply `key=value` command-line overrides to a nested dict. No raykd imports
+beyond the error type, so every module can use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any
+
+import yaml
+
+from raykd.errors import ConfigError, suggest
+
+
+def _type_ok(value, tp) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin is list:
+        return isinstance(value, (list, tuple))
+    if origin is dict:
+        return isinstance(value, dict)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True
+
+
+def build(cls, data: dict, prefix: str):
+    """The dataclass `cls` from `data` (nested sections built recursively; `prefix` names them in errors)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix}: expected a mapping of fields, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"{path}: unknown key{suggest(key, names)} valid keys here: {', '.join(names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if key == "teacher" and isinstance(value, str):  # `teacher: smollm2-135m` shorthand
+                value = {"model": value}
+            kwargs[key] = build(tp, value or {}, path)
+            continue
+        if not _type_ok(value, tp):
+            raise ConfigError(f"{path}: expected {_tname(tp)}, got {value!r}; fix the value in the YAML or the override")
+        kwargs[key] = float(value) if tp is float else value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - guarded by the key check above
+        raise ConfigError(f"{prefix}: {e}") from None
+
+
+_FRIENDLY = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list", dict: "a mapping"}
+
+
+def _tname(tp) -> str:
+    """'an integer', 'a list or null', ... for error messages."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _tname(a) for a in typing.get_args(tp))
+    return _FRIENDLY.get(typing.get_origin(tp) or tp, str(tp))
+
+
+def set_dotted(data: dict, dotted: str, value) -> None:
+    """Set `a.b.c` in a nested dict (creating intermediate mappings)."""
+    node = data
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        if k == "teacher" and isinstance(node.get(k), str):
+            node[k] = {"model": node[k]}
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: '{k}' is not a section; set its fields instead")
+    node[keys[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"{item}: overrides look like key=value, e.g. student.num_layers=10")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        out.append((key.strip(), value))
+    return out
