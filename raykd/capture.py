@@ -9,22 +9,6 @@ for, so the model keeps its own attention kernel (sdpa / flash): nothing here ne
   ``q [B,nh,T,hd]`` / ``k, v [B,nkv,T,hd]`` (as :class:`QKV`), and the kwargs the layer was called with.
 * :func:`run_layers` re-runs decoder layers ``start..end`` plus the final norm on another hidden state
   (block-wise KD: feed one model's hidden state through the rest of a model).
-* :func:`attention_kl` is attention-map distillation, KL(teacher attention || student attention)
-  per query row (TinyBERT, Jiao et al., 2020, arXiv:1909.10351; MiniLM, Wang et al., NeurIPS 2020,
-  arXiv:2002.10957).
-* :func:`relation_loss` is MiniLMv2 multi-head self-attention relation distillation (Wang et al.,
-  Findings of ACL 2021, arXiv:2012.15828): q-q, k-k and v-v scaled-dot-product relations over
-  ``R`` relation heads, which works across different head counts and widths.
-
-Masking conventions shared by the losses: keys are causal (key ``j`` visible from query ``i`` iff
-``j <= i``; additionally ``i - j < sliding_window`` when the layer has one), keys whose ``mask`` entry
-is False are hidden (the query's own position always stays visible, so no row is empty), and query
-rows whose ``mask`` entry is False do not count. Losses are means over the valid ``(batch, row)``
-pairs (token-weighted across the batch) and over heads. All scores are computed in fp32 from
-log-softmax, over chunks of ``q_chunk`` query rows; the gradient is written out per chunk (or, for
-head-averaged maps and soft-capped students, each chunk is recomputed in backward with
-``torch.utils.checkpoint``), so only ``[B, heads, q_chunk, T]`` tensors ever exist at once.
-The teacher side is always detached.
 """
 
 from __future__ import annotations

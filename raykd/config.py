@@ -9,6 +9,7 @@ teacher (depth, vocabulary) run when the plan is built (`raykd.plan`). All raise
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,8 @@ def _choice(path: str, value, choices) -> None:
 
 
 def _positive(path: str, value, allow_zero: bool = False) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{path}: must be a finite number, got {value}; give a value such as 1.0")
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{path}: must be {bound}, got {value}; set it to a value {bound}")
@@ -119,8 +122,8 @@ class LossWeights:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise ConfigError(f"loss.weights.{f.name}: must be a number, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ConfigError(f"loss.weights.{f.name}: must be a finite number, got {v!r}; use 0 to switch the term off")
             if v < 0:
                 raise ConfigError(f"loss.weights.{f.name}: negative weight {v}; use 0 to switch the term off")
         if sum(getattr(self, f.name) for f in dataclasses.fields(self)) == 0:
@@ -301,6 +304,8 @@ class Config:
     sweep: dict[str, Any] | None = None  # `raykd sweep` search space and scheduler (fields: SweepConfig)
 
     def __post_init__(self):
+        if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
+            raise ConfigError(f"output_dir: {self.output_dir} is a file, not a directory; choose a directory path for the run's outputs")
         if self.sweep is not None:
             _build(SweepConfig, self.sweep, "sweep")  # validated here, used by raykd.sweep
         if self.teacher.cache:  # the cache holds log-probs and hidden states, not attention or the teacher's upper blocks

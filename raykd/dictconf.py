@@ -39,6 +39,17 @@ def _type_ok(value, tp) -> bool:
     return True
 
 
+def _number_text(value, tp):
+    """A float field given text that reads as a number takes the number: YAML 1.1 reads `1e-3` (no dot)
+    as a string, and a person writing train.lr=1e-3 means 0.001."""
+    if isinstance(value, str) and float in (typing.get_args(tp) or (tp,)):
+        try:
+            return float(value.strip())
+        except ValueError:
+            return value
+    return value
+
+
 def build(cls, data: dict, prefix: str):
     """The dataclass `cls` from `data` (nested sections built recursively; `prefix` names them in errors)."""
     if not isinstance(data, dict):
@@ -56,6 +67,7 @@ def build(cls, data: dict, prefix: str):
                 value = {"model": value}
             kwargs[key] = build(tp, value or {}, path)
             continue
+        value = _number_text(value, tp)
         if not _type_ok(value, tp):
             raise ConfigError(f"{path}: expected {_tname(tp)}, got {value!r}; fix the value in the YAML or the override")
         kwargs[key] = float(value) if tp is float else value

@@ -311,8 +311,8 @@ def _run_eval(student_dir, teacher_spec, data, block_size, max_blocks, text_fiel
         raise ConfigError(f"--student: {student_dir} is not a Hugging Face model directory (needs config.json and weights); pass OUTPUT/student from raykd distill")
     teacher_dir = models.resolve_model(teacher_spec, "--teacher", log=log)
     tokenizer = models.load_tokenizer(teacher_dir, trust_remote_code)
-    s_config = models.load_config(student_dir, trust_remote_code)
-    t_config = models.load_config(teacher_dir, trust_remote_code)
+    s_config = models.load_config(student_dir, trust_remote_code, "--student")
+    t_config = models.load_config(teacher_dir, trust_remote_code, "--teacher")
     if _has_tokenizer(student_dir):
         models.check_same_vocab(tokenizer, models.load_tokenizer(student_dir, trust_remote_code), "--student")
     elif getattr(s_config, "vocab_size", None) != getattr(t_config, "vocab_size", None):

@@ -111,7 +111,7 @@ class Projections(nn.Module):
         self.maps = nn.ModuleList(
             [] if self.identity else [nn.Linear(student_width, teacher_width, bias=False) for _ in self.pairs]
         )
-        for m in self.maps:  # start from a scaled identity-like map where possible
+        for m in self.maps:  # random init, variance 1/Hs: the projected state keeps the scale of the student's (not an identity)
             nn.init.normal_(m.weight, std=student_width ** -0.5)
 
     def forward(self, index: int, hidden: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -249,9 +250,18 @@ def bf16_is_fast() -> bool:
     return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
 
 
-def load_config(model_dir: Path, trust_remote_code: bool = False):
+def load_config(model_dir: Path, trust_remote_code: bool = False, field: str = "teacher.model"):
+    """The model's config; a config.json that is not JSON or names no model_type is one ConfigError line."""
     from transformers import AutoConfig
 
+    path = Path(model_dir) / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{field}: {path} is not a readable JSON model config ({str(e).splitlines()[0]}); "
+                          f"point {field} at a saved Hugging Face model directory") from None
+    if not isinstance(raw, dict) or not raw.get("model_type"):
+        raise ConfigError(f"{field}: {path} names no model_type; save the model again with save_pretrained or add \"model_type\"")
     return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
 
 

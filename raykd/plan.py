@@ -109,7 +109,7 @@ def build_plan(cfg: Config, log=print) -> Plan:
     teacher = model_info(t_config, cfg.teacher.model, str(teacher_dir), trc)
     if cfg.student.model:
         s_dir = models.resolve_model(cfg.student.model, "student.model", log)
-        s_config = models.load_config(s_dir, trc)
+        s_config = models.load_config(s_dir, trc, "student.model")
         models.check_same_vocab(models.load_tokenizer(teacher_dir, trc), models.load_tokenizer(s_dir, trc))
         student = model_info(s_config, cfg.student.model, str(s_dir), trc)
         kept, importance = None, None

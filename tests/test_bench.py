@@ -129,3 +129,20 @@ def test_rerun_keeps_the_hand_maintained_section():
     assert collect.keep_hand_section("# Benchmarks\nold\n", "new\n") == "new\n"  # nothing hand-kept: the page as rendered
     repo_page = (Path(collect.__file__).parents[1] / "docs" / "BENCHMARKS.md").read_text()
     assert collect.HAND_KEPT in repo_page  # the heading the merge looks for is the one the page uses
+
+
+def test_gpu_check_runs_its_code_paths_on_the_cpu_and_says_so_without_cuda():
+    """bench/gpu_check.py --dry-run drives raykd's engine and objective (ddp, fsdp2, the train loop's
+    reductions, a checkpoint round trip, the student step) on gloo; without --dry-run and without
+    CUDA it is one clear line and exit 0 (the GPU figures come from a GPU machine)."""
+    import subprocess
+
+    script = str(Path(collect.__file__).parent / "gpu_check.py")
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1"}
+    dry = subprocess.run([sys.executable, script, "--dry-run"], capture_output=True, text=True, timeout=600, env=env)
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    figures = collect.parse_figures(dry.stdout.strip().splitlines()[-1])
+    assert figures["ddp_ok"] == figures["fsdp2_ok"] == figures["collectives_on_device"] == "1", dry.stdout
+    assert float(figures["tok_s_1p7b"]) > 0
+    plain = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=120, env=env)
+    assert plain.returncode == 0 and plain.stdout.count("\n") == 1 and "no CUDA device" in plain.stdout

@@ -67,7 +67,7 @@ def test_build_holds_the_teachers_targets(built, tiny_teacher):
     table = _table(d / "shard-00001.parquet")
     assert table.num_rows == 16
     batch = {name: np.asarray(table.column(name).to_pylist(), dtype=object) for name in table.column_names}
-    cfg = _cfg(d)
+    cfg, _ = _cfg(d)
     ids, t_out = cache.teacher_outputs(batch, cfg, 1024, torch.device("cpu"))
     assert ids.shape == (16, 64)
     assert table.schema.metadata[b"raykd_inputs_sha256"].decode() == hashlib.sha256(ids.to(torch.int32).numpy().tobytes()).hexdigest()
@@ -149,8 +149,8 @@ def test_distill_from_cache_matches_online_teacher(built, tmp_path):
     from raykd.train import distill
 
     d, _ = built
-    online = distill(_cfg(d, f"output_dir={tmp_path / 'online'}", "teacher.cache=null"), log=lambda m: None)
-    cached = distill(_cfg(d, f"output_dir={tmp_path / 'cached'}"), log=lambda m: None)
+    online = distill(_cfg(d, f"output_dir={tmp_path / 'online'}", "teacher.cache=null")[0], log=lambda m: None)
+    cached = distill(_cfg(d, f"output_dir={tmp_path / 'cached'}")[0], log=lambda m: None)
     assert cached["steps"] == online["steps"] == 12 and cached["tokens_seen"] == online["tokens_seen"]
     assert cached["val_perplexity"] < cached["init_val_perplexity"]
     assert abs(cached["val_perplexity"] / online["val_perplexity"] - 1) < 0.02, (cached["val_perplexity"], online["val_perplexity"])

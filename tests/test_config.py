@@ -51,6 +51,11 @@ def test_teacher_shorthand():
         (["sweep={params: {train.lr: {uniform: [1, 2]}}, search: grid}"], "sweep.search", "choice/grid"),
         (["sweep={params: {train.lr: {choice: [1]}}, schedular: asha}"], "sweep.schedular", "did you mean 'scheduler'"),
         (["nonsense"], "nonsense", "key=value"),
+        (["train.lr=.nan"], "train.lr", "finite"),
+        (["train.lr=.inf"], "train.lr", "finite"),
+        (["loss.temperature=.nan"], "loss.temperature", "finite"),
+        (["loss.weights.kd=.nan"], "loss.weights.kd", "finite"),
+        (["train.lr=1e-x"], "train.lr", "expected a number"),
     ],
 )
 def test_bad_values_name_the_field_and_the_fix(overrides, field, hint):
@@ -60,6 +65,13 @@ def test_bad_values_name_the_field_and_the_fix(overrides, field, hint):
     assert msg.startswith(field + ":"), msg
     assert hint in msg
     assert "\n" not in msg
+
+
+def test_numbers_as_people_write_them():
+    """YAML 1.1 reads 1e-3 (no dot) as text: a float field takes it as the number a person meant."""
+    cfg = load_config("jobs/demo.yaml", ["train.lr=1e-3", "loss.temperature=2E0", "loss.weights.kd= 5e-1"])
+    assert (cfg.train.lr, cfg.loss.temperature, cfg.loss.weights.kd) == (0.001, 2.0, 0.5)
+    assert isinstance(cfg.train.lr, float)
 
 
 def test_missing_and_malformed_files(tmp_path):

@@ -53,6 +53,25 @@ def test_bad_input_exits_2_with_one_line(overrides, start, tiny_teacher_dir):
     assert proc.stdout == ""
 
 
+@pytest.mark.parametrize("config_json, start", [
+    ('{"model_type": ', "is not a readable JSON model config"),
+    ('{"hidden_size": 8}', "names no model_type"),
+])
+def test_broken_teacher_config_and_output_file_are_one_line(tmp_path, tiny_teacher_dir, config_json, start):
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher_dir, teacher)
+    (teacher / "config.json").write_text(config_json)
+    proc = run_cli("plan", "jobs/smoke.yaml", f"teacher.model={teacher}")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"raykd: error: teacher.model: {teacher / 'config.json'} {start}" + proc.stderr.split(start, 1)[1].rstrip()], proc.stderr
+    (tmp_path / "out").write_text("a file where the run's directory should go")
+    proc = run_cli("distill", "jobs/smoke.yaml", f"output_dir={tmp_path / 'out'}")  # refused before Ray starts
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"raykd: error: output_dir: {tmp_path / 'out'} is a file, not a directory; choose a directory path for the run's outputs"]
+
+
 def test_missing_config_file_exits_2():
     proc = run_cli("plan", "jobs/nope.yaml")
     assert proc.returncode == 2 and "config: file not found: jobs/nope.yaml" in proc.stderr

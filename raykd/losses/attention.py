@@ -7,7 +7,15 @@
   Findings of ACL 2021, arXiv:2012.15828): q-q, k-k and v-v relations over ``R`` relation heads,
   which works across different head counts and widths.
 
-Masking and chunking conventions: see the module docstring of :mod:`raykd.capture`.
+Masking conventions: keys are causal (key ``j`` visible from query ``i`` iff
+``j <= i``; additionally ``i - j < sliding_window`` when the layer has one), keys whose ``mask`` entry
+is False are hidden (the query's own position always stays visible, so no row is empty), and query
+rows whose ``mask`` entry is False do not count. Losses are means over the valid ``(batch, row)``
+pairs (token-weighted across the batch) and over heads. All scores are computed in fp32 from
+log-softmax, over chunks of ``q_chunk`` query rows; the gradient is written out per chunk (or, for
+head-averaged maps and soft-capped students, each chunk is recomputed in backward with
+``torch.utils.checkpoint``), so only ``[B, heads, q_chunk, T]`` tensors ever exist at once.
+The teacher side is always detached.
 """
 
 from __future__ import annotations
