@@ -457,3 +457,25 @@ def test_run_layers_padding_per_layer_kwargs_and_grad():
     torch.testing.assert_close(run_layers(model, h, 3, {}), model.model.norm(h))
     with pytest.raises(ValueError, match="no kwargs for layer 1"):
         run_layers(model, h, 1, {2: cap.layer_inputs[2]})
+
+
+@pytest.mark.parametrize("student_heads", [4, 2])  # 4: written-out gradient path; 2: head-averaged autograd path
+def test_attention_and_relation_scores_stay_fp32_under_bf16_autocast(student_heads):
+    """Under bf16 autocast (as training runs with train.precision=bf16) the attention-map KL and the
+    relation loss, and their gradients, equal the fp32 computation: q·k^T is not taken in bf16."""
+    g = torch.Generator().manual_seed(5)
+    b, t, d = 2, 24, 16
+    qt, kt, vt = (torch.randn(b, 4, t, d, generator=g) * 2 for _ in range(3))
+    qs0, ks0, vs0 = (torch.randn(b, student_heads, t, d, generator=g) * 2 for _ in range(3))
+    teacher = QKV(qt, kt, vt, 4, 4, d, d ** -0.5)
+    results = []
+    for autocast in (False, True):
+        qs, ks, vs = (x.clone().requires_grad_() for x in (qs0, ks0, vs0))
+        student = QKV(qs, ks, vs, student_heads, student_heads, d, d ** -0.5)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = attention_kl(student, teacher, q_chunk=8) + relation_loss(student, teacher, 4)
+        loss.backward()
+        results.append((loss.detach(), qs.grad, ks.grad, vs.grad))
+    for fp32, under_autocast in zip(*results):  # (the head-averaged path once gave NaN gradients: hidden keys)
+        assert under_autocast.dtype == torch.float32 and torch.isfinite(fp32).all() and fp32.abs().sum() > 0
+        torch.testing.assert_close(under_autocast, fp32, rtol=1e-5, atol=1e-7)

@@ -20,6 +20,8 @@ The teacher side is always detached.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from collections.abc import Sequence
 
@@ -33,6 +35,21 @@ __all__ = ["attention_kl", "attention_probs", "default_relation_heads", "relatio
 # ---------------------------------------------------------------------------------------------
 # attention maps
 # ---------------------------------------------------------------------------------------------
+def _fp32(fn):
+    """Run `fn` with autocast off on every device: attention scores stay fp32 under bf16 autocast
+    (a bf16 q·k^T loses the small logit differences the KL measures). Inputs are upcast inside."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            for device in ("cpu", "cuda"):
+                if torch.is_autocast_enabled(device):
+                    stack.enter_context(torch.autocast(device, enabled=False))
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
 def _causal_logits(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -66,6 +83,7 @@ def _causal_logits(
     return s.masked_fill(~allowed, float("-inf"))
 
 
+@_fp32
 def attention_probs(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -83,9 +101,10 @@ def attention_probs(
 
 def _kl_rows(ls: torch.Tensor, lt: torch.Tensor, average_heads: bool) -> torch.Tensor:
     """Per-row KL(teacher || student) from log-probs ls/lt [B,Hs|Ht,c,T]; -> [B,H',c]."""
-    if average_heads:  # log of the head-averaged probabilities
-        ls = torch.logsumexp(ls, dim=1, keepdim=True) - math.log(ls.shape[1])
-        lt = torch.logsumexp(lt, dim=1, keepdim=True) - math.log(lt.shape[1])
+    if average_heads:  # log of the head-averaged probabilities; hidden keys (-inf in every head) clamped to a
+        # finite floor first: logsumexp over all -inf has a NaN gradient, the clamp passes none back to them
+        ls = torch.logsumexp(ls.clamp_min(-1e30), dim=1, keepdim=True) - math.log(ls.shape[1])
+        lt = torch.logsumexp(lt.clamp_min(-1e30), dim=1, keepdim=True) - math.log(lt.shape[1])
     pt = lt.exp()
     return torch.where(pt > 0, pt * (lt - ls), torch.zeros_like(pt)).sum(-1)
 
@@ -187,6 +206,7 @@ class _ClosedFormKL(torch.autograd.Function):
         return out_q, out_k, None, None, None, None, None, None, None, None
 
 
+@_fp32
 def attention_kl(
     student: QKV,
     teacher: QKV,
@@ -250,6 +270,7 @@ def _relation_heads(x: torch.Tensor, r: int) -> torch.Tensor:
     return x.transpose(1, 2).reshape(B, T, r, (n * hd) // r).transpose(1, 2)
 
 
+@_fp32
 def relation_loss(
     student: QKV,
     teacher: QKV,
