@@ -226,6 +226,7 @@ class ScaleConfig:
     max_failures: int = 0  # worker failures the run survives by restarting from the last checkpoint
     torch_threads: int = 0  # intra-op threads per worker (0 = the node's cores / workers on it)
     storage_path: str | None = None  # Ray Train checkpoint storage (shared FS or s3://... on clusters; default OUTPUT/)
+    placement_timeout_s: float = 300.0  # how long a run waits for a cluster (or its autoscaler) to offer the workers' CPUs/GPUs before failing
 
     def __post_init__(self):
         _positive("scale.num_workers", self.num_workers)
@@ -233,6 +234,7 @@ class ScaleConfig:
         _choice("scale.zero_stage", self.zero_stage, (1, 2, 3))
         _positive("scale.cpus_per_worker", self.cpus_per_worker)
         _positive("scale.max_failures", self.max_failures, allow_zero=True)
+        _positive("scale.placement_timeout_s", self.placement_timeout_s)
         _positive("scale.torch_threads", self.torch_threads, allow_zero=True)
         if self.deepspeed_config and not os.path.isfile(self.deepspeed_config):
             raise ConfigError(f"scale.deepspeed_config: {self.deepspeed_config} does not exist; give a DeepSpeed JSON file or drop the key to use the generated config")

@@ -241,8 +241,10 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def bf16_is_fast() -> bool:
+    """A GPU of compute capability >= 8.0 (Ampere on; older ones emulate bf16, which
+    `torch.cuda.is_bf16_supported()` may still report), or a CPU with avx512_bf16 / amx_bf16."""
     if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.get_device_capability() >= (8, 0)
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -51,23 +52,24 @@ def quiet_data_progress(preserve_order: bool = False) -> None:
         ctx.execution_options.preserve_order = True
 
 
-def init_ray(cfg: Config, runs: int = 1, per_run_extra: float = 0.0, log=print) -> None:
+def init_ray(cfg: Config, runs: int = 1, per_run_extra: float = 0.0, log=print) -> str:
     """Join the cluster in RAY_ADDRESS (set by `ray job submit`), else start a local instance with
     enough logical CPUs for `runs` concurrent runs' train workers (+ `per_run_extra` each, e.g. a
     Tune trial process) plus one for Ray Data tasks (no deadlock on 2 cores). When a Ray instance
     already runs on this machine (`ray start --head`), Ray finds it and raykd joins it as it is,
-    after checking that it has those CPUs (a one-line error otherwise, not a run that waits forever)."""
+    after checking that it has those CPUs (a one-line error otherwise, not a run that waits forever).
+    Returns how: "cluster" (RAY_ADDRESS, or already initialised), "local" (started here) or "joined"."""
     import ray
 
     if ray.is_initialized():
-        return
+        return "cluster"
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
-        return
+        return "cluster"
     need = math.ceil(runs * (cfg.scale.num_workers * cfg.scale.cpus_per_worker + per_run_extra)) + 1
     try:
         ray.init(num_cpus=max(os.cpu_count() or 1, need))  # (the dashboard's State API is what Train's cleanup polls)
-        return
+        return "local"
     except ValueError as e:  # Ray found a running local instance, which cannot be re-sized from here
         if "existing cluster" not in str(e):
             raise
@@ -80,3 +82,35 @@ def init_ray(cfg: Config, runs: int = 1, per_run_extra: float = 0.0, log=print) 
                           f"{need} (workers x cpus_per_worker + 1 for Ray Data); start it with more (`ray start --head "
                           f"--num-cpus={need}`), stop it, or lower scale.num_workers / scale.cpus_per_worker")
     log(f"raykd: joined the Ray instance already running on this machine ({address}, {have:g} CPUs)")
+    return "joined"
+
+
+def _fmt(resources: dict) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(resources.items())) or "nothing"
+
+
+def wait_for_workers(cfg: Config, how: str, log=print, poll_s: float = 10.0) -> None:
+    """Before `fit()`: the cluster must be able to hold `scale.num_workers` workers (CPUs, and a GPU each with
+    `scale.use_gpu`). A local instance cannot grow: fail at once. A cluster may (an autoscaler adding
+    nodes): say within `poll_s` what the run waits for and what the cluster has, then fail with one line
+    after `scale.placement_timeout_s` instead of waiting forever."""
+    import ray
+
+    sc = cfg.scale
+    need = {"CPU": sc.num_workers * sc.cpus_per_worker, **({"GPU": float(sc.num_workers)} if sc.use_gpu else {})}
+    wanted = f"{sc.num_workers} worker(s) x ({sc.cpus_per_worker:g} CPU{', 1 GPU' if sc.use_gpu else ''})"
+    deadline = time.monotonic() + sc.placement_timeout_s
+    while True:
+        have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+        if all(have.get(k, 0.0) >= v for k, v in need.items()):
+            return
+        field = "scale.use_gpu" if have.get("GPU", 0.0) < need.get("GPU", 0.0) else "scale.num_workers"
+        if how != "cluster":
+            raise ConfigError(f"{field}: this machine's Ray instance has {_fmt(have)} and cannot place {wanted}; "
+                              f"lower scale.num_workers / scale.cpus_per_worker, set scale.use_gpu=false, or submit to a cluster that has them")
+        if time.monotonic() >= deadline:
+            raise ConfigError(f"{field}: the cluster still has {_fmt(have)} after {sc.placement_timeout_s:g} s and cannot place {wanted}; "
+                              f"add nodes (or let the autoscaler), or lower the request")
+        log(f"raykd: waiting for the cluster to place {wanted}; it has {_fmt(have)} (an autoscaler may be adding nodes; "
+            f"giving up in {deadline - time.monotonic():.0f} s, scale.placement_timeout_s)")
+        time.sleep(min(poll_s, max(0.1, deadline - time.monotonic())))

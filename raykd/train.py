@@ -283,6 +283,14 @@ def export(w: Worker, state: RunState, wall: float, tokens_per_s: float, out: Pa
 # --- the driver ----------------------------------------------------------------------------
 
 
+def run_name(output_dir: Path) -> str:
+    """The run's name under a shared `scale.storage_path`: the output directory's name plus a hash of its
+    full path, so two runs whose output dirs share a basename never resume each other's checkpoints."""
+    import hashlib
+
+    return f"{output_dir.name}-{hashlib.sha1(str(output_dir.resolve()).encode()).hexdigest()[:8]}"
+
+
 def build_trainer(cfg: Config, plan, log=print, callbacks: list | None = None):
     """A `TorchTrainer` for a resolved config and its `raykd.plan.Plan`: Ray Data shards, scaling,
     storage, failure policy."""
@@ -307,7 +315,7 @@ def build_trainer(cfg: Config, plan, log=print, callbacks: list | None = None):
     pipeline.check_blocks(val_ds, "data.validation")
     resources = {"CPU": sc.cpus_per_worker, **({"GPU": 1} if sc.use_gpu else {})}
     out = Path(cfg.output_dir).resolve()
-    storage, name = (sc.storage_path, out.name) if sc.storage_path else (str(out), "train")
+    storage, name = (sc.storage_path, run_name(out)) if sc.storage_path else (str(out), "train")
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg.to_dict(),
@@ -350,7 +358,7 @@ def distill(cfg: Config, log=print) -> dict:
     pipeline.preflight(cfg.data)  # bad corpora fail here, before Ray starts
     if resolved.teacher.cache:
         cache.ensure(resolved, plan, log)  # a mismatching cache is refused before Ray starts; a missing one is built
-    runtime.init_ray(resolved, log=log)
+    runtime.wait_for_workers(resolved, runtime.init_ray(resolved, log=log), log)
     trainer = build_trainer(resolved, plan, log)
     result = trainer.fit()
     out = Path(cfg.output_dir)

@@ -99,3 +99,11 @@ def test_sweep_objectives_validated():
     for bad, search in ((["val_loss", "student_params"], "random"), (["student_params"], "optuna"), (["val_loss", "speed"], "optuna"), ([], "optuna")):
         with pytest.raises(ConfigError, match="sweep.objectives"):
             SweepConfig(params=params, search=search, objectives=bad)
+
+
+def test_runs_sharing_a_basename_get_their_own_checkpoint_storage(tmp_path):
+    from raykd.train import run_name
+
+    a, b = run_name(tmp_path / "x" / "run"), run_name(tmp_path / "y" / "run")
+    assert a != b and a.startswith("run-") and b.startswith("run-")
+    assert run_name(tmp_path / "x" / "run") == a  # the same output dir resumes its own checkpoints

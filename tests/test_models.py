@@ -79,3 +79,16 @@ def test_local_dir_spec(tiny_teacher_dir, tmp_path):
     copy = tmp_path / "teacher"
     shutil.copytree(tiny_teacher_dir, copy)
     assert resolve_model(str(copy)) == copy
+
+
+@pytest.mark.parametrize("capability, fast", [((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_bf16_on_a_gpu_is_chosen_by_compute_capability(monkeypatch, capability, fast):
+    """A T4/V100-class GPU (< 8.0) emulates bf16 even where torch reports it supported: auto stays fp32."""
+    import torch
+
+    from raykd import models
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: capability)
+    assert models.bf16_is_fast() is fast
