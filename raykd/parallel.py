@@ -99,7 +99,8 @@ class Engine:
 
     # what a strategy overrides ---------------------------------------------------------------
     def place_teacher(self) -> None:
-        self.teacher.to(self.device)
+        if self.teacher is not None:  # None: a teacher cache serves the targets
+            self.teacher.to(self.device)
 
     def wrap(self):
         if not _distributed():
@@ -118,8 +119,9 @@ class Engine:
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.warmup_steps, t.max_steps))
 
     def eval_teacher(self, load_full):
-        """The teacher as one whole module for the final evaluation (`load_full()` builds one if sharded)."""
-        return self.teacher
+        """The teacher as one whole module for the final evaluation (`load_full()` loads one when the run
+        holds none, from a teacher cache, or only shards of it)."""
+        return self.teacher if self.teacher is not None else load_full().to(self.device)
 
     # the step ------------------------------------------------------------------------------
     def autocast(self):
@@ -208,8 +210,8 @@ class FSDP2Engine(Engine):
         return self.cfg.scale.shard_teacher and _distributed()
 
     def place_teacher(self) -> None:
-        self.teacher.to(self.device)
-        if self.shards_teacher:
+        super().place_teacher()
+        if self.shards_teacher and self.teacher is not None:
             from torch.distributed.fsdp import fully_shard
 
             for layer in decoder_layers(self.teacher):
@@ -238,7 +240,7 @@ class FSDP2Engine(Engine):
         (loss / self.cfg.train.grad_accum).backward()
 
     def eval_teacher(self, load_full):
-        return load_full().to(self.device) if self.shards_teacher else self.teacher
+        return load_full().to(self.device) if self.shards_teacher else super().eval_teacher(load_full)
 
 
 class DeepSpeedEngine(Engine):

@@ -102,7 +102,20 @@ def _choose_kept(cfg: Config, teacher_dir: Path, depth: int, log) -> tuple[list[
     return kept, scores
 
 
+def _check_installed(cfg: Config) -> None:
+    """A strategy or search whose package is missing is one line here, not a crash inside the workers."""
+    import importlib.util
+
+    wanted = [("scale.strategy", "deepspeed", "deepspeed==0.19.8", "ddp or fsdp2")] if cfg.scale.strategy == "deepspeed" else []
+    if cfg.sweep and cfg.sweep.get("search") == "optuna":
+        wanted.append(("sweep.search", "optuna", "'optuna>=4,<6'", "random or grid"))
+    for field, module, pin, other in wanted:
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"{field}: {module} is not installed here; pip install {pin} (a raykd dependency) or use {other}")
+
+
 def build_plan(cfg: Config, log=print) -> Plan:
+    _check_installed(cfg)
     trc = cfg.teacher.trust_remote_code
     teacher_dir = models.resolve_model(cfg.teacher.model, "teacher.model", log)
     t_config = models.load_config(teacher_dir, trc)

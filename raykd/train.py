@@ -66,7 +66,7 @@ class Worker:
     device: torch.device
     precision: str  # fp32 | bf16 (train.precision made concrete here)
     teacher_dir: Path
-    teacher: torch.nn.Module
+    teacher: torch.nn.Module | None  # None with teacher.cache (rank 0 loads it for the final evaluation)
     engine: object  # raykd.parallel.Engine
     val: torch.Tensor | None  # validation blocks [N, T] (rank 0, and every rank with eval_every)
 
@@ -79,18 +79,22 @@ class Worker:
 
 
 def _build_models(cfg: Config):
-    """(teacher_dir, frozen teacher, Distiller) on the CPU; the engine places them."""
+    """(teacher_dir, frozen teacher or None, Distiller) on the CPU; the engine places them. With
+    `teacher.cache` the cache serves the teacher's targets: the teacher is loaded only to cut the
+    student from it (an HF student needs just its config) and is not kept while training."""
     trc = cfg.teacher.trust_remote_code
     teacher_dir = models.resolve_model(cfg.teacher.model, "teacher.model", log=lambda m: None)
-    teacher = models.load_model(teacher_dir, models.resolve_dtype(cfg.teacher.dtype), trc, frozen=True)
+    t_config = models.load_config(teacher_dir, trc)
+    cached = bool(cfg.teacher.cache)
+    teacher = None if (cached and cfg.student.model) else models.load_model(teacher_dir, models.resolve_dtype(cfg.teacher.dtype), trc, frozen=True)
     if cfg.student.model:
         student = models.load_model(models.resolve_model(cfg.student.model, "student.model"), torch.float32, trc)
         student.requires_grad_(True).train()
     else:
         student = models.cut_student(teacher, cfg.student.layers, dtype=torch.float32)
     pairs = [tuple(p) for p in cfg.layer_map.pairs]  # explicit: written by raykd.plan.resolve
-    distiller = Distiller.build(student, cfg.loss, pairs, teacher.config.hidden_size, models.num_layers(teacher.config))
-    return teacher_dir, teacher, distiller
+    distiller = Distiller.build(student, cfg.loss, pairs, t_config.hidden_size, models.num_layers(t_config))
+    return teacher_dir, None if cached else teacher, distiller
 
 
 def setup(config: dict) -> tuple[Worker, RunState]:

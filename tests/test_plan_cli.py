@@ -97,3 +97,14 @@ def test_importance_cut_on_the_tiny_teacher(tiny_teacher_dir):
     cfg = load_config("jobs/smoke.yaml", ["student.init=importance", "student.importance_metric=block_influence", "student.calibration_tokens=128"])
     plan = build_plan(cfg, log=lambda m: None)
     assert len(plan.kept) == 3 and len(plan.importance["block_influence"]) == 6
+
+
+def test_a_missing_strategy_package_is_one_line_at_plan(monkeypatch, tiny_teacher_dir):
+    import importlib.util
+
+    from raykd.errors import ConfigError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"^scale\.strategy: deepspeed is not installed here; pip install deepspeed==0\.19\.8"):
+        build_plan(load_config("jobs/smoke.yaml", ["scale.strategy=deepspeed"]), log=lambda m: None)
