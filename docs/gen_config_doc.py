@@ -74,10 +74,9 @@ right (a later one wins):
   booleans, `null` (or nothing, `key=`) is null, `[0,5,9]` a list, `{choice: [2, 3]}` a
   mapping, anything else a string. Quote a value with spaces for the shell:
   `'student.layers=[0, 5, 9]'`.
-* Write floats in exponent form with a dot, in overrides and in files alike: YAML 1.1 (what
-  PyYAML reads) takes `3e-4` for the string `"3e-4"`, which raykd refuses
-  (`train.lr: expected a number, got '3e-4'`); `3.0e-4` or `0.0003` is a number. An integer
-  is accepted where a number is expected; `true` / `false` are not numbers.
+* Numbers as you write them: YAML 1.1 (what PyYAML reads) takes `3e-4` for the string `"3e-4"`;
+  a float field turns such text into the number (`train.lr=3e-4` is 0.0003). An integer is
+  accepted where a number is expected; `true` / `false`, `.nan` and `.inf` are refused.
 * A sweep's search space uses the same dotted keys (`sweep.params`, below).
 
 ## Validation
