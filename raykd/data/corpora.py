@@ -63,7 +63,8 @@ def pydoc_documents() -> list[str]:
 
 
 def resolve_sources(sources: list[str], field: str, fetch: bool = True) -> list[str]:
-    """Expand named corpora, directories and globs into a sorted list of files (or 'pydoc:*')."""
+    """Expand named corpora, directories and globs into a sorted list of files ('pydoc:*' and 'sotu:*'
+    name files of the named corpora: `local_path` finds them on the node that reads them)."""
     files: list[str] = []
     for src in sources:
         if src in NAMED:
@@ -72,7 +73,8 @@ def resolve_sources(sources: list[str], field: str, fetch: bool = True) -> list[
                 continue
             root = fetch_sotu() if fetch else cache_root() / "corpora" / "sotu"
             split = "train" if field == "data.train" else "validation"
-            files.extend(sorted(str(p) for p in (root / split).glob("*.txt")))
+            # named, not the driver's path: a Ray Data task on another node resolves it there (local_path)
+            files.extend(sorted(f"sotu:{split}/{p.name}" for p in (root / split).glob("*.txt")))
             continue
         path = Path(src).expanduser()
         if path.is_dir():
@@ -87,6 +89,14 @@ def resolve_sources(sources: list[str], field: str, fetch: bool = True) -> list[
             raise ConfigError(f"{field}: {src} matches no files; check the path or glob")
         files.extend(found)
     return files
+
+
+def local_path(path: str) -> str:
+    """A file of `resolve_sources` as a path on this node: 'sotu:SPLIT/NAME' lives in this node's cache
+    (fetched here when missing), so a corpus named on the driver reads on every node."""
+    if path.startswith("sotu:"):
+        return str(fetch_sotu() / path[len("sotu:"):])
+    return path
 
 
 def pydoc_split(path: str):

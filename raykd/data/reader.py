@@ -199,7 +199,7 @@ def _rows(f: _File, text_field: str) -> Iterator[tuple[str | None, str | None]]:
             yield doc, None
     elif f.kind == "text":
         try:
-            with open(f.path, encoding="utf-8-sig") as fh:
+            with open(_corpora().local_path(f.path), encoding="utf-8-sig") as fh:
                 yield fh.read(), None
         except UnicodeDecodeError as e:
             raise _not_utf8(f, e) from None
@@ -388,5 +388,5 @@ def preflight(data_cfg: DataConfig) -> dict:
 def _size(f: _File) -> int:
     if f.kind == "pydoc":
         return sum(len(d.encode()) for d in _corpora().pydoc_split(f.path))
-    p = Path(f.path)
+    p = Path(_corpora().local_path(f.path))
     return sum(q.stat().st_size for q in p.glob("*.arrow")) if p.is_dir() else p.stat().st_size
