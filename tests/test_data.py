@@ -1,5 +1,6 @@
 """The Ray Data pipeline on a real local Ray (2 CPUs): formats, packing, split, dedupe, bad
-input, seeded order, and Ray Train workers streaming their shards without deadlock."""
+input, seeded order, and Ray Train workers streaming their shards without deadlock. The tests
+without `local_ray` (preflight, interrupt handling) need no Ray and run in the fast lane."""
 
 import json
 import os
@@ -12,8 +13,6 @@ import pytest
 from raykd import data
 from raykd.config import ConfigError, DataConfig
 from raykd.corpora import clean_text
-
-pytestmark = pytest.mark.ray
 
 BLOCK = 32
 
@@ -88,6 +87,7 @@ def _cfg(**kw):
 # --- formats, packing, explicit validation --------------------------------------------------
 
 
+@pytest.mark.ray
 def test_txt_dir_packs_exact_blocks_with_eos(local_ray, tiny_teacher_dir, tok, tmp_path):
     train_docs, val_docs = _docs(30), _docs(8, start=100)
     _write_txt(tmp_path / "train", train_docs)
@@ -104,6 +104,7 @@ def test_txt_dir_packs_exact_blocks_with_eos(local_ray, tiny_teacher_dir, tok, t
     assert data.take_blocks(val, 3).tolist() == [list(r) for r in val_rows[:3]]
 
 
+@pytest.mark.ray
 def test_glob_jsonl_parquet_and_datasets_dir(local_ray, tiny_teacher_dir, tok, tmp_path):
     import datasets
     import pyarrow as pa
@@ -134,6 +135,7 @@ def test_glob_jsonl_parquet_and_datasets_dir(local_ray, tiny_teacher_dir, tok, t
 # --- dedupe, split, order ------------------------------------------------------------------
 
 
+@pytest.mark.ray
 def test_dedupe_drops_exact_duplicates(local_ray, tiny_teacher_dir, tok, tmp_path):
     docs = _docs(12)
     _write_txt(tmp_path / "train", docs)
@@ -150,6 +152,7 @@ def test_dedupe_drops_exact_duplicates(local_ray, tiny_teacher_dir, tok, tmp_pat
     assert train_all.count() > train.count()
 
 
+@pytest.mark.ray
 def test_hash_split_is_deterministic_and_disjoint(local_ray, tiny_teacher_dir, tmp_path):
     docs = _docs(60)
     _write_txt(tmp_path / "train", docs)
@@ -171,6 +174,7 @@ def test_hash_split_is_deterministic_and_disjoint(local_ray, tiny_teacher_dir, t
     assert _rows(c[0]) != _rows(a[0]) and sorted(_rows(c[0])) == sorted(_rows(a[0]))
 
 
+@pytest.mark.ray
 def test_named_pydoc_corpus_uses_its_own_split(local_ray, tiny_teacher_dir):
     cfg = _cfg(train=["pydoc"], block_size=256)
     summary = data.preflight(cfg)
@@ -232,6 +236,7 @@ def test_bad_inputs_fail_in_preflight(tmp_path):
     assert _error(_cfg(train=[ok], val_fraction=0.0)).startswith("data.val_fraction: ")
 
 
+@pytest.mark.ray
 def test_jsonl_row_without_field_error_and_skip(local_ray, tiny_teacher_dir, tok, tmp_path):
     docs = _docs(10)
     rows = [{"text": d} for d in docs]
@@ -254,6 +259,7 @@ def test_jsonl_row_without_field_error_and_skip(local_ray, tiny_teacher_dir, tok
         DataConfig(bad_rows="ignore")
 
 
+@pytest.mark.ray
 def test_corpus_too_short_for_one_block(local_ray, tiny_teacher_dir, tmp_path):
     _write_txt(tmp_path / "t", _docs(2))
     cfg = _cfg(train=[str(tmp_path / "t")], validation=[str(tmp_path / "t" / "d000.txt")], dedupe=False, block_size=4096)
@@ -267,6 +273,7 @@ def test_corpus_too_short_for_one_block(local_ray, tiny_teacher_dir, tmp_path):
 # --- Ray Train: 2 workers x 0.5 CPU on a 2-CPU Ray stream their shards --------------------------
 
 
+@pytest.mark.ray
 def test_train_workers_stream_shards_without_deadlock(local_ray, tiny_teacher_dir, tmp_path):
     import ray.train
     from ray.train import RunConfig, ScalingConfig
