@@ -5,6 +5,7 @@ without `local_ray` (preflight, interrupt handling) need no Ray and run in the f
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -275,31 +276,32 @@ def test_corpus_too_short_for_one_block(local_ray, tiny_teacher_dir, tmp_path):
 
 @pytest.mark.ray
 def test_train_workers_stream_shards_without_deadlock(local_ray, tiny_teacher_dir, tmp_path):
-    import ray.train
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    def count_rows(config):  # defined here: pickled by value (workers cannot import this test module)
-        import ray.train
-
-        ctx = ray.train.get_context()
-        n = sum(len(b["input_ids"]) for b in ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=2))
-        Path(config["out"], f"rank{ctx.get_world_rank()}").write_text(str(n))
-        ray.train.report({"rows": n})
+    """raykd's own trainer (`build_trainer`: 2 workers x 0.5 CPU, Ray Data tasks at data.task_cpus) on a
+    2-CPU Ray trains to the end, each worker streaming an equal half of the training blocks. With
+    batch_size 1, a worker whose shard holds n blocks is, after `steps` > n steps, in its second pass
+    at batch steps - n: the data position each worker checkpoints tells its shard size."""
+    from raykd.config import load_config
+    from raykd.train import build_trainer, resolve
 
     _write_txt(tmp_path / "train", _docs(40))
-    cfg = _cfg(train=[str(tmp_path / "train")], val_fraction=0.1)
-    train, val = data.build_datasets(cfg, str(tiny_teacher_dir), seed=0)
+    smoke = str(Path(__file__).resolve().parents[1] / "jobs" / "smoke.yaml")
+    over = [f"output_dir={tmp_path / 'out'}", f"data.train=[{tmp_path / 'train'}]", "data.val_fraction=0.1",
+            f"data.block_size={BLOCK}", "data.max_val_blocks=4", "train.batch_size=1", "train.checkpoint_every=0",
+            "train.generation_eval=false", "scale.num_workers=2", "scale.cpus_per_worker=0.5"]
+    train, _ = data.build_datasets(load_config(smoke, over).data, str(tiny_teacher_dir), seed=0)
     total = train.count()
-    trainer = TorchTrainer(
-        count_rows,
-        train_loop_config={"out": str(tmp_path)},
-        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
-        run_config=RunConfig(name="shards", storage_path=str(tmp_path / "runs")),
-        datasets={"train": train, "validation": val},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=data.ingest_options()),
-    )
-    trainer.fit()
-    seen = [int((tmp_path / f"rank{r}").read_text()) for r in range(2)]
-    assert min(seen) > 0
-    assert sum(seen) == total - total % 2  # equal shards: an odd last block is dropped
+    half = total // 2
+    assert half >= 4, total
+    steps = half + half // 2  # one and a half passes over each shard
+    cfg, _ = resolve(load_config(smoke, [*over, f"train.max_steps={steps}", f"train.report_every={steps}"]), log=lambda m: None)
+    trainer, done = build_trainer(cfg, log=lambda m: None), {}
+    run = threading.Thread(target=lambda: done.update(result=trainer.fit()), daemon=True)
+    run.start()
+    run.join(timeout=600)
+    assert done, "the 2-worker run did not finish in 600 s on the 2-CPU Ray: Train and Data deadlocked?"
+    result = done["result"]
+    assert result.error is None and result.metrics["step"] == steps
+    with result.checkpoint.as_directory() as d:
+        positions = [json.loads((Path(d) / f"worker{r}.json").read_text()) for r in range(2)]
+    # equal shards (an odd last block dropped), each read whole once and half again
+    assert positions == [{"epoch": 1, "batch_index": steps - half}] * 2, (positions, total)
