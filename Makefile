@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip install -q --disable-pip-version-check
 # pip prints one warning per local index miss; they are noise on these machines.
 QUIET  := 2>&1 | { grep -v -E "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: install test demo bench clean
+.PHONY: install test test-fast chromium lint demo bench clean
 
 install: $(VENV)/.installed
 
@@ -21,8 +21,30 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -c "import torch, ray, transformers, raykd; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $@
 
-test: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+# test-fast: no Ray, no real teacher, no browser, nothing that takes minutes (about 3 min on 2 cores).
+# test: everything, as CI runs it (.ci/run), with the 15 slowest tests listed at the end.
+# The markers are declared in pyproject.toml; tests/conftest.py fails a test that starts Ray or loads
+# the real teacher without its marker, so the fast lane cannot silently grow a Ray test.
+FAST_LANE := not ray and not real and not browser and not slow
+
+test-fast: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "$(FAST_LANE)" tests
+
+test: install chromium
+	HF_HUB_OFFLINE=1 RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.1 $(PY) -m pytest -q --durations=15 tests
+
+# The browser tests render report.html in Debian's chromium (about 75 s to install; we run as root).
+# `apt-get update` only when the package lists are too stale to find it.
+CHROMIUM ?= /usr/bin/chromium
+
+chromium:
+	@test -x $(CHROMIUM) || { export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }; } \
+	  || { echo "make: could not install chromium (apt-get install -y chromium), which the browser tests need;" \
+	            "install it, or run make test-fast" >&2; exit 1; }
+
+lint: install
+	$(PY) -m ruff check tests bench
 
 demo: install
 	$(VENV)/bin/raykd fetch teacher

@@ -131,6 +131,7 @@ def test_rerun_keeps_the_hand_maintained_section():
     assert collect.HAND_KEPT in repo_page  # the heading the merge looks for is the one the page uses
 
 
+@pytest.mark.slow  # spawns a torch.distributed process group (gloo) and trains tiny models
 def test_gpu_check_runs_its_code_paths_on_the_cpu_and_says_so_without_cuda():
     """bench/gpu_check.py --dry-run drives raykd's engine and objective (ddp, fsdp2, the train loop's
     reductions, a checkpoint round trip, the student step) on gloo; without --dry-run and without

@@ -317,19 +317,30 @@ def test_attention_kl_different_head_counts_uses_head_average():
 
 
 def test_attention_kl_with_gradient_checkpointing():
-    """HF (non-reentrant) activation checkpointing of the student: q/k still carry grads, same values."""
+    """HF (non-reentrant) activation checkpointing of the student: layer 1 really runs again in
+    backward, its captured q/k still carry grads, and every student weight gets the gradient it gets
+    without checkpointing (q/k projections of layer 1 and all of layer 0 below it)."""
     teacher = make(seed=0)
     x = ids()
     t = capture_qkv(teacher, x)
-    grads = []
+    grads, forwards = [], []
     for ckpt in (False, True):
         student = make(seed=1).train()
         if ckpt:
             student.activation_checkpointing_enable()
+        calls = []
+        student.model.layers[1].self_attn.k_proj.register_forward_hook(lambda *_: calls.append(1))
         s = capture_qkv(student, x, grad=True)
         attention_kl(s, t, q_chunk=4).backward()
-        grads.append(student.model.layers[1].self_attn.k_proj.weight.grad)
-    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+        forwards.append(len(calls))
+        grads.append({n: p.grad for n, p in student.named_parameters() if p.grad is not None})
+    assert forwards == [1, 2]  # with checkpointing, layer 1 was recomputed in backward
+    must = [f"model.layers.{i}.self_attn.{w}_proj.weight" for i in (0, 1) for w in ("q", "k")] + ["model.embed_tokens.weight"]
+    for name in must:
+        assert name in grads[0] and grads[0][name].abs().sum() > 0, name
+    assert set(grads[1]) == set(grads[0])
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=1e-4, msg=name)
 
 
 # ------------------------------------------------------------------------------------------------

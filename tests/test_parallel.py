@@ -9,6 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+pytestmark = pytest.mark.slow  # 2 gloo processes per case: about 5 minutes on 2 cores
+
 CFG = {
     "teacher": {"model": "tiny-random"},
     "student": {"num_layers": 3, "init": "list", "layers": [0, 2, 5]},
