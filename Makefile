@@ -44,7 +44,7 @@ chromium:
 	            "install it, or run make test-fast" >&2; exit 1; }
 
 lint: install
-	$(PY) -m ruff check tests bench
+	$(PY) -m ruff check raykd tests bench
 
 demo: install
 	$(VENV)/bin/raykd fetch teacher

@@ -169,7 +169,11 @@ class Engine:
     # state -----------------------------------------------------------------------------------
     def save(self, directory: Path, rank: int, step: int) -> None:
         """Student + projections + optimizer + LR schedule into `directory` (every rank calls)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_sd = get_model_state_dict(self.distiller, options=opts)
@@ -179,7 +183,11 @@ class Engine:
             torch.save({"optimizer": optim_sd, "scheduler": self.scheduler.state_dict()}, Path(directory) / OPTIM_FILE)
 
     def load(self, directory: Path, step: int) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
         model_sd = torch.load(Path(directory) / MODEL_FILE, map_location="cpu", weights_only=True)
         extra = torch.load(Path(directory) / OPTIM_FILE, map_location="cpu", weights_only=True)

@@ -109,9 +109,9 @@ def _check_installed(cfg: Config) -> None:
     wanted = [("scale.strategy", "deepspeed", "deepspeed==0.19.8", "ddp or fsdp2")] if cfg.scale.strategy == "deepspeed" else []
     if cfg.sweep and cfg.sweep.get("search") == "optuna":
         wanted.append(("sweep.search", "optuna", "'optuna>=4,<6'", "random or grid"))
-    for field, module, pin, other in wanted:
+    for key, module, pin, other in wanted:
         if importlib.util.find_spec(module) is None:
-            raise ConfigError(f"{field}: {module} is not installed here; pip install {pin} (a raykd dependency) or use {other}")
+            raise ConfigError(f"{key}: {module} is not installed here; pip install {pin} (a raykd dependency) or use {other}")
 
 
 def build_plan(cfg: Config, log=print) -> Plan:

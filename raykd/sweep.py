@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 from raykd import models
-from raykd.data import cache
 from raykd.config import Config, ConfigError, SweepConfig, _build, from_dict, set_dotted
+from raykd.data import cache
 
 EXPERIMENT = "tune"
 

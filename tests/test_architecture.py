@@ -275,3 +275,12 @@ def test_the_checks_find_what_they_look_for(tmp_path, monkeypatch):
         assert ray_imports() == ["raykd/losses/kl.py imports ray (line 6)"]
     finally:
         modules.cache_clear()
+
+
+def test_ruff_is_clean():
+    """`ruff check` (the config in pyproject.toml) passes on the package, the tests and the benchmarks."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "ruff", "check", "raykd", "tests", "bench"], cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-1000:]

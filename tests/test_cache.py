@@ -55,9 +55,9 @@ def _table(path):
 
 def test_build_holds_the_teachers_targets(built, tiny_teacher):
     from raykd.data import cache
+    from raykd.losses.topk import teacher_topk
     from raykd.objective import forward_with_capture, head
     from raykd.spec import Needs
-    from raykd.losses.topk import teacher_topk
 
     d, meta = built
     assert meta["complete"] and meta["shards"] == 3 and meta["blocks"] == 48 and meta["tokens"] == 48 * 64
@@ -112,8 +112,8 @@ def test_resume_rebuilds_only_missing_shards(built, tmp_path):
     ("student.init=first", r"needs \[1\] too"),  # maps teacher layers 0, 1, 2; the cache holds 0, 2, 5
 ])
 def test_mismatching_cache_is_refused_before_ray(built, override, match):
-    from raykd.data import cache
     from raykd.config import ConfigError
+    from raykd.data import cache
 
     d, _ = built
     cfg, plan = _cfg(d, override)

@@ -8,13 +8,13 @@ import pytest
 import torch
 import transformers as tf
 
+from raykd.capture import QKV, Capture, decoder_layers, final_norm, run_layers
 from raykd.losses.attention import (
     attention_kl,
     attention_probs,
     default_relation_heads,
     relation_loss,
 )
-from raykd.capture import QKV, Capture, decoder_layers, final_norm, run_layers
 
 V, B, T = 128, 2, 11
 TEACHER = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -329,7 +329,7 @@ def test_attention_kl_with_gradient_checkpointing():
         if ckpt:
             student.activation_checkpointing_enable()
         calls = []
-        student.model.layers[1].self_attn.k_proj.register_forward_hook(lambda *_: calls.append(1))
+        student.model.layers[1].self_attn.k_proj.register_forward_hook(lambda *_, calls=calls: calls.append(1))
         s = capture_qkv(student, x, grad=True)
         attention_kl(s, t, q_chunk=4).backward()
         forwards.append(len(calls))

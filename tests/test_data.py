@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from raykd.data import pipeline as data
 from raykd.config import ConfigError, DataConfig
+from raykd.data import pipeline as data
 from raykd.data.corpora import clean_text
 
 BLOCK = 32
@@ -280,9 +280,9 @@ def test_train_workers_stream_shards_without_deadlock(local_ray, tiny_teacher_di
     2-CPU Ray trains to the end, each worker streaming an equal half of the training blocks. With
     batch_size 1, a worker whose shard holds n blocks is, after `steps` > n steps, in its second pass
     at batch steps - n: the data position each worker checkpoints tells its shard size."""
-    from raykd.config import load_config
     import torch
 
+    from raykd.config import load_config
     from raykd.plan import resolve
     from raykd.train import build_trainer
 

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from test_losses import CASE_IDS, CASES
 
-from raykd.losses import fused as fused_mod
 from raykd import losses as L
+from raykd.losses import fused as fused_mod
 
 
 # ----------------------------------------------------------------------------- fused head

@@ -187,8 +187,8 @@ class _ShardWriter:
     @torch.no_grad()
     def _encode(self, ids: np.ndarray) -> dict[str, list[bytes]]:
         """Teacher targets of blocks ids [n, T] as binary cells, one per block."""
-        from raykd.objective import forward_with_capture
         from raykd.losses.topk import teacher_topk
+        from raykd.objective import forward_with_capture
 
         cols: dict[str, list[bytes]] = {"input_ids": [], "topk_idx": [], "topk_logp": [], "tail": []}
         cols.update({f"hidden_{t}": [] for t in self.layers})
@@ -355,8 +355,8 @@ def _cells(col, dtype, shape: tuple[int, ...]) -> torch.Tensor:
 def teacher_outputs(batch: dict, cfg: Config, vocab: int, device: torch.device):
     """(input_ids [B, T] long, TeacherOutputs with `topk` and cached `hidden`) from a numpy batch
     of shard rows (the run's block size, k and dtype were checked against the cache's meta)."""
-    from raykd.objective import TeacherOutputs
     from raykd.losses.topk import TopK
+    from raykd.objective import TeacherOutputs
 
     T, k, dt = cfg.data.block_size, cfg.teacher.cache_topk, _DTYPES[cfg.teacher.cache_dtype]
     ids = _cells(batch["input_ids"], np.int32, (T,)).long().to(device)

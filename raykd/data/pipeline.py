@@ -64,8 +64,8 @@ from __future__ import annotations
 import functools
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -247,8 +247,8 @@ def take_blocks(ds, max_blocks: int):
 
 def val_blocks(max_blocks: int):
     """In a Ray Train worker: the first `max_blocks` validation blocks as a LongTensor [n, T]."""
-    import torch
     import ray.train
+    import torch
 
     out, n = [], 0
     for batch in ray.train.get_dataset_shard("validation").iter_torch_batches(batch_size=min(32, max_blocks), dtypes=torch.long):

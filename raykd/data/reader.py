@@ -17,9 +17,9 @@ import json
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from raykd.config import ConfigError, DataConfig
 

@@ -46,19 +46,19 @@ class TopK:
     def k(self) -> int:
         return self.idx.shape[-1]
 
-    def rows(self, rows) -> "TopK":
+    def rows(self, rows) -> TopK:
         """Index the leading (token) dimension of flat [N, k] targets."""
         return TopK(self.idx[rows], self.logp[rows], self.tail[rows], self.vocab)
 
-    def flat(self) -> "TopK":
+    def flat(self) -> TopK:
         """[..., k] -> [N, k]."""
         return TopK(self.idx.reshape(-1, self.k), self.logp.reshape(-1, self.k), self.tail.reshape(-1), self.vocab)
 
-    def shifted(self) -> "TopK":
+    def shifted(self) -> TopK:
         """[B, T, k] -> [B*(T-1), k]: the targets of positions 0..T-2 (next-token prediction)."""
         return TopK(self.idx[:, :-1], self.logp[:, :-1], self.tail[:, :-1], self.vocab).flat()
 
-    def to(self, device) -> "TopK":
+    def to(self, device) -> TopK:
         return TopK(self.idx.to(device), self.logp.to(device), self.tail.to(device), self.vocab)
 
 
