@@ -91,11 +91,45 @@ def _ray_workers(since: float):
             yield p
 
 
-def test_killed_worker_restarts_from_checkpoint(local_ray, tmp_path):
+# The resume tests: an interrupted run must continue exactly where it stopped -- same data position,
+# same model, optimizer, schedule -- so its per-step training losses equal those of a run never
+# interrupted, and every worker ends at the same place in its shard.
+STEPS = 40
+
+
+def _final_positions(out: Path) -> list[dict]:
+    """Each worker's data position {epoch, batch_index} in the run's last checkpoint (one file per worker)."""
+    import torch
+
+    saved = {d: [torch.load(d / f"worker{r}.pt", weights_only=True)["state"] for r in range(2)]
+             for d in (out / "train").glob("checkpoint_*") if (d / "worker1.pt").is_file()}
+    last = max(saved, key=lambda d: saved[d][0]["step"])
+    return [{"epoch": w["epoch"], "batch_index": w["batch_index"]} for w in saved[last]]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(local_ray, tmp_path_factory):
+    """The smoke job for STEPS steps without a stop, a loss reported every step: the reference."""
     from raykd.train import distill
 
-    steps = 40
-    cfg = _cfg(tmp_path, f"train.max_steps={steps}", "train.checkpoint_every=2", "train.report_every=2", "scale.max_failures=2")
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    metrics = distill(_cfg(tmp, f"train.max_steps={STEPS}", "train.report_every=1"), log=lambda m: None)
+    assert metrics["resumed_at"] == [] and [h["step"] for h in metrics["history"]] == list(range(1, STEPS + 1))
+    return {"losses": [h["loss"] for h in metrics["history"]], "positions": _final_positions(tmp / "out")}
+
+
+def _assert_continued(out: Path, metrics: dict, reference: dict) -> None:
+    """The resumed run trained on the same blocks in the same order as the uninterrupted one."""
+    assert [h["step"] for h in metrics["history"]] == list(range(1, STEPS + 1))  # each step once: none lost or repeated
+    losses = [h["loss"] for h in metrics["history"]]
+    assert losses == pytest.approx(reference["losses"], rel=1e-4, abs=1e-4), list(zip(losses, reference["losses"]))
+    assert _final_positions(out) == reference["positions"]
+
+
+def test_killed_worker_restarts_from_checkpoint(local_ray, uninterrupted, tmp_path):
+    from raykd.train import distill
+
+    cfg = _cfg(tmp_path, f"train.max_steps={STEPS}", "train.checkpoint_every=2", "train.report_every=1", "scale.max_failures=2")
     result = {}
     started = time.time() - 1
     run = threading.Thread(target=lambda: result.update(metrics=distill(cfg)))
@@ -109,19 +143,22 @@ def test_killed_worker_restarts_from_checkpoint(local_ray, tmp_path):
     victims[-1].kill()
     run.join(timeout=400)
     assert result, "the run did not finish after a worker was killed"
-    assert result["metrics"]["steps"] == steps
-    assert result["metrics"]["tokens_seen"] == steps * 4 * 64 * 2
+    assert result["metrics"]["steps"] == STEPS
+    assert result["metrics"]["tokens_seen"] == STEPS * 4 * 64 * 2
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert len(metrics["resumed_at"]) == 1 and 2 <= metrics["resumed_at"][0] < steps  # restarted once, from a checkpoint
+    assert len(metrics["resumed_at"]) == 1 and 2 <= metrics["resumed_at"][0] < STEPS  # restarted once, from a checkpoint
+    _assert_continued(tmp_path / "out", metrics, uninterrupted)
 
 
 def _distill_cmd(out: Path, *extra) -> list[str]:
     return [sys.executable, "-m", "raykd.cli", "distill", SMOKE, f"output_dir={out}", *extra]
 
 
-def test_resume_after_stopped_driver(tmp_path):
+def test_resume_after_stopped_driver(uninterrupted, tmp_path):
+    """Ctrl-C the driver of `raykd distill` mid-run, run the same command again: it resumes. (The
+    subprocess joins this module's Ray, which the reference run needed.)"""
     out = tmp_path / "out"
-    cmd = _distill_cmd(out, "train.max_steps=24", "train.checkpoint_every=3", "train.report_every=3")
+    cmd = _distill_cmd(out, f"train.max_steps={STEPS}", "train.checkpoint_every=3", "train.report_every=1")
     env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 240
@@ -135,10 +172,11 @@ def test_resume_after_stopped_driver(tmp_path):
     log = second.stdout + second.stderr
     assert "resuming from step" in log, log[-3000:]
     resumed = int(log.split("resuming from step ")[1].split()[0])
-    assert resumed >= 3
-    metrics = _check_output(out, 24)
+    assert 3 <= resumed < STEPS and resumed % 3 == 0
+    metrics = _check_output(out, STEPS)
     assert metrics["resumed_at"] == [resumed]
-    assert metrics["tokens_seen"] == 24 * 4 * 64 * 2
+    assert metrics["tokens_seen"] == STEPS * 4 * 64 * 2
+    _assert_continued(out, metrics, uninterrupted)
 
 
 def _free_port() -> int:
