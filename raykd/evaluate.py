@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -162,20 +161,16 @@ def _rouge_l(predictions: list[str], references: list[str]) -> float:
     return sum(scores) / len(scores)
 
 
-def generation_agreement(student, teacher, blocks: torch.Tensor, tokenizer=None, prompt_tokens: int = 32,
-                         new_tokens: int = 32, num_prompts: int = 8) -> dict:
-    """Greedy continuations of student vs teacher from the same prompts -> {"rougeL", "bleu"}.
+def generation_texts(student, teacher, blocks: torch.Tensor, tokenizer=None, prompt_tokens: int = 32,
+                     new_tokens: int = 32, num_prompts: int = 8) -> tuple[list[str], list[str], list[str]]:
+    """Greedy continuations of student and teacher from the same prompts -> (student texts, teacher
+    texts, the corpus's own next tokens), P strings each.
 
     Prompts are the first `prompt_tokens` ids of the first `num_prompts` blocks of `blocks`
     LongTensor[N, T]: a LongTensor[P, L] with P = min(num_prompts, N), L = min(prompt_tokens, T).
     Each model adds up to `new_tokens`, cut at EOS, decoded with `tokenizer` (without one, the
-    token ids written as words are compared). `rougeL`: mean ROUGE-L F-measure in [0, 1] over
-    prompts; `bleu`: sacrebleu corpus BLEU in [0, 100] of the student's texts against the
-    teacher's as the reference, with effective order (n-gram orders that the short texts
-    never reach are skipped instead of zeroing the score).
+    token ids written as words are compared); the corpus's text is the block's next `new_tokens` ids.
     """
-    from sacrebleu.metrics import BLEU
-
     _check_blocks(blocks, min_len=1)
     prompts = blocks[:num_prompts, :prompt_tokens]
     pad = eos = None
@@ -186,8 +181,26 @@ def generation_agreement(student, teacher, blocks: torch.Tensor, tokenizer=None,
     pad = pad if pad is not None else (eos if isinstance(eos, int) else 0)
     ref = _decode(tokenizer, greedy_continuations(teacher, prompts, new_tokens, pad, eos), pad, eos)
     hyp = _decode(tokenizer, greedy_continuations(student, prompts, new_tokens, pad, eos), pad, eos)
-    bleu = BLEU(effective_order=True).corpus_score(hyp, [ref]).score
-    return {"rougeL": _rouge_l(hyp, ref), "bleu": min(float(bleu), 100.0)}
+    truth = _decode(tokenizer, blocks[:num_prompts, prompt_tokens:prompt_tokens + new_tokens].cpu(), pad, eos)
+    return hyp, ref, truth
+
+
+def overlap(hypotheses: list[str], references: list[str]) -> dict:
+    """{"rougeL": mean ROUGE-L F-measure in [0, 1], "bleu": sacrebleu corpus BLEU in [0, 100]} of the
+    hypotheses against the references, BLEU with effective order (n-gram orders that short texts
+    never reach are skipped instead of zeroing the score)."""
+    from sacrebleu.metrics import BLEU
+
+    bleu = BLEU(effective_order=True).corpus_score(hypotheses, [references]).score
+    return {"rougeL": _rouge_l(hypotheses, references), "bleu": min(float(bleu), 100.0)}
+
+
+def generation_agreement(student, teacher, blocks: torch.Tensor, tokenizer=None, prompt_tokens: int = 32,
+                         new_tokens: int = 32, num_prompts: int = 8) -> dict:
+    """Greedy continuations of student vs teacher from the same prompts (`generation_texts`) ->
+    {"rougeL", "bleu"} of the student's texts against the teacher's as the reference (`overlap`)."""
+    hyp, ref, _ = generation_texts(student, teacher, blocks, tokenizer, prompt_tokens, new_tokens, num_prompts)
+    return overlap(hyp, ref)
 
 
 def tokens_per_s(model, blocks: torch.Tensor, batch_size: int = 8, repeats: int = 1, max_batches: int | None = None) -> float:
@@ -275,81 +288,3 @@ def eval_blocks(sources: list[str], tokenizer, block_size: int, max_blocks: int,
     if not blocks:
         raise ConfigError(f"{field}: the text holds {n_tokens} tokens, fewer than one block of {block_size}; add more text or use a smaller block size")
     return torch.tensor(blocks, dtype=torch.long)
-
-
-_CLI_FIELDS = {"data.text_field": "--text-field", "data.train": "--data", "data.validation": "--data", "teacher.model": "--teacher"}
-
-
-def run_eval(student_dir, teacher_spec: str, data: list[str], block_size: int = 256, max_blocks: int = 32,
-             text_field: str = "text", trust_remote_code: bool = False, generation: bool = True, log=print) -> dict:
-    """`raykd eval`: load a saved student and a teacher spec, read validation blocks, evaluate_pair.
-
-    Blocks come from the teacher's tokenizer; both models are loaded frozen in fp32.
-    Bad input raises ConfigError naming the command-line flag.
-    """
-    try:
-        return _run_eval(student_dir, teacher_spec, data, block_size, max_blocks, text_field, trust_remote_code, generation, log)
-    except ConfigError as e:  # messages from shared readers name config keys; name the flags instead
-        msg = str(e)
-        for key, flag in _CLI_FIELDS.items():
-            if msg.startswith(key + ":"):
-                raise ConfigError(flag + msg[len(key):]) from None
-        raise
-
-
-def _run_eval(student_dir, teacher_spec, data, block_size, max_blocks, text_field, trust_remote_code, generation, log) -> dict:
-    from raykd import models
-
-    if block_size < 2:
-        raise ConfigError(f"--block-size: {block_size} is too small; use at least 2")
-    if max_blocks < 1:
-        raise ConfigError(f"--max-blocks: {max_blocks} must be at least 1")
-    student_dir = Path(student_dir).expanduser()
-    if not student_dir.is_dir():
-        raise ConfigError(f"--student: {student_dir} is not a directory; pass a saved student (OUTPUT/student from raykd distill)")
-    if not models._is_model_dir(student_dir):
-        raise ConfigError(f"--student: {student_dir} is not a Hugging Face model directory (needs config.json and weights); pass OUTPUT/student from raykd distill")
-    teacher_dir = models.resolve_model(teacher_spec, "--teacher", log=log)
-    tokenizer = models.load_tokenizer(teacher_dir, trust_remote_code)
-    s_config = models.load_config(student_dir, trust_remote_code, "--student")
-    t_config = models.load_config(teacher_dir, trust_remote_code, "--teacher")
-    if _has_tokenizer(student_dir):
-        models.check_same_vocab(tokenizer, models.load_tokenizer(student_dir, trust_remote_code), "--student")
-    elif getattr(s_config, "vocab_size", None) != getattr(t_config, "vocab_size", None):
-        raise ConfigError(f"--student: vocabulary size {s_config.vocab_size} differs from the teacher's {t_config.vocab_size}; use a student cut from this teacher")
-    limit = getattr(t_config, "max_position_embeddings", None)
-    if limit and block_size > limit:
-        raise ConfigError(f"--block-size: {block_size} exceeds the teacher's context of {limit} tokens; use at most {limit}")
-    blocks = eval_blocks(data, tokenizer, block_size, max_blocks, text_field, field="--data")
-    log(f"raykd: evaluating on {blocks.shape[0]} blocks x {block_size} tokens")
-    student = models.load_model(student_dir, torch.float32, trust_remote_code, frozen=True)
-    teacher = models.load_model(teacher_dir, torch.float32, trust_remote_code, frozen=True)
-    return evaluate_pair(student, teacher, tokenizer, blocks, batch_size=8, generation=generation)
-
-
-def _has_tokenizer(path: Path) -> bool:
-    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-    return any((path / name).is_file() for name in names)
-
-
-def format_eval(metrics: dict) -> str:
-    """The metrics of evaluate_pair as an aligned two-column (student / teacher) table."""
-
-    def num(v, fmt):
-        return "-" if v is None else format(v, fmt)
-
-    m = metrics
-    rows = [
-        ("", "student", "teacher"),
-        ("perplexity", num(m["val_perplexity"], ".3f"), num(m["teacher_val_perplexity"], ".3f")),
-        ("parameters", num(m["student_params"], ","), num(m["teacher_params"], ",")),
-        ("tokens/s (prefill)", num(m["student_tokens_per_s"], ".1f"), num(m["teacher_tokens_per_s"], ".1f")),
-        ("top-1 agreement", num(m["top1_agreement"], ".4f"), ""),
-        ("ROUGE-L (greedy)", num(m["rougeL"], ".4f"), ""),
-        ("BLEU (greedy)", num(m["bleu"], ".2f"), ""),
-        ("validation tokens", num(m["val_tokens"], ","), ""),
-    ]
-    w0 = max(len(r[0]) for r in rows)
-    w1 = max(len(r[1]) for r in rows)
-    w2 = max(len(r[2]) for r in rows)
-    return "\n".join(f"{a:<{w0}}  {b:>{w1}}  {c:>{w2}}".rstrip() for a, b, c in rows)

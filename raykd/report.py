@@ -64,7 +64,8 @@ def _norm(t: dict) -> dict:
     return {
         "trial_id": str(t.get("trial_id", "?")), "status": str(t.get("status") or "UNKNOWN"),
         "error": " ".join(str(t["error"]).split()) if t.get("error") else None,
-        "params": dict(t.get("params") or {}), "metrics": {k: m.get(k) for k in METRIC_COLUMNS},
+        "params": dict(t.get("params") or {}),
+        "metrics": {**{k: m.get(k) for k in METRIC_COLUMNS}, **{k: v for k, v in m.items() if str(k).startswith("task_")}},
         "steps": int(_num(t.get("steps")) or 0), "max_steps": int(_num(t.get("max_steps")) or 0),
         "history": [h for h in t.get("history") or [] if isinstance(h, dict)], "config": t.get("config"),
     }
@@ -91,14 +92,38 @@ def _fmt(x) -> str:
     return str(x)
 
 
+def _task_fronts(trials: list[dict], meta: dict) -> dict[str, list[int]]:
+    """A Pareto front of each task objective (`task:sentiment_auc`, the score made a cost by its sign)
+    against student parameters: the accuracy/size trade-off, smallest student first."""
+    from raykd.tasks.names import objective_metric
+
+    fronts = {}
+    for objective in (o for o in meta.get("objectives") or [] if str(o).startswith("task:")):
+        key, mode = objective_metric(objective)
+        sign = -1.0 if mode == "max" else 1.0
+        cost = [None if _num(t["metrics"].get(key)) is None else sign * _num(t["metrics"][key]) for t in trials]
+        idx = pareto_front([(c, t["metrics"]["student_params"]) for c, t in zip(cost, trials)])
+        fronts[objective] = sorted(idx, key=lambda i: (_num(trials[i]["metrics"]["student_params"]), cost[i]))
+    return fronts
+
+
 # --- files -------------------------------------------------------------------------------------
 
 
+def task_columns(trials: list[dict], table: bool = False) -> list[str]:
+    """The task_* metric keys any trial reports (raykd.tasks.flat); `table`: the main scores only."""
+    keys = sorted({k for t in trials for k in t["metrics"] if k.startswith("task_")})
+    skip = ("_rougeL", "_bleu", "_cer_text", "_logprob", "_retained", "_acc_norm")
+    return [k for k in keys if not (table and k.endswith(skip))]
+
+
 def _write_csvs(out: Path, trials: list[dict], params: list[str], fronts: dict) -> None:
-    cols = [*params, *METRIC_COLUMNS, "steps", "max_steps"]
+    tasks = task_columns(trials)
+    cols = [*params, *METRIC_COLUMNS, *tasks, "steps", "max_steps"]
 
     def values(t):
-        return [*(t["params"].get(p) for p in params), *(t["metrics"][m] for m in METRIC_COLUMNS), t["steps"], t["max_steps"]]
+        return [*(t["params"].get(p) for p in params), *(t["metrics"].get(m) for m in (*METRIC_COLUMNS, *tasks)),
+                t["steps"], t["max_steps"]]
 
     with (out / "trials.csv").open("w", newline="") as fh:
         w = csv.writer(fh)
@@ -242,33 +267,36 @@ def _save(plt, fig, path: Path) -> Path:
 # --- report.md / report.html -------------------------------------------------------------------
 
 
-def _row(t: dict, params: list[str], error: bool = False) -> list[tuple[str, float | None]]:
+def _row(t: dict, params: list[str], error: bool = False, tasks: tuple = ()) -> list[tuple[str, float | None]]:
     """Table cells as (text, numeric sort key or None)."""
     m = t["metrics"]
     cells = [(t["trial_id"], None), (t["status"], None)]
     cells += [(_fmt(t["params"].get(p)), _num(t["params"].get(p))) for p in params]
-    cells += [(_fmt(m[k]), _num(m[k])) for k in METRIC_COLUMNS]
+    cells += [(_fmt(m.get(k)), _num(m.get(k))) for k in (*METRIC_COLUMNS, *tasks)]
     cells.append((f"{t['steps']}/{t['max_steps']}", t["steps"]))
     return cells + ([(t["error"] or "", None)] if error else [])
 
 
 def _sections(trials, params, fronts, meta, savings, best, best_note):
     """Summary lines and (title, header, rows, trial ids to highlight) tables shared by md and HTML."""
-    head = ["trial", "status", *params, "val ppl", "top-1 agree", "student params", "latency ms", "tokens/s", "val loss", "steps"]
+    tasks = tuple(task_columns(trials, table=True))
+    head = ["trial", "status", *params, "val ppl", "top-1 agree", "student params", "latency ms", "tokens/s", "val loss",
+            *(k[len("task_"):] for k in tasks), "steps"]
     scored = [t for t in trials if _ppl(t) is not None]
     tables = []
     if DEPTH in params and scored:
         depths = sorted({t["params"].get(DEPTH) for t in scored}, key=lambda d: (_num(d) is None, _num(d) or 0, str(d)))
         picks = [_best_of([t for t in scored if t["params"].get(DEPTH) == d]) for d in depths]
-        tables.append(("Best configuration per student depth", head, [_row(t, params) for t in picks], set()))
+        tables.append(("Best configuration per student depth", head, [_row(t, params, tasks=tasks) for t in picks], set()))
     elif best is not None:
-        tables.append(("Best configuration", head, [_row(best, params)], set()))
+        tables.append(("Best configuration", head, [_row(best, params, tasks=tasks)], set()))
     for name, idx in fronts.items():
-        tables.append((f"Pareto front: validation perplexity vs {AXIS[name]}", head, [_row(trials[i], params) for i in idx], set()))
+        title = f"validation perplexity vs {AXIS[name]}" if name in AXIS else f"{name[len('task:'):]} vs student parameters"
+        tables.append((f"Pareto front: {title}", head, [_row(trials[i], params, tasks=tasks) for i in idx], set()))
     order = sorted(trials, key=lambda t: (t["status"] == "ERROR", _ppl(t) is None, _ppl(t) or 0.0))
     on_front = {trials[i]["trial_id"] for idx in fronts.values() for i in idx}
     tables.append(("All trials (by validation perplexity; failed trials last, with their error)", [*head, "error"],
-                   [_row(t, params, error=True) for t in order], on_front))
+                   [_row(t, params, error=True, tasks=tasks) for t in order], on_front))
 
     counts: dict[str, int] = {}
     for t in trials:
@@ -314,6 +342,7 @@ def write_report(out_dir, trials: list[dict], meta: dict) -> dict[str, Path]:
     for name, key in FRONTS.items():
         idx = pareto_front([(_ppl(t), t["metrics"][key]) for t in trials])
         fronts[name] = sorted(idx, key=lambda i, key=key: (_num(trials[i]["metrics"][key]), _ppl(trials[i])))
+    fronts.update(_task_fronts(trials, meta))
     savings = asha_savings(trials)
     paths = {"trials": out / "trials.csv", "pareto": out / "pareto.csv"}
     _write_csvs(out, trials, params, fronts)

@@ -63,8 +63,10 @@ def searcher(sweep: SweepConfig, seed: int):
     from ray.tune.search.optuna import OptunaSearch
 
     if len(sweep.objectives) > 1:  # multi-objective TPE: the searcher owns the space and its metrics
-        n = len(sweep.objectives)
-        alg, space = OptunaSearch(space=space, metric=list(sweep.objectives), mode=["min"] * n, seed=seed), {}
+        from raykd.tasks.names import objective_metric
+
+        keys = [objective_metric(o) if o.startswith("task:") else (o, "min") for o in sweep.objectives]
+        alg, space = OptunaSearch(space=space, metric=[k for k, _ in keys], mode=[m for _, m in keys], seed=seed), {}
     else:
         alg = OptunaSearch(seed=seed)
     return ConcurrencyLimiter(alg, max_concurrent=sweep.max_concurrent), space
@@ -253,7 +255,7 @@ def collect_trials(results, base: dict, sweep: SweepConfig, max_steps: int) -> l
         trials.append({
             "trial_id": str(metrics.get("trial_id") or (Path(result.path).name if result.path else len(trials))),
             "status": _status(result, max_steps), "error": error, "params": params,
-            "metrics": {k: metrics.get(k) for k in METRICS}, "steps": int(metrics.get("step", 0) or 0), "max_steps": max_steps,
+            "metrics": {k: v for k, v in metrics.items() if k in METRICS or k.startswith("task_")}, "steps": int(metrics.get("step", 0) or 0), "max_steps": max_steps,
             "history": history, "config": config,
         })
     return trials

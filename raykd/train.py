@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from raykd import models, runtime
+from raykd import models, runtime, tasks
 from raykd.config import Config, from_dict
 from raykd.data import cache, pipeline
 from raykd.objective import Distiller, teacher_forward
@@ -273,7 +273,10 @@ def export(w: Worker, state: RunState, wall: float, tokens_per_s: float, out: Pa
     tok.save_pretrained(out / "student")
     student = models.load_model(out / "student", frozen=True).to(w.device)  # evaluate what users load
     teacher = w.engine.eval_teacher(lambda: models.load_model(w.teacher_dir, models.resolve_dtype(cfg.teacher.dtype), cfg.teacher.trust_remote_code, frozen=True))
-    metrics = evaluate_pair(student, teacher, tok, w.val.to(w.device), batch_size=cfg.train.batch_size, generation=cfg.train.generation_eval)
+    generation = cfg.train.generation_eval and "cer" not in cfg.eval.tasks  # the cer task generates once for both
+    metrics = evaluate_pair(student, teacher, tok, w.val.to(w.device), batch_size=cfg.train.batch_size, generation=generation)
+    if cfg.eval.tasks:
+        metrics.update(tasks.for_run(cfg, student, teacher, tok, w.val.to(w.device)))
     metrics["student_latency_ms"] = 1000.0 * w.val.shape[1] / metrics["student_tokens_per_s"]  # one block's forward
     metrics.update(
         init_val_perplexity=state.init_val_perplexity, tokens_seen=state.tokens_seen, tokens_per_s=tokens_per_s,
@@ -360,6 +363,7 @@ def distill(cfg: Config, log=print) -> dict:
 
     resolved, plan = resolve(cfg, log)
     pipeline.preflight(cfg.data)  # bad corpora fail here, before Ray starts
+    tasks.prepare(cfg.eval.tasks, fetch=True, log=log)  # task data fetched (or refused) before Ray starts
     if resolved.teacher.cache:
         cache.ensure(resolved, plan, log)  # a mismatching cache is refused before Ray starts; a missing one is built
     runtime.wait_for_workers(resolved, runtime.init_ray(resolved, log=log), log)

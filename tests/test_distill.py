@@ -53,6 +53,12 @@ def _check_output(out: Path, steps: int) -> dict:
     assert sum(p.numel() for p in student.parameters()) > 0
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no half-written leftovers
     assert "init: list" in (out / "config.yaml").read_text()  # the resolved config
+    tasks = metrics["tasks"]  # eval.tasks of jobs/smoke.yaml: the three built-ins, 32 examples each
+    assert set(tasks) == {"sentiment", "cloze", "cer"}
+    assert tasks["sentiment"]["student"]["n"] == 32 and 0 <= tasks["sentiment"]["teacher"]["auc"] <= 1
+    assert tasks["cloze"]["student"]["n"] > 0 and tasks["cer"]["student"]["n"] == 4
+    assert metrics["task_sentiment_auc"] == tasks["sentiment"]["student"]["auc"]  # flat keys for sweeps
+    assert metrics["rougeL"] == tasks["cer"]["student"]["rougeL"]  # one greedy generation serves both
     return metrics
 
 

@@ -189,7 +189,7 @@ def test_cli_eval_bad_input_exits_2_with_one_line(case, start, tmp_path, capsys,
 
 def test_evaluate_runs_without_importing_ray(student_dir, tiny_teacher_dir):
     code = (
-        "import sys; from raykd.evaluate import run_eval; "
+        "import sys; from raykd.eval_command import run_eval; "
         f"m = run_eval({str(student_dir)!r}, {str(tiny_teacher_dir)!r}, ['pydoc'], block_size=16, max_blocks=2, "
         "generation=True, log=lambda m: None); "
         "assert m['val_tokens'] == 32, m; "

@@ -1,0 +1,142 @@
+"""Task evaluation: how users judge a student, beside perplexity.
+
+Built-in tasks (zero-shot, scored by log-likelihood or greedy generation; no hub access):
+  sentiment  human-rated sentences (VADER's ICWSM-2014 sets), few-shot prompt: acc, auc
+  cloze      last word of held-out validation passages (LAMBADA-style): acc, logprob
+  cer        character error rate of the student's greedy continuation against the teacher's
+             (beside ROUGE-L and BLEU), and of both against the corpus's own text (cer_text)
+Any other name is an lm-evaluation-harness task: a task name lm-eval knows locally or a
+directory / YAML file of custom tasks with local data (raykd.tasks.harness).
+
+Each task reports {"student": {...}, "teacher": {...}, "retained": r}; r is the share of the
+teacher's lead over chance the student keeps, (student - chance) / (teacher - chance), on the
+task's main metric (sentiment: auc, cloze: acc, lm-eval tasks: acc), and 1 - cer for cer.
+"""
+
+from __future__ import annotations
+
+import time
+
+from raykd.errors import ConfigError
+from raykd.tasks.names import BUILTIN, check_names, check_objective, is_builtin, objective_metric  # noqa: F401 (public)
+
+MAIN = {"sentiment": ("auc", 0.5), "cloze": ("acc", 0.0)}  # task -> (main metric, chance)
+
+
+def prepare(names: list[str], field: str = "eval.tasks", fetch: bool = False, log=print) -> dict:
+    """Everything a task needs before any model loads, checked here (one-line errors): the sentiment
+    set (fetched first when `fetch`), lm-eval task definitions. Returns {task: data} that travels to
+    the workers with the config (small: at most 2,000 sentences)."""
+    check_names(names, field)
+    data: dict = {}
+    if "sentiment" in names:
+        from raykd.tasks import sentiment
+
+        if fetch:
+            sentiment.fetch(log=log)
+        data["sentiment"] = sentiment.load(field)
+    others = [n for n in names if not is_builtin(n)]
+    if others:
+        from raykd.tasks import harness
+
+        data["lm_eval"] = harness.check(others, field)
+    return data
+
+
+def run(student, teacher, tokenizer, names: list[str], data: dict, *, documents=None, blocks=None, limit: int = 200,
+        prompts: int = 16, batch_size: int = 16, log=print) -> dict:
+    """Score `student` and `teacher` on each task in `names` -> {task: {"student", "teacher", "retained"}}.
+
+    `data` from `prepare`; `documents()` yields validation texts (cloze); `blocks` LongTensor[N, T] of
+    validation ids (cer prompts: the first 32 tokens of the first `prompts` blocks).
+    """
+    out = {}
+    for name in names:
+        if not is_builtin(name):  # an lm-eval name or YAML path: one entry per lm-eval task it holds
+            from raykd.tasks import harness
+
+            for task in data["lm_eval"]["by_name"][name]:
+                t0 = time.perf_counter()
+                out[task] = harness.run_pair(student, teacher, tokenizer, task, data["lm_eval"], limit, batch_size)
+                out[task]["seconds"] = round(time.perf_counter() - t0, 2)
+                log(f"raykd: task {task}: {summary(task, out[task])}")
+            continue
+        t0 = time.perf_counter()
+        if name == "sentiment":
+            out[name] = _pair("sentiment", student, teacher, tokenizer, data["sentiment"][:limit], batch_size)
+        elif name == "cloze":
+            from raykd.tasks import cloze
+
+            if documents is None:
+                raise ConfigError("eval.tasks: the cloze task needs validation text; set data.validation or --data")
+            out[name] = _pair("cloze", student, teacher, tokenizer, cloze.items(documents(), limit), batch_size)
+        else:
+            out[name] = generation_task(student, teacher, tokenizer, blocks, prompts)
+        out[name]["seconds"] = round(time.perf_counter() - t0, 2)
+        log(f"raykd: task {name}: {summary(name, out[name])}")
+    return out
+
+
+def _pair(name: str, student, teacher, tokenizer, items: list[dict], batch_size: int) -> dict:
+    from raykd.tasks import cloze, sentiment
+
+    score = {"sentiment": sentiment.score, "cloze": cloze.score}[name]
+    if not items:
+        raise ConfigError(f"eval.tasks: the {name} task found no examples; give more validation text or drop the task")
+    s, t = score(student, tokenizer, items, batch_size), score(teacher, tokenizer, items, batch_size)
+    from raykd.tasks.scoring import retained
+
+    metric, chance = MAIN[name]
+    return {"student": s, "teacher": t, "retained": retained(s[metric], t[metric], chance)}
+
+
+def generation_task(student, teacher, tokenizer, blocks, prompts: int, prompt_tokens: int = 32, new_tokens: int = 32) -> dict:
+    """cer: greedy continuations of `prompts` validation prompts; the student's against the teacher's
+    (cer, rougeL, bleu) and both against the corpus's own next `new_tokens` tokens (cer_text)."""
+    from raykd.evaluate import generation_texts, overlap
+    from raykd.tasks.scoring import cer
+
+    if blocks is None:
+        raise ConfigError("eval.tasks: the cer task needs validation blocks; set data.validation or --data")
+    hyp, ref, truth = generation_texts(student, teacher, blocks, tokenizer, prompt_tokens, new_tokens, prompts)
+    s = {"cer": cer(hyp, ref), "cer_text": cer(hyp, truth), **overlap(hyp, ref), "n": len(hyp)}
+    t = {"cer": 0.0, "cer_text": cer(ref, truth), "n": len(ref)}
+    return {"student": s, "teacher": t, "retained": max(0.0, 1.0 - s["cer"])}
+
+
+def summary(name: str, result: dict) -> str:
+    """One line: the student's and the teacher's numbers and the retained share."""
+    def fmt(d):
+        return ", ".join(f"{k} {v:.3f}" for k, v in d.items() if isinstance(v, float))
+
+    r = result.get("retained")
+    kept = "-" if r is None else f"{r:.3f}"
+    return f"student {fmt(result['student'])} | teacher {fmt(result['teacher'])} | retained {kept}"
+
+
+def flat(tasks: dict) -> dict:
+    """{"sentiment_auc": student's auc, ..., "sentiment_retained": ...}: task scores as flat metric keys
+    (sweep objectives `task:sentiment_auc`, report columns)."""
+    out = {}
+    for name, result in tasks.items():
+        key = name.replace("/", "_").replace(".", "_")
+        for metric, value in result["student"].items():
+            if isinstance(value, (int, float)) and metric != "n":
+                out[f"{key}_{metric}"] = value
+        out[f"{key}_retained"] = result.get("retained")
+    return out
+
+
+def for_run(cfg, student, teacher, tokenizer, val_blocks, log=print) -> dict:
+    """The `eval.tasks` of a finished run (rank 0, after export): {"tasks": run(...), "task_<name>_<metric>":
+    the student's scores as flat keys (sweep objectives and report columns)}; with the cer task its
+    ROUGE-L / BLEU replace the generation metrics (one greedy generation, not two)."""
+    from raykd.data.reader import documents
+
+    data = prepare(cfg.eval.tasks, fetch=True, log=log)  # on this node: a cluster node fetches its own copy
+    res = run(student, teacher, tokenizer, cfg.eval.tasks, data, documents=lambda: documents(cfg.data, "validation"),
+              blocks=val_blocks, limit=cfg.eval.limit, prompts=cfg.eval.prompts, batch_size=cfg.eval.batch_size, log=log)
+    out = {"tasks": res, **{f"task_{k}": v for k, v in flat(res).items()}}
+    if "cer" in res and cfg.train.generation_eval:
+        out.update(rougeL=res["cer"]["student"]["rougeL"], bleu=res["cer"]["student"]["bleu"])
+    return out
