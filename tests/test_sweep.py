@@ -88,7 +88,7 @@ def test_optuna_multi_objective_over_student_init_and_layer_map(tmp_path, tiny_t
     from raykd.models import count_params, cut_student
 
     out = tmp_path / "sweep"
-    space = ("sweep={search: optuna, objectives: [val_loss, student_params], num_samples: 3, scheduler: fifo, eval_every: 4, "
+    space = ("sweep={search: optuna, objectives: [val_loss, student_params, task:sentiment_auc], num_samples: 3, scheduler: fifo, eval_every: 4, "
              "max_concurrent: 1, params: {student.num_layers: {choice: [2, 3]}, student.init: {choice: [uniform, first, last]}, "
              "layer_map.strategy: {choice: [auto, uniform]}}}")
     proc = subprocess.run(_sweep_cmd(out, space, "train.max_steps=4"), env=ENV, capture_output=True, text=True, timeout=900)
@@ -102,9 +102,15 @@ def test_optuna_multi_objective_over_student_init_and_layer_map(tmp_path, tiny_t
     for r in rows:
         assert float(r["val_loss"]) > 0, r
         assert int(float(r["student_params"])) == expected[int(r["student.num_layers"])], r
+        assert 0.0 <= float(r["task_sentiment_auc"]) <= 1.0 and r["task_cloze_acc"] != "", r  # eval.tasks ran in every trial
     meta = json.loads((out / "sweep.json").read_text())["meta"]
-    assert meta["search"] == "optuna" and meta["objectives"] == ["val_loss", "student_params"]
-    # the searcher Tune saved really was multi-objective: both metrics, both minimised
+    assert meta["search"] == "optuna" and meta["objectives"] == ["val_loss", "student_params", "task:sentiment_auc"]
+    # the searcher Tune saved really was multi-objective: the size minimised, the task score maximised
     searcher = OptunaSearch()
     searcher.restore_from_dir(str(out / "tune"))
-    assert searcher.metric == ["val_loss", "student_params"] and searcher.mode == ["min", "min"]
+    assert searcher.metric == ["val_loss", "student_params", "task_sentiment_auc"] and searcher.mode == ["min", "min", "max"]
+    # the report's accuracy/size front: sentiment AUC against parameters, with task columns in every table
+    front = [r for r in csv.DictReader((out / "pareto.csv").open()) if r["front"] == "task:sentiment_auc"]
+    assert front and "## Pareto front: sentiment_auc vs student parameters" in (out / "report.md").read_text()
+    sizes = sorted((int(float(r["student_params"])), -float(r["task_sentiment_auc"])) for r in front)
+    assert all(b == a or (b[0] > a[0] and b[1] < a[1]) for a, b in zip(sizes, sizes[1:])), sizes  # bigger only if it scores higher

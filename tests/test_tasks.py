@@ -302,3 +302,26 @@ def test_lm_eval_task_through_raykd_tasks(tiny_teacher, tokenizer, lm_eval_dir):
     got = out["raykd_polarity"]
     assert got["student"]["n"] == 4 and got["student"]["acc"] == got["teacher"]["acc"]
     assert got["main"] == "acc" and got["retained"] == (1.0 if got["teacher"]["acc"] > 0 else None)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["eval.tasks=[sentiment, clozee]"], "eval.tasks: unknown task 'clozee'; did you mean 'cloze'?"),
+    (["eval.limit=0"], "eval.limit: must be > 0"),
+    (["sweep={params: {train.lr: {choice: [0.001]}}, search: optuna, objectives: [val_loss, task:cloze_acc]}", "eval.tasks=[sentiment]"],
+     "sweep.objectives: 'task:cloze_acc' is not a score of eval.tasks"),
+    (["sweep={params: {train.lr: {choice: [0.001]}}, search: optuna, objectives: [val_loss, task_sentiment_auc]}"],
+     "sweep.objectives: expected distinct names"),
+])
+def test_eval_and_objective_config_errors(overrides, match):
+    from raykd.config import load_config
+
+    with pytest.raises(ConfigError, match=match.replace("[", r"\[").replace("?", r"\?")):
+        load_config("jobs/smoke.yaml", overrides)
+
+
+def test_eval_config_defaults_and_sweep_task_objective():
+    from raykd.config import load_config
+
+    cfg = load_config("jobs/demo.yaml", ["sweep={params: {train.lr: {choice: [0.001]}}, search: optuna, "
+                                         "objectives: [val_loss, student_params, task:sentiment_auc]}"])
+    assert cfg.eval.tasks == ["sentiment", "cloze", "cer"] and cfg.eval.limit == 200
