@@ -173,6 +173,9 @@ def sweep(cfg: Config, resume: bool = False, log=print) -> dict:
     _check_space(base, sw)
     pipeline.preflight(cfg.data)
     models.resolve_model(cfg.teacher.model, "teacher.model", log)  # fetch/convert once, before trials race for it
+    from raykd.tasks import prepare
+
+    prepare(cfg.eval.tasks, fetch=True, log=log)  # task data fetched once (or refused) before Ray starts
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     cache_run = _cache_config(cfg, sw, log) if cfg.teacher.cache else None  # a mismatching cache is refused here, before Ray
