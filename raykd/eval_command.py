@@ -72,8 +72,10 @@ def _run_eval(student_dir, teacher_spec, data, block_size, max_blocks, text_fiel
     teacher = models.load_model(teacher_dir, torch.float32, trust_remote_code, frozen=True)
     metrics = evaluate_pair(student, teacher, tokenizer, blocks, batch_size=8, generation=generation and "cer" not in tasks)
     if tasks:
+        from raykd.tasks import memo
+
         metrics["tasks"] = task_eval.run(student, teacher, tokenizer, tasks, task_data, blocks=blocks, limit=limit, log=log,
-                                         documents=lambda: _documents(data, text_field))
+                                         documents=lambda: _documents(data, text_field), memo=memo.default(teacher_dir, teacher))
         if "cer" in tasks and generation:  # the cer task's greedy texts give ROUGE-L / BLEU too: generated once
             metrics.update({k: metrics["tasks"]["cer"]["student"][k] for k in ("rougeL", "bleu")})
     return metrics

@@ -161,15 +161,14 @@ def _rouge_l(predictions: list[str], references: list[str]) -> float:
     return sum(scores) / len(scores)
 
 
-def generation_texts(student, teacher, blocks: torch.Tensor, tokenizer=None, prompt_tokens: int = 32,
-                     new_tokens: int = 32, num_prompts: int = 8) -> tuple[list[str], list[str], list[str]]:
-    """Greedy continuations of student and teacher from the same prompts -> (student texts, teacher
-    texts, the corpus's own next tokens), P strings each.
+def greedy_texts(model, blocks: torch.Tensor, tokenizer=None, prompt_tokens: int = 32, new_tokens: int = 32,
+                 num_prompts: int = 8, eos_from=None) -> tuple[list[str], list[str]]:
+    """(greedy continuations of `model`, the corpus's own next `new_tokens` tokens): P strings each.
 
     Prompts are the first `prompt_tokens` ids of the first `num_prompts` blocks of `blocks`
-    LongTensor[N, T]: a LongTensor[P, L] with P = min(num_prompts, N), L = min(prompt_tokens, T).
-    Each model adds up to `new_tokens`, cut at EOS, decoded with `tokenizer` (without one, the
-    token ids written as words are compared); the corpus's text is the block's next `new_tokens` ids.
+    LongTensor[N, T]: P = min(num_prompts, N). Generation stops at EOS (the tokenizer's, else the
+    generation config of `eos_from`, default `model`); texts are decoded with `tokenizer` (without
+    one, token ids written as words).
     """
     _check_blocks(blocks, min_len=1)
     prompts = blocks[:num_prompts, :prompt_tokens]
@@ -177,11 +176,19 @@ def generation_texts(student, teacher, blocks: torch.Tensor, tokenizer=None, pro
     if tokenizer is not None:
         eos = tokenizer.eos_token_id
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    eos = eos if eos is not None else getattr(teacher.generation_config, "eos_token_id", None)
+    eos = eos if eos is not None else getattr((eos_from or model).generation_config, "eos_token_id", None)
     pad = pad if pad is not None else (eos if isinstance(eos, int) else 0)
-    ref = _decode(tokenizer, greedy_continuations(teacher, prompts, new_tokens, pad, eos), pad, eos)
-    hyp = _decode(tokenizer, greedy_continuations(student, prompts, new_tokens, pad, eos), pad, eos)
+    texts = _decode(tokenizer, greedy_continuations(model, prompts, new_tokens, pad, eos), pad, eos)
     truth = _decode(tokenizer, blocks[:num_prompts, prompt_tokens:prompt_tokens + new_tokens].cpu(), pad, eos)
+    return texts, truth
+
+
+def generation_texts(student, teacher, blocks: torch.Tensor, tokenizer=None, prompt_tokens: int = 32,
+                     new_tokens: int = 32, num_prompts: int = 8) -> tuple[list[str], list[str], list[str]]:
+    """Greedy continuations of student and teacher from the same prompts (`greedy_texts`, EOS from the
+    teacher) -> (student texts, teacher texts, the corpus's own next tokens)."""
+    ref, truth = greedy_texts(teacher, blocks, tokenizer, prompt_tokens, new_tokens, num_prompts)
+    hyp, _ = greedy_texts(student, blocks, tokenizer, prompt_tokens, new_tokens, num_prompts, eos_from=teacher)
     return hyp, ref, truth
 
 

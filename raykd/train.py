@@ -276,7 +276,7 @@ def export(w: Worker, state: RunState, wall: float, tokens_per_s: float, out: Pa
     generation = cfg.train.generation_eval and "cer" not in cfg.eval.tasks  # the cer task generates once for both
     metrics = evaluate_pair(student, teacher, tok, w.val.to(w.device), batch_size=cfg.train.batch_size, generation=generation)
     if cfg.eval.tasks:
-        metrics.update(tasks.for_run(cfg, student, teacher, tok, w.val.to(w.device)))
+        metrics.update(tasks.for_run(cfg, student, teacher, tok, w.val.to(w.device), w.teacher_dir))
     metrics["student_latency_ms"] = 1000.0 * w.val.shape[1] / metrics["student_tokens_per_s"]  # one block's forward
     metrics.update(
         init_val_perplexity=state.init_val_perplexity, tokens_seen=state.tokens_seen, tokens_per_s=tokens_per_s,

@@ -325,3 +325,37 @@ def test_eval_config_defaults_and_sweep_task_objective():
     cfg = load_config("jobs/demo.yaml", ["sweep={params: {train.lr: {choice: [0.001]}}, search: optuna, "
                                          "objectives: [val_loss, student_params, task:sentiment_auc]}"])
     assert cfg.eval.tasks == ["sentiment", "cloze", "cer"] and cfg.eval.limit == 200
+
+
+def test_teacher_scores_are_kept_between_runs(tiny_teacher, tiny_teacher_dir, tokenizer, tmp_path, sentiment_items):
+    """A sweep's trials score the same teacher on the same examples: the second run reads the teacher's
+    side from the memo (same numbers), other inputs or another dtype miss it, a damaged entry is redone."""
+    from raykd import tasks
+    from raykd.tasks.memo import TeacherMemo, teacher_identity
+
+    student = models.cut_student(tiny_teacher, [0, 5]).eval()
+    blocks = torch.randint(3, tiny_teacher.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(2))
+    data = {"sentiment": sentiment_items}
+    ident = teacher_identity(tiny_teacher_dir, tiny_teacher)
+
+    def go(memo, limit=6):
+        return tasks.run(student, tiny_teacher, tokenizer, ["sentiment", "cer"], data, blocks=blocks, limit=limit, prompts=2,
+                         log=lambda m: None, memo=memo)
+
+    first_memo = TeacherMemo(tmp_path, ident)
+    first = go(first_memo)
+    assert first_memo.hits == 0 and len(list(tmp_path.glob("*.json"))) == 2
+    again = TeacherMemo(tmp_path, ident)
+    second = go(again)
+    assert again.hits == 2
+    for name in ("sentiment", "cer"):
+        assert second[name]["teacher"] == first[name]["teacher"] and second[name]["student"] == first[name]["student"]
+    other = TeacherMemo(tmp_path, ident)
+    go(other, limit=4)  # other examples: computed, not read
+    assert other.hits == 1  # (cer's prompts are the same)
+    bf16 = torch.nn.Linear(2, 2).to(torch.bfloat16)  # stands for the teacher run in bf16: only its dtype/device are read
+    assert teacher_identity(tiny_teacher_dir, bf16) != ident == teacher_identity(tiny_teacher_dir, torch.nn.Linear(2, 2))
+    for f in tmp_path.glob("sentiment-*.json"):
+        f.write_text("{broken")
+    redo = TeacherMemo(tmp_path, ident)
+    assert go(redo)["sentiment"]["teacher"] == first["sentiment"]["teacher"] and redo.hits == 1

@@ -44,12 +44,17 @@ def prepare(names: list[str], field: str = "eval.tasks", fetch: bool = False, lo
 
 
 def run(student, teacher, tokenizer, names: list[str], data: dict, *, documents=None, blocks=None, limit: int = 200,
-        prompts: int = 16, batch_size: int = 16, log=print) -> dict:
+        prompts: int = 16, batch_size: int = 16, log=print, memo=None) -> dict:
     """Score `student` and `teacher` on each task in `names` -> {task: {"student", "teacher", "retained"}}.
 
     `data` from `prepare`; `documents()` yields validation texts (cloze); `blocks` LongTensor[N, T] of
-    validation ids (cer prompts: the first 32 tokens of the first `prompts` blocks).
+    validation ids (cer prompts: the first 32 tokens of the first `prompts` blocks). `memo`
+    (raykd.tasks.memo.TeacherMemo): the teacher's side of the built-in tasks is read from it when an
+    earlier run on this node computed it (sweep trials), else computed and stored.
     """
+    from raykd.tasks.memo import TeacherMemo
+
+    memo = memo or TeacherMemo(None, None)
     out = {}
     for name in names:
         if not is_builtin(name):  # an lm-eval name or YAML path: one entry per lm-eval task it holds
@@ -63,42 +68,48 @@ def run(student, teacher, tokenizer, names: list[str], data: dict, *, documents=
             continue
         t0 = time.perf_counter()
         if name == "sentiment":
-            out[name] = _pair("sentiment", student, teacher, tokenizer, data["sentiment"][:limit], batch_size)
+            out[name] = _pair("sentiment", student, teacher, tokenizer, data["sentiment"][:limit], batch_size, memo)
         elif name == "cloze":
             from raykd.tasks import cloze
 
             if documents is None:
                 raise ConfigError("eval.tasks: the cloze task needs validation text; set data.validation or --data")
-            out[name] = _pair("cloze", student, teacher, tokenizer, cloze.items(documents(), limit), batch_size)
+            out[name] = _pair("cloze", student, teacher, tokenizer, cloze.items(documents(), limit), batch_size, memo)
         else:
-            out[name] = generation_task(student, teacher, tokenizer, blocks, prompts)
+            out[name] = generation_task(student, teacher, tokenizer, blocks, prompts, memo=memo)
         out[name]["seconds"] = round(time.perf_counter() - t0, 2)
         log(f"raykd: task {name}: {summary(name, out[name])}")
     return out
 
 
-def _pair(name: str, student, teacher, tokenizer, items: list[dict], batch_size: int) -> dict:
+def _pair(name: str, student, teacher, tokenizer, items: list[dict], batch_size: int, memo) -> dict:
     from raykd.tasks import cloze, sentiment
 
     score = {"sentiment": sentiment.score, "cloze": cloze.score}[name]
     if not items:
         raise ConfigError(f"eval.tasks: the {name} task found no examples; give more validation text or drop the task")
-    s, t = score(student, tokenizer, items, batch_size), score(teacher, tokenizer, items, batch_size)
+    s = score(student, tokenizer, items, batch_size)
+    t = memo.get(name, items, lambda: score(teacher, tokenizer, items, batch_size))
     from raykd.tasks.scoring import retained
 
     metric, chance = MAIN[name]
     return {"student": s, "teacher": t, "retained": retained(s[metric], t[metric], chance)}
 
 
-def generation_task(student, teacher, tokenizer, blocks, prompts: int, prompt_tokens: int = 32, new_tokens: int = 32) -> dict:
+def generation_task(student, teacher, tokenizer, blocks, prompts: int, prompt_tokens: int = 32, new_tokens: int = 32,
+                    memo=None) -> dict:
     """cer: greedy continuations of `prompts` validation prompts; the student's against the teacher's
     (cer, rougeL, bleu) and both against the corpus's own next `new_tokens` tokens (cer_text)."""
-    from raykd.evaluate import generation_texts, overlap
+    from raykd.evaluate import greedy_texts, overlap
+    from raykd.tasks.memo import TeacherMemo
     from raykd.tasks.scoring import cer
 
     if blocks is None:
         raise ConfigError("eval.tasks: the cer task needs validation blocks; set data.validation or --data")
-    hyp, ref, truth = generation_texts(student, teacher, blocks, tokenizer, prompt_tokens, new_tokens, prompts)
+    inputs = [blocks[:prompts, :prompt_tokens + new_tokens].tolist(), prompt_tokens, new_tokens]
+    ref, truth = (memo or TeacherMemo(None, None)).get("cer", inputs, lambda: list(
+        greedy_texts(teacher, blocks, tokenizer, prompt_tokens, new_tokens, prompts)))
+    hyp, _ = greedy_texts(student, blocks, tokenizer, prompt_tokens, new_tokens, prompts, eos_from=teacher)
     s = {"cer": cer(hyp, ref), "cer_text": cer(hyp, truth), **overlap(hyp, ref), "n": len(hyp)}
     t = {"cer": 0.0, "cer_text": cer(ref, truth), "n": len(ref)}
     return {"student": s, "teacher": t, "retained": max(0.0, 1.0 - s["cer"])}
@@ -127,15 +138,17 @@ def flat(tasks: dict) -> dict:
     return out
 
 
-def for_run(cfg, student, teacher, tokenizer, val_blocks, log=print) -> dict:
+def for_run(cfg, student, teacher, tokenizer, val_blocks, teacher_dir, log=print) -> dict:
     """The `eval.tasks` of a finished run (rank 0, after export): {"tasks": run(...), "task_<name>_<metric>":
     the student's scores as flat keys (sweep objectives and report columns)}; with the cer task its
     ROUGE-L / BLEU replace the generation metrics (one greedy generation, not two)."""
     from raykd.data.reader import documents
+    from raykd.tasks import memo
 
     data = prepare(cfg.eval.tasks, fetch=True, log=log)  # on this node: a cluster node fetches its own copy
     res = run(student, teacher, tokenizer, cfg.eval.tasks, data, documents=lambda: documents(cfg.data, "validation"),
-              blocks=val_blocks, limit=cfg.eval.limit, prompts=cfg.eval.prompts, batch_size=cfg.eval.batch_size, log=log)
+              blocks=val_blocks, limit=cfg.eval.limit, prompts=cfg.eval.prompts, batch_size=cfg.eval.batch_size, log=log,
+              memo=memo.default(teacher_dir, teacher))
     out = {"tasks": res, **{f"task_{k}": v for k, v in flat(res).items()}}
     if "cer" in res and cfg.train.generation_eval:
         out.update(rougeL=res["cer"]["student"]["rougeL"], bleu=res["cer"]["student"]["bleu"])
