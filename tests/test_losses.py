@@ -437,6 +437,12 @@ def test_class_kl_masks_padding_and_dtypes():
     got.backward()
     torch.testing.assert_close(got, ref_class_kl(s[:, :10], t[:, :10], mask, 1.5), rtol=1e-10, atol=1e-12)
     assert torch.isfinite(x.grad).all() and torch.all(x.grad[:, 10:] == 0)
+    # a column only the teacher pads (-inf on every token) is left out too: no loss, no gradient
+    x = s.clone().requires_grad_()
+    got = L.class_kl(x, tp, mask, 1.5)
+    got.backward()
+    torch.testing.assert_close(got, ref_class_kl(s[:, :10], t[:, :10], mask, 1.5), rtol=1e-10, atol=1e-12)
+    assert torch.all(x.grad[:, 10:] == 0)
     # fp32 / bf16 inputs: fp32 math, close to the fp64 value
     for dt in (torch.float32, torch.bfloat16):
         val = L.class_kl(s.to(dt), t.to(dt), mask, 1.5)
