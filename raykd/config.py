@@ -114,6 +114,7 @@ class LayerMapConfig:
 class LossWeights:
     ce: float = 1.0  # cross-entropy on the data
     kd: float = 1.0  # output-distribution matching (the logit loss named by loss.kd)
+    class_kd: float = 0.0  # class-aware logit KD: class_kl, each vocabulary entry's distribution over the batch's tokens (Zhang et al. 2022), beside the per-token kd; needs the live teacher
     hidden: float = 0.0  # hidden-state alignment on mapped layers (through learned projections when widths differ)
     attention: float = 0.0  # attention-map KL on mapped layers (from captured q/k; no eager attention)
     relation: float = 0.0  # MiniLM-v2 Q-Q/K-K/V-V relation KL on mapped layers (any head counts)
@@ -132,8 +133,8 @@ class LossWeights:
 
 @dataclass
 class LossConfig:
-    kd: str = "forward_kl"  # logit loss from raykd.losses.LOGIT_LOSSES: forward_kl | reverse_kl | jsd | skew_forward_kl | skew_reverse_kl | tvd | dkd
-    temperature: float = 1.0  # softmax temperature of the logit loss (the loss is scaled by T^2)
+    kd: str = "forward_kl"  # per-token logit loss from raykd.losses.LOGIT_LOSSES: forward_kl | reverse_kl | jsd | skew_forward_kl | skew_reverse_kl | tvd | dkd (class_kl is weighted by loss.weights.class_kd)
+    temperature: float = 1.0  # softmax temperature of the logit losses, kd and class_kd (each scaled by T^2)
     kd_params: dict[str, float] = field(default_factory=dict)  # extra parameters of the logit loss (jsd: beta; skew_*: alpha; dkd: alpha, beta)
     hidden: str = "cosine"  # hidden-state loss: mse | cosine | nmse
     weights: LossWeights = field(default_factory=LossWeights)  # weight of each term in the one objective

@@ -2,6 +2,7 @@
 Distillation for Efficient Compression"; hidden/attention terms after FitNets, TinyBERT and MiniLM):
 
     loss = w_ce * CE(data) + w_kd * D(p_teacher || q_student)             output distributions
+         + w_class_kd * mean_c KL(P_teacher[:, c] || Q_student[:, c])     class-wise: each vocabulary entry over the batch's tokens
          + w_hidden * mean_pairs H(P(h_student_s), h_teacher_t)           hidden states
          + w_attention * mean_pairs KL(A_teacher_t || A_student_s)        attention maps
          + w_relation * mean_pairs MiniLMv2(Q/K/V relations)              attention relations
@@ -95,15 +96,15 @@ class Distiller(nn.Module):
         pos_mask = (tok_mask[:, :-1] & tok_mask[:, 1:]).reshape(-1)
         s_w, s_b = head(self.student)
         t_in = t_w = t_b = None
-        if "kd" in w and teacher.topk is not None:  # cached top-k targets (raykd.losses.topk)
+        if ("kd" in w or "class_kd" in w) and teacher.topk is not None:  # cached top-k targets (raykd.losses.topk; no class_kd)
             t_in = teacher.topk.shifted()
-        elif "kd" in w:
+        elif "kd" in w or "class_kd" in w:
             t_in, (t_w, t_b) = _flat(teacher.last_hidden), head(teacher.model)
         total, terms = fused_head_losses(
             _flat(last), s_w, t_in, t_w, targets, pos_mask,
             kd=spec.kd, temperature=spec.temperature, kd_params=spec.kd_params, ce_weight=w.get("ce", 0.0) or float(eval_ce),
             kd_weight=w.get("kd", 0.0), chunk_size=spec.chunk_size, student_bias=s_b, teacher_bias=t_b,
-            workspace=self.head_workspace,
+            workspace=self.head_workspace, class_weight=w.get("class_kd", 0.0),
         )
         terms = dict(terms)
         feature_terms = {"hidden": self._hidden, "attention": self._attention, "relation": self._relation, "blockwise": self._blockwise}

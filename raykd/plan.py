@@ -170,7 +170,8 @@ def format_plan(cfg: Config, plan: Plan) -> str:
     lines.append(f"layer map  ({cfg.layer_map.strategy}) teacher->student " + ", ".join(f"{a}->{b}" for a, b in plan.pairs))
     parts = []
     for name, wt in plan.terms.items():
-        detail = {"kd": f"({cfg.loss.kd}, T={cfg.loss.temperature:g})", "hidden": f"({cfg.loss.hidden})"}.get(name, "")
+        detail = {"kd": f"({cfg.loss.kd}, T={cfg.loss.temperature:g})", "class_kd": f"(class_kl, T={cfg.loss.temperature:g})",
+                  "hidden": f"({cfg.loss.hidden})"}.get(name, "")
         parts.append(f"{wt:g}*{name}{detail}")
     lines.append("loss       " + " + ".join(parts))
     f = plan.flops_per_token

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from raykd.errors import ConfigError
 
-TERMS = ("ce", "kd", "hidden", "attention", "relation", "blockwise")  # every loss term, in report order
+TERMS = ("ce", "kd", "class_kd", "hidden", "attention", "relation", "blockwise")  # every loss term, in report order
 CACHE_CANNOT_SERVE = ("attention", "relation", "blockwise")  # a cache holds log-probs and hidden states only
 
 
@@ -51,6 +51,9 @@ def cache_refusal(loss, sparse_unsupported) -> str | None:
         if term in w:
             return (f"loss.weights.{term}: the teacher cache (teacher.cache) cannot serve this term; "
                     f"set loss.weights.{term}=0 or drop teacher.cache to run the teacher online")
+    if "class_kd" in w:  # a softmax over the batch's tokens per vocabulary entry: top-k log-probs cannot give it
+        return ("loss.weights.class_kd: class_kl needs every token's dense teacher logits, which the teacher cache "
+                "(top-k log-probs) does not hold; set loss.weights.class_kd=0 or drop teacher.cache to run the teacher online")
     if "kd" in w and loss.kd in sparse_unsupported:
         return (f"loss.kd: {loss.kd} needs the dense teacher distribution, which the teacher cache does not hold; "
                 f"use forward_kl, reverse_kl, jsd, skew_*, tvd or drop teacher.cache")
@@ -62,7 +65,7 @@ class ObjectiveSpec:
     """The multi-task objective of one run: active terms, their pairs and what they need."""
 
     weights: dict[str, float]  # active term -> weight (TERMS order)
-    kd: str  # logit loss name (raykd.losses LOGIT_LOSSES)
+    kd: str  # per-token logit loss name (raykd.losses TOKEN_LOSSES); the class_kd term is always class_kl
     temperature: float
     kd_params: dict = field(default_factory=dict)
     hidden_loss: str = "cosine"  # HIDDEN_LOSSES name
@@ -119,7 +122,8 @@ class ObjectiveSpec:
 
     @property
     def cache_columns(self) -> list[str]:
-        """The teacher-cache columns a run reads: ids, the top-k targets when KD is on, its mapped layers."""
+        """The teacher-cache columns a run reads: ids, the top-k targets when KD is on, its mapped layers
+        (class_kd is refused with a cache: `cache_refusal`)."""
         cols = ["input_ids"]
         if "kd" in self.weights:
             cols += ["topk_idx", "topk_logp", "tail"]

@@ -319,3 +319,124 @@ def test_fused_closed_form_under_bf16_autocast(kd, monkeypatch):
     assert got[1].dtype == torch.float32 and got[2].dtype == torch.float32
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
+
+
+# ----------------------------------------------------------------------------- class_kl in the fused head
+def _class_naive(sh, sw, th, tw, y, mask, *, kd, T, ce_w, kd_w, cls_w, sb=None, tb=None):
+    """The unfused objective on full [N, V] logits: CE + KD + class_kl (raykd.losses.class_kl)."""
+    total = _naive(sh, sw, th, tw, y, mask, kd=kd, T=T, params={}, ce_w=ce_w, kd_w=kd_w, sb=sb, tb=tb)
+    return total + cls_w * L.class_kl(F.linear(sh, sw, sb), F.linear(th, tw, tb), mask, T)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 37, 1000])  # N = 37: 7 does not divide it, 1000 is one chunk
+@pytest.mark.parametrize("kd,T,kd_w,pad", [("forward_kl", 2.0, 1.3, "both"), ("forward_kl", 1.0, 0.0, "both"),
+                                           ("jsd", 0.5, 0.8, "both"), ("forward_kl", 1.5, 0.5, "teacher")])
+def test_fused_class_kl_matches_unfused(chunk, kd, T, kd_w, pad):
+    """Two passes over the chunks (column log-sum-exps, then loss and written-out gradient) equal class_kl on
+    the full logits, with the token terms beside it (closed-form and autograd chunks), a mask, and -inf
+    vocabulary padding (in both heads, or in the teacher's only); gradients w.r.t. the student hidden states,
+    head weight and bias."""
+    sh, sw, th, tw, y, mask, sb, tb = _head(bias=True, seed=33)
+    tb[-3:] = -math.inf
+    if pad == "both":
+        sb[-3:] = -math.inf
+    y = y.clamp_max(sw.shape[0] - 4)  # targets never sit in the padding
+    kw = dict(kd=kd, T=T, ce_w=0.7, kd_w=kd_w, cls_w=0.5)
+    a, b = _leaves(sh, sw, sb), _leaves(sh, sw, sb)
+    want = _class_naive(a[0], a[1], th, tw, y, mask, sb=a[2], tb=tb, **kw)
+    got, terms = L.fused_head_losses(b[0], b[1], th, tw, y, mask, kd=kd, temperature=T, ce_weight=0.7, kd_weight=kd_w,
+                                     class_weight=0.5, chunk_size=chunk, student_bias=b[2], teacher_bias=tb)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    cls = L.class_kl(F.linear(sh, sw, sb), F.linear(th, tw, tb), mask, T)
+    assert set(terms) == {"ce", "class_kd"} | ({"kd"} if kd_w else set()) and not terms["class_kd"].requires_grad
+    torch.testing.assert_close(terms["class_kd"], cls, rtol=1e-10, atol=1e-12)
+    want.backward()
+    (got * 0.5).backward()  # grad_output != 1 is applied
+    for xa, xb in zip(a, b):
+        assert torch.isfinite(xb.grad).all()
+        torch.testing.assert_close(xb.grad, 0.5 * xa.grad, rtol=1e-9, atol=1e-11)
+    if pad == "both":
+        assert torch.all(b[2].grad[-3:] == 0)  # no gradient into the padding
+
+
+def test_fused_class_kl_alone_eval_and_empty_mask():
+    sh, sw, th, tw, y, mask, _, _ = _head(seed=34)
+    cls = L.class_kl(sh @ sw.T, th @ tw.T, mask, 1.5)
+    x = sh.clone().requires_grad_()
+    total, terms = L.fused_head_losses(x, sw, th, tw, y, mask, temperature=1.5, ce_weight=0.0, kd_weight=0.0,
+                                       class_weight=2.0, chunk_size=6)
+    assert set(terms) == {"class_kd"}
+    torch.testing.assert_close(total, 2.0 * cls)
+    total.backward()
+    x2 = sh.clone().requires_grad_()
+    (2.0 * L.class_kl(x2 @ sw.T, th @ tw.T, mask, 1.5)).backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    with torch.no_grad():  # eval (no grad anywhere): the same number
+        total2, _ = L.fused_head_losses(sh, sw, th, tw, y, mask, temperature=1.5, ce_weight=0.0, kd_weight=0.0,
+                                        class_weight=2.0, chunk_size=6)
+    torch.testing.assert_close(total2, 2.0 * cls)
+    # no teacher: the term is off, like KD
+    assert set(L.fused_head_losses(sh, sw, None, None, y, mask, class_weight=1.0)[1]) == {"ce"}
+    x, w = _leaves(sh, sw)
+    total, terms = L.fused_head_losses(x, w, th, tw, y, torch.zeros_like(mask), class_weight=1.0, chunk_size=5)
+    total.backward()
+    assert total.item() == 0.0 and terms["class_kd"].item() == 0.0
+    assert torch.all(x.grad == 0) and torch.all(w.grad == 0)
+
+
+def test_fused_class_kl_refuses_cached_topk_targets():
+    sh, sw, th, tw, y, mask, _, _ = _head(seed=35)
+    top = L.teacher_topk(th @ tw.T, 5)
+    with pytest.raises(ValueError, match=r"^loss\.weights\.class_kd: class_kl needs every token's dense teacher logits") as e:
+        L.fused_head_losses(sh, sw, top, None, y, mask, class_weight=0.5)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=r"^loss\.kd: class_kl is a batch-level"):
+        L.fused_head_losses(sh, sw, th, tw, y, mask, kd="class_kl")
+
+
+def test_fused_class_kl_never_materialises_n_by_v():
+    """The column log-sum-exps run over chunks: no op of the forward makes anything bigger than one chunk of logits."""
+    dispatch = pytest.importorskip("torch.utils._python_dispatch")
+    n, v, h, chunk = 512, 2048, 16, 64
+    g = torch.Generator().manual_seed(36)
+    sh = torch.randn(n, h, generator=g, requires_grad=True)
+    sw = torch.randn(v, h, generator=g, requires_grad=True)
+    th, tw = torch.randn(n, h, generator=g), torch.randn(v, h, generator=g)
+    y = torch.randint(0, v, (n,), generator=g)
+    largest = [0]
+
+    class Watch(dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(o, torch.Tensor):
+                    largest[0] = max(largest[0], o.numel())
+            return out
+
+    with Watch():
+        total, _ = L.fused_head_losses(sh, sw, th, tw, y, None, kd="forward_kl", class_weight=1.0, chunk_size=chunk)
+    assert largest[0] <= chunk * v, largest[0]
+    total.backward()
+    assert torch.isfinite(sh.grad).all() and sw.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fused_class_kl_fp32_and_bf16_autocast(autocast):
+    """fp32 inputs against the float64 unfused loss; under CPU bf16 autocast (logits in bf16, as F.linear)
+    within bf16 rounding of the unfused loss on the same autocast logits."""
+    sh, sw, th, tw, y, mask, _, _ = _head(n=40, hs=32, ht=32, v=64, seed=37, dtype=torch.float32)
+    x, w = _leaves(sh, sw)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        total, _ = L.fused_head_losses(x, w, th, tw, y, mask, temperature=2.0, ce_weight=0.0, kd_weight=0.0,
+                                       class_weight=1.0, chunk_size=16)
+    total.backward()
+    x2, w2 = _leaves(sh.double(), sw.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        s_logits, t_logits = F.linear(x2.float(), w2.float()), F.linear(th, tw)
+    want = L.class_kl(s_logits.double(), t_logits.double(), mask, 2.0)
+    want.backward()
+    tol = dict(rtol=2e-2, atol=2e-3) if autocast else dict(rtol=1e-4, atol=1e-6)
+    assert total.dtype == torch.float32 and x.grad.dtype == torch.float32
+    torch.testing.assert_close(total.double(), want, **tol)
+    torch.testing.assert_close(x.grad.double(), x2.grad, **tol)
+    torch.testing.assert_close(w.grad.double(), w2.grad, **tol)

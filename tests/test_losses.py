@@ -83,7 +83,11 @@ def _call(name, s, t, mask, T, y, params):
 
 # ----------------------------------------------------------------------------- registry
 def test_registries_consistent():
-    assert set(L.TOKEN_LOSSES) == set(L.LOGIT_LOSSES) == set(L.LOSS_PARAMS)
+    assert set(L.TOKEN_LOSSES) | set(L.BATCH_LOSSES) == set(L.LOGIT_LOSSES) == set(L.LOSS_PARAMS)
+    assert not set(L.TOKEN_LOSSES) & set(L.BATCH_LOSSES) and set(L.BATCH_LOSSES) <= L.SPARSE_UNSUPPORTED
+    for name, fn in L.BATCH_LOSSES.items():  # the LOGIT_LOSSES signature, no user params
+        assert list(inspect.signature(fn).parameters) == ["student_logits", "teacher_logits", "mask", "temperature"]
+        assert L.LOSS_PARAMS[name] == {} and L.LOGIT_LOSSES[name] is fn
     for name, fn in L.TOKEN_LOSSES.items():
         sig = inspect.signature(fn).parameters
         for p, default in L.LOSS_PARAMS[name].items():
@@ -279,14 +283,14 @@ def test_neg_inf_vocab_padding_equals_dropping_column(name):
 
 # ----------------------------------------------------------------------------- check_logit_loss
 def test_check_logit_loss_messages():
-    for name, defaults in L.LOSS_PARAMS.items():
-        L.check_logit_loss(name, dict(defaults))
+    for name in L.TOKEN_LOSSES:
+        L.check_logit_loss(name, dict(L.LOSS_PARAMS[name]))
         L.check_logit_loss(name, None)
     with pytest.raises(ValueError) as e:
         L.check_logit_loss("forwrd_kl", {})
     msg = str(e.value)
     assert msg.startswith("loss.kd: unknown logit loss 'forwrd_kl'; did you mean 'forward_kl'? choose one of:")
-    assert "skew_reverse_kl" in msg and "\n" not in msg
+    assert "skew_reverse_kl" in msg and "class_kl" not in msg and "\n" not in msg
     with pytest.raises(ValueError, match=r"^loss\.kd: unknown logit loss 'zzz'; choose one of: forward_kl"):
         L.check_logit_loss("zzz", {})
     with pytest.raises(ValueError) as e:
@@ -346,3 +350,116 @@ def test_hidden_losses_match_reference():
         torch.testing.assert_close(fn(s.view(1, 11, 7), t.view(1, 11, 7), mask.view(1, 11)), ref[name])
     with pytest.raises(ValueError, match="project the student"):
         L.mse_hidden(s[:, :5], t)
+
+
+# ----------------------------------------------------------------------------- class_kl (batch-level)
+def ref_class_kl(s, t, mask, T):
+    """Class-aware logit KD's class-level KL (Zhang et al. 2022), from the formula: each vocabulary
+    column is a distribution over the unmasked tokens; T² × the mean over columns of KL(P_c ‖ Q_c)."""
+    rows = [i for i in range(s.shape[0]) if mask is None or mask[i]]
+    total = 0.0
+    for c in range(s.shape[1]):
+        p = torch.stack([torch.exp(t[i, c] / T) for i in rows])
+        q = torch.stack([torch.exp(s[i, c] / T) for i in rows])
+        total = total + _kl(p / p.sum(), q / q.sum())
+    return total / s.shape[1] * T * T
+
+
+@pytest.mark.parametrize("T", [0.7, 1.0, 2.5])
+def test_class_kl_matches_reference(T):
+    s, t, _, mask = _data(n=10, v=7, seed=40 + int(T * 10))
+    s1, t1 = s.clone().requires_grad_(), t.clone().requires_grad_()
+    s2, t2 = s.clone().requires_grad_(), t.clone().requires_grad_()
+    got = L.LOGIT_LOSSES["class_kl"](s1, t1, mask, T)
+    want = ref_class_kl(s2, t2, mask, T)
+    assert got.dtype == torch.float64 and got.item() > 0
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-8, atol=1e-11)
+    torch.testing.assert_close(t1.grad, t2.grad, rtol=1e-8, atol=1e-11)
+    assert torch.all(s1.grad[~mask] == 0) and torch.all(t1.grad[~mask] == 0)
+    # finite differences, both inputs
+    assert torch.autograd.gradcheck(lambda a, b: L.class_kl(a, b, mask, T), (s.clone().requires_grad_(), t.clone().requires_grad_()))
+    # no mask = every token
+    torch.testing.assert_close(L.class_kl(s, t, None, T), ref_class_kl(s, t, None, T), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("T", [1.0, 1.6])
+def test_class_kl_gradient_is_written_out_form(T):
+    """d loss / d s[i, c] = T·(Q[i, c] − P[i, c]) / V on unmasked rows (P, Q softmax over the tokens), 0 elsewhere:
+    the form the fused head writes out. Masked rows may hold garbage."""
+    s, t, _, mask = _data(n=12, v=9, seed=44)
+    P, Q = torch.softmax(t[mask] / T, 0), torch.softmax(s[mask] / T, 0)
+    x = s.clone()
+    x[~mask] = float("nan")
+    x.requires_grad_()
+    y = t.clone()
+    y[~mask] = float("inf")
+    loss = L.class_kl(x, y, mask, T)
+    loss.backward()
+    want = torch.zeros_like(s)
+    want[mask] = T * (Q - P) / s.shape[1]
+    torch.testing.assert_close(x.grad, want, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(x.grad.sum(0), torch.zeros(s.shape[1], dtype=s.dtype), rtol=0, atol=1e-12)
+
+
+def test_class_kl_is_class_wise_not_token_wise():
+    s, t, _, mask = _data(n=10, v=8, seed=45)
+    assert abs(L.class_kl(s, s.clone(), mask, 1.7).item()) < 1e-12 and abs(L.class_kl(t, t.clone(), None).item()) < 1e-12
+    # a constant added to a whole vocabulary column (over the tokens) leaves each class distribution unchanged ...
+    shift = torch.randn(1, 8, dtype=s.dtype) * 3
+    torch.testing.assert_close(L.class_kl(s + shift, t, mask, 1.3), L.class_kl(s, t, mask, 1.3))
+    # ... while one added to a token row (which no per-token loss sees) changes it
+    row = torch.randn(10, 1, dtype=s.dtype) * 3
+    assert not torch.allclose(L.class_kl(s + row, t, mask, 1.3), L.class_kl(s, t, mask, 1.3))
+    torch.testing.assert_close(L.forward_kl(s + row, t, mask, 1.3), L.forward_kl(s, t, mask, 1.3))
+    # the batch matters: one token's teacher changes every other token's loss share
+    t2 = t.clone()
+    t2[0] += torch.randn(8, dtype=t.dtype)
+    assert not torch.allclose(L.class_kl(s, t2, mask), L.class_kl(s, t, mask))
+    # leading dims are flattened; T² scaling against the reference
+    torch.testing.assert_close(L.class_kl(s.view(2, 5, 8), t.view(2, 5, 8), mask.view(2, 5), 1.3), L.class_kl(s, t, mask, 1.3))
+
+
+def test_class_kl_masks_padding_and_dtypes():
+    s, t, _, mask = _data(n=10, v=12, seed=46)
+    x = s.clone().requires_grad_()
+    empty = L.class_kl(x, t, torch.zeros(10, dtype=torch.bool), 2.0)
+    assert empty.item() == 0.0 and empty.requires_grad
+    empty.backward()
+    assert torch.all(x.grad == 0)
+    # -inf logits in both models (a padded vocabulary) equal dropping the column
+    sp, tp = s.clone(), t.clone()
+    sp[:, 10:], tp[:, 10:] = -math.inf, -math.inf
+    x = sp.clone().requires_grad_()
+    got = L.class_kl(x, tp, mask, 1.5)
+    got.backward()
+    torch.testing.assert_close(got, ref_class_kl(s[:, :10], t[:, :10], mask, 1.5), rtol=1e-10, atol=1e-12)
+    assert torch.isfinite(x.grad).all() and torch.all(x.grad[:, 10:] == 0)
+    # a column only the teacher pads (-inf on every token) is left out too: no loss, no gradient
+    x = s.clone().requires_grad_()
+    got = L.class_kl(x, tp, mask, 1.5)
+    got.backward()
+    torch.testing.assert_close(got, ref_class_kl(s[:, :10], t[:, :10], mask, 1.5), rtol=1e-10, atol=1e-12)
+    assert torch.all(x.grad[:, 10:] == 0)
+    # fp32 / bf16 inputs: fp32 math, close to the fp64 value
+    for dt in (torch.float32, torch.bfloat16):
+        val = L.class_kl(s.to(dt), t.to(dt), mask, 1.5)
+        assert val.dtype == torch.float32
+        torch.testing.assert_close(val.double(), ref_class_kl(s.to(dt).double(), t.to(dt).double(), mask, 1.5), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="shared vocabulary"):
+        L.class_kl(s, t[:, :-1], mask)
+    with pytest.raises(ValueError, match="loss.temperature"):
+        L.class_kl(s, t, mask, 0.0)
+
+
+def test_class_kl_is_refused_as_a_token_loss():
+    from raykd.config import ConfigError, LossConfig
+
+    for call in (lambda: L.check_logit_loss("class_kl", {}), lambda: L.sparse_logit_loss("class_kl", *_data()[:2], None)):
+        with pytest.raises(ValueError, match=r"^loss\.kd: class_kl is a batch-level .*loss\.weights\.class_kd") as e:
+            call()
+        assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"^loss\.kd: class_kl is a batch-level"):
+        LossConfig(kd="class_kl")

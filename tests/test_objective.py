@@ -99,3 +99,75 @@ def test_every_logit_loss_runs_in_the_objective(tiny_teacher, kd):
     loss, terms = dist(ids, teacher_forward(tiny_teacher, ids, dist.spec.teacher_needs()))
     loss.backward()
     assert torch.isfinite(loss) and float(terms["kd"]) >= 0
+
+
+def test_class_kd_term_is_reported_matches_class_kl_and_trains(tiny_teacher):
+    """loss.weights.class_kd weights class_kl (class-aware logit KD) beside the per-token kd: the Distiller's
+    step reports it under `class_kd`, it equals class_kl on the full logits of the predicting positions, and
+    a few steps on one batch lower the objective."""
+    from raykd.losses import class_kl
+
+    torch.manual_seed(0)
+    kept = [0, 3, 5]
+    cfg = LossConfig(kd="forward_kl", temperature=2.0, chunk_size=13, weights=LossWeights(ce=1.0, kd=1.0, class_kd=0.5))
+    dist = Distiller.build(cut_student(tiny_teacher, kept), cfg, layer_map("auto", 6, 3, kept=kept), 64, 6)
+    assert dist.spec.weights == {"ce": 1.0, "kd": 1.0, "class_kd": 0.5} and dist.spec.uses_teacher
+    assert dist.spec.report_terms == ("loss", "ce", "kd", "class_kd")
+    ids = ids_for(tiny_teacher)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[1, -5:] = False
+    out = teacher_forward(tiny_teacher, ids, dist.spec.teacher_needs())
+    loss, terms = dist(ids, out, mask)
+    assert set(terms) == {"loss", "ce", "kd", "class_kd"} and float(terms["class_kd"]) > 0
+    torch.testing.assert_close(terms["loss"], terms["ce"] + terms["kd"] + 0.5 * terms["class_kd"], rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        s_logits, t_logits = dist.student(ids).logits[:, :-1], tiny_teacher(ids).logits[:, :-1]
+    pos = (mask[:, :-1] & mask[:, 1:])
+    torch.testing.assert_close(terms["class_kd"], class_kl(s_logits, t_logits, pos, 2.0), rtol=1e-4, atol=1e-5)
+    opt = torch.optim.AdamW(dist.parameters(), lr=3e-3)
+    first = float(terms["loss"])
+    for _ in range(10):
+        opt.zero_grad()
+        loss, terms = dist(ids, out, mask)
+        loss.backward()
+        opt.step()
+    assert float(terms["loss"]) < 0.9 * first, (first, terms)
+    # the class term's own gradient trains: class_kd alone falls too
+    cfg = LossConfig(temperature=2.0, chunk_size=13, weights=LossWeights(ce=0.0, kd=0.0, class_kd=1.0))
+    dist = Distiller.build(cut_student(tiny_teacher, kept), cfg, layer_map("auto", 6, 3, kept=kept), 64, 6)
+    opt = torch.optim.AdamW(dist.parameters(), lr=3e-3)
+    history = []
+    for _ in range(10):
+        opt.zero_grad()
+        loss, terms = dist(ids, out, mask)
+        loss.backward()
+        opt.step()
+        history.append(float(terms["class_kd"]))
+    assert set(terms) == {"loss", "class_kd"} and history[-1] < 0.8 * history[0], history
+
+
+def test_class_kd_alone_and_identical_student(tiny_teacher):
+    kept = list(range(tiny_teacher.config.num_hidden_layers))
+    cfg = LossConfig(weights=LossWeights(ce=0.0, kd=0.0, class_kd=1.0))
+    dist = Distiller.build(cut_student(tiny_teacher, kept), cfg, layer_map("auto", 6, 6, kept=kept), 64, 6)
+    ids = ids_for(tiny_teacher)
+    loss, terms = dist(ids, teacher_forward(tiny_teacher, ids, dist.spec.teacher_needs()))
+    assert set(terms) == {"loss", "class_kd"} and abs(float(terms["class_kd"])) < 1e-5
+    t = dist.spec.teacher_needs()
+    assert dist.spec.uses_teacher and (t.hidden, t.qkv) == ((), ())
+
+
+def test_class_kd_config_validation():
+    """A cache cannot serve class_kd (one line naming the field and the fix); loss.kd refuses class_kl."""
+    from raykd.config import Config, ConfigError, TeacherConfig
+
+    with pytest.raises(ConfigError) as e:
+        Config(teacher=TeacherConfig(cache="x"), loss=LossConfig(weights=LossWeights(class_kd=0.5)))
+    msg = str(e.value)
+    assert msg.startswith("loss.weights.class_kd: class_kl needs every token's dense teacher logits") and "\n" not in msg
+    assert "set loss.weights.class_kd=0 or drop teacher.cache" in msg
+    Config(teacher=TeacherConfig(cache="x"), loss=LossConfig(weights=LossWeights(class_kd=0.0)))  # off: served
+    with pytest.raises(ConfigError, match=r"^loss\.weights\.class_kd: negative weight"):
+        LossWeights(class_kd=-0.5)
+    with pytest.raises(ConfigError, match=r"^loss\.kd: class_kl is a batch-level .* loss\.weights\.class_kd"):
+        LossConfig(kd="class_kl", weights=LossWeights(class_kd=0.5))

@@ -1,6 +1,7 @@
 """The distillation losses (pure torch, no Ray): the public registry and what the objective calls.
 
-* `divergences`: logit divergences (`LOGIT_LOSSES`, the registry YAML and Tune name), cross-entropy,
+* `divergences`: logit divergences (`LOGIT_LOSSES`, the registry YAML and Tune name: per-token
+  `TOKEN_LOSSES` for `loss.kd`, batch-level `BATCH_LOSSES` such as `class_kl`), cross-entropy,
   hidden-state losses (`HIDDEN_LOSSES`).
 * `topk`: sparse top-k teacher distributions (the teacher cache) and the logit losses on them.
 * `fused`: the chunked LM-head loss (CE + logit KD without full [N, V] logits).

@@ -8,6 +8,10 @@ are removed by index selection before any math, so they add nothing and get exac
 gradient even if they hold garbage; the mean is over the True rows, and an all-False mask
 gives 0 (graph intact). ``mask=None`` means every token counts. Scaled logits are clamped to
 ±1e30, so -inf logits (e.g. a padded vocabulary, in both models) act as probability 0.
+
+Two kinds of logit loss share the `LOGIT_LOSSES` signature: per-token ones (`TOKEN_LOSSES`, a
+masked mean over tokens; what `loss.kd` names) and batch-level ones (`BATCH_LOSSES`: class-wise
+KL over the batch's tokens, weighted by its own `loss.weights.class_kd`; `loss.kd` refuses them).
 """
 from __future__ import annotations
 
@@ -23,7 +27,8 @@ __all__ = [
     "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "dkd",
     *(f"{n}_per_token" for n in ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl",
                                  "skew_reverse_kl", "tvd", "dkd")),
-    "TOKEN_LOSSES", "LOGIT_LOSSES", "LOSS_PARAMS", "NEEDS_TARGETS", "SPARSE_UNSUPPORTED", "check_logit_loss",
+    "class_kl", "TOKEN_LOSSES", "BATCH_LOSSES", "LOGIT_LOSSES", "LOSS_PARAMS", "NEEDS_TARGETS", "SPARSE_UNSUPPORTED",
+    "check_logit_loss",
     "suggest", "cross_entropy", "HIDDEN_LOSSES",
     "mse_hidden", "cosine_hidden", "nmse_hidden",
 ]
@@ -41,15 +46,15 @@ def _scaled(logits: Tensor, temperature: float) -> Tensor:
     return z.clamp_(-_FLOOR, _FLOOR)
 
 
-def _pair(student_logits: Tensor, teacher_logits: Tensor, temperature: float):
-    """Return (log q, log p), both [N, V] in fp32/fp64."""
+def _pair(student_logits: Tensor, teacher_logits: Tensor, temperature: float, dim: int = -1):
+    """Return (log q, log p), both [N, V] in fp32/fp64, normalised over `dim` (-1: over the vocabulary)."""
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
                          f"{tuple(teacher_logits.shape)} differ in shape; KD needs a shared vocabulary")
     if not temperature > 0:
         raise ValueError(f"loss.temperature: must be > 0, got {temperature!r}")
-    logq = torch.log_softmax(_scaled(student_logits, temperature), dim=-1)
-    logp = torch.log_softmax(_scaled(teacher_logits, temperature), dim=-1)
+    logq = torch.log_softmax(_scaled(student_logits, temperature), dim=dim)
+    logp = torch.log_softmax(_scaled(teacher_logits, temperature), dim=dim)
     return logq, logp
 
 
@@ -158,7 +163,6 @@ LOSS_PARAMS: dict[str, dict[str, float]] = {
 }
 
 NEEDS_TARGETS = frozenset({"dkd"})  # losses whose per-token fn takes targets=[N] token ids
-SPARSE_UNSUPPORTED = NEEDS_TARGETS  # need the dense teacher distribution: not served by cached top-k targets
 
 # (loss, param) -> (low, high, high_inclusive, text)
 _RANGES = {
@@ -204,7 +208,42 @@ skew_reverse_kl = _masked_mean_loss("skew_reverse_kl", skew_reverse_kl_per_token
 tvd = _masked_mean_loss("tvd", tvd_per_token)
 dkd = _masked_mean_loss("dkd", dkd_per_token)
 
-LOGIT_LOSSES: dict[str, Callable[..., Tensor]] = {n: globals()[n] for n in TOKEN_LOSSES}
+
+# ----------------------------------------------------------------------------- batch-level losses
+def class_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None,
+             temperature: float = 1.0) -> Tensor:
+    """Class-level KL of class-aware logit KD (CLKD: Zhang, Liu, Hopcroft, He 2022, "Class-aware
+    Information for Logit-based Knowledge Distillation", arXiv:2211.14773): each vocabulary entry c
+    is a distribution over the batch's n unmasked tokens, P[:, c] = softmax(U[:, c]) and
+    Q[:, c] = softmax(S[:, c]) with U = teacher/T, S = student/T ([n, V], softmax over dim 0), and
+
+        loss = T² · mean over the columns c of Σ_i P[i, c]·(log P[i, c] − log Q[i, c])
+
+    student_logits, teacher_logits: [N, V] (leading dims flattened); mask: [N] bool or None -> scalar.
+    Not a per-token loss: its value depends on every token of the batch. Columns whose teacher
+    logits are -inf on every token (a padded vocabulary) are left out of the mean, so padding equals
+    dropping the column; fewer than one token gives 0 (graph intact). Gradient (the same as forward
+    KL's, transposed): d loss / d student_logits[i, c] = T·(Q[i, c] − P[i, c]) / (live columns).
+    """
+    s, t = _flatten_rows(student_logits), _flatten_rows(teacher_logits)
+    if mask is not None:
+        keep = mask.reshape(s.shape[0]).bool()
+        s, t = s[keep], t[keep]
+    if s.shape[0] == 0:
+        _pair(s, t, temperature)  # the shape and temperature checks still apply
+        return _upcast(s).sum() * 0.0
+    logq, logp = _pair(s, t, temperature, dim=0)
+    live = (_scaled(t.detach(), temperature).amax(0) > -_FLOOR)  # [V]: columns the teacher gives any mass
+    per_class = _kl(logp.t(), logq.t())  # [V]
+    return per_class[live].sum() / live.sum().clamp_min(1) * (temperature * temperature)
+
+
+BATCH_LOSSES: dict[str, Callable[..., Tensor]] = {"class_kl": class_kl}  # weighted by loss.weights.class_kd, never loss.kd
+LOSS_PARAMS["class_kl"] = {}
+# need the dense teacher distribution (dkd: the target's share; class_kl: every token's logits): not served by cached top-k
+SPARSE_UNSUPPORTED = NEEDS_TARGETS | frozenset(BATCH_LOSSES)
+
+LOGIT_LOSSES: dict[str, Callable[..., Tensor]] = {**{n: globals()[n] for n in TOKEN_LOSSES}, **BATCH_LOSSES}
 
 
 def suggest(name: str, choices) -> str:
@@ -215,11 +254,15 @@ def suggest(name: str, choices) -> str:
 
 def check_logit_loss(name: str, params: dict | None) -> None:
     """Validate a logit-loss name and its user params; raise a one-line ValueError naming the
-    config field (``loss.kd`` / ``loss.kd_params.<param>``) and the fix."""
-    if name not in LOSS_PARAMS:
-        hint = suggest(name, LOSS_PARAMS)
+    config field (``loss.kd`` / ``loss.kd_params.<param>``) and the fix. ``loss.kd`` takes the
+    per-token losses (`TOKEN_LOSSES`) only: a batch-level one is refused, pointing at its weight."""
+    if name in BATCH_LOSSES:
+        raise ValueError(f"loss.kd: {name} is a batch-level (class-wise) loss, not a per-token one; set "
+                         f"loss.weights.class_kd to use it beside loss.kd (e.g. loss.kd=forward_kl loss.weights.class_kd=0.5)")
+    if name not in TOKEN_LOSSES:
+        hint = suggest(name, TOKEN_LOSSES)
         raise ValueError(f"loss.kd: unknown logit loss {name!r}; {hint + ' ' if hint else ''}"
-                         f"choose one of: {', '.join(LOSS_PARAMS)}")
+                         f"choose one of: {', '.join(TOKEN_LOSSES)}")
     allowed = LOSS_PARAMS[name]
     for key, value in (params or {}).items():
         field = f"loss.kd_params.{key}"

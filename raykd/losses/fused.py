@@ -1,6 +1,7 @@
-"""The fused LM-head loss: CE + logit KD from final hidden states, chunked over tokens so that
-full [N, V] logits never exist; teacher targets dense (teacher hidden + head) or cached top-k
-(`raykd.losses.topk`). Pure torch, no Ray; re-exported as `raykd.losses.fused_head_losses`."""
+"""The fused LM-head loss: CE + logit KD (+ the class-level KL, `raykd.losses.classwise`) from final
+hidden states, chunked over tokens so that full [N, V] logits never exist; teacher targets dense
+(teacher hidden + head) or cached top-k (`raykd.losses.topk`). Pure torch, no Ray; re-exported as
+`raykd.losses.fused_head_losses`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from raykd.losses.classwise import class_kl_chunked
 from raykd.losses.divergences import (
     _FLOOR,
     NEEDS_TARGETS,
@@ -131,7 +133,8 @@ def _closed_form_chunk(h, th, sw, sb, tw, tb, tgt, kd, temperature, ce_w, kd_w, 
 
 @dataclass(frozen=True)
 class HeadLoss:
-    """What one fused-head call computes: ce_weight·CE + kd_weight·KD(kd, temperature, **kd_params)."""
+    """What one fused-head call computes: ce_weight·CE + kd_weight·KD(kd, temperature, **kd_params)
+    + class_weight·class_kl(temperature)."""
 
     kd: str | None  # the logit loss (raykd.losses.divergences.TOKEN_LOSSES name); None: CE only
     temperature: float
@@ -139,6 +142,7 @@ class HeadLoss:
     ce_weight: float
     kd_weight: float
     chunk_size: int  # tokens per chunk: only [chunk_size, V] logits exist at once
+    class_weight: float = 0.0  # the batch-level class_kl term (loss.weights.class_kd); 0: off
 
 
 def _fused_pass(sh, sw, sb, th, tw, tb, targets, mask, cfg: HeadLoss, ws, need_h, need_w, need_b):
@@ -149,7 +153,7 @@ def _fused_pass(sh, sw, sb, th, tw, tb, targets, mask, cfg: HeadLoss, ws, need_h
     n = sh.shape[0] if idx is None else idx.numel()
     denom = max(n, 1)
     acc = torch.float64 if sh.dtype == torch.float64 else torch.float32
-    sums = {"ce": torch.zeros((), dtype=acc, device=sh.device), "kd": torch.zeros((), dtype=acc, device=sh.device)}
+    sums = {k: torch.zeros((), dtype=acc, device=sh.device) for k in ("ce", "kd", "class_kd")}
     gh = torch.zeros_like(sh) if need_h else None
     gw = torch.zeros(sw.shape, dtype=acc, device=sw.device) if need_w else None
     gb = torch.zeros(sb.shape, dtype=acc, device=sb.device) if need_b else None
@@ -161,10 +165,10 @@ def _fused_pass(sh, sw, sb, th, tw, tb, targets, mask, cfg: HeadLoss, ws, need_h
     dev = sh.device.type
     # the dtype F.linear would give the logits (autocast's, else the input's); the closed form calls torch.mm itself
     cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) and sh.dtype != torch.float64 else sh.dtype
-    if closed:  # once per call, not per chunk (no-ops when the dtypes already agree)
+    if closed or cfg.class_weight != 0:  # once per call, not per chunk (no-ops when the dtypes already agree)
         sw_c, tw_c = sw.to(cdt), None if tw is None else tw.to(cdt)
-    for start in range(0, n, chunk):
-        rows = slice(start, min(start + chunk, n)) if idx is None else idx[start:start + chunk]
+    chunks = [slice(a, min(a + chunk, n)) if idx is None else idx[a:a + chunk] for a in range(0, n, chunk)]
+    for rows in chunks if ce_w != 0 or kd_fn is not None else ():  # the token terms
         h, tgt = sh[rows], targets[rows]
         if closed:
             ce_c, kd_c, g = _closed_form_chunk(h, None if th is None else th[rows], sw_c, sb, tw_c, tb, tgt,
@@ -179,11 +183,29 @@ def _fused_pass(sh, sw, sb, th, tw, tb, targets, mask, cfg: HeadLoss, ws, need_h
         g = _autograd_chunk(h, th, sw, sb, tw, tb, tgt, rows, cfg, sparse, need_any, denom, sums)
         if g is not None:
             _accumulate(g, h, sw, rows, gh, gw, gb, acc)
+    if cfg.class_weight != 0 and chunks:  # two more passes over the same chunks (raykd.losses.classwise)
+        sums["class_kd"] += _class_term(sh, sw_c, sb, th, tw_c, tb, chunks, cfg, ws, cdt, need_any, (gh, gw, gb), acc)
     ce = sums["ce"] / denom
     kd_term = sums["kd"] * (temperature * temperature) / denom
-    total = ce_w * ce + (kd_w * kd_term if kd_fn is not None else 0.0)
+    total = ce_w * ce + (kd_w * kd_term if kd_fn is not None else 0.0) + cfg.class_weight * sums["class_kd"]
     cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
-    return total, ce, kd_term, cast(gh, sh), cast(gw, sw), cast(gb, sb)
+    return total, ce, kd_term, sums["class_kd"], cast(gh, sh), cast(gw, sw), cast(gb, sb)
+
+
+def _class_term(sh, sw_c, sb, th, tw_c, tb, chunks, cfg: HeadLoss, ws, cdt, need_grad, grads, acc):
+    """T² · class_kl over the rows of `chunks` (raykd.losses.classwise), its gradient (× class_weight)
+    accumulated into grads = (gh, gw, gb); head weights already in the logits dtype `cdt`."""
+    f = torch.float64 if sh.dtype == torch.float64 else torch.float32
+
+    def logits(side, rows):  # scaled, clamped [C, V] logits in workspace buffer "s" / "t"
+        h, w, b = (sh, sw_c, sb) if side == "s" else (th, tw_c, tb)
+        return _scaled_(_logits_into(ws, side, h[rows], w, b, cdt, f), cfg.temperature)
+
+    def on_grad(rows, g):
+        _accumulate(g.to(cdt), sh[rows], sw_c, rows, *grads, acc)
+
+    return class_kl_chunked(logits, chunks, cfg.temperature, cfg.class_weight, need_grad, on_grad,
+                            lambda r, c: ws.take("w", r, c, f, sh.device))
 
 
 def _autograd_chunk(h, th, sw, sb, tw, tb, tgt, rows, cfg: HeadLoss, sparse: bool, need_grad: bool, denom: int, sums: dict):
@@ -219,7 +241,7 @@ def _accumulate(g, h, sw, rows, gh, gw, gb, acc):
     """Chain one chunk's logit gradient g [C, V] (input dtype) into the hidden [N, Hs], weight [V, Hs]
     and bias [V] gradient buffers (None when not wanted)."""
     if gh is not None:
-        gh[rows] = (g @ sw).to(gh.dtype)
+        gh[rows] += (g @ sw).to(gh.dtype)  # += : the class term adds to the rows the token terms filled
     if gw is not None:
         if gw.dtype == g.dtype:
             gw.addmm_(g.t(), h)
@@ -233,17 +255,17 @@ class _FusedHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, sh, sw, sb, th, tw, tb, targets, mask, cfg, ws):
         need = ctx.needs_input_grad
-        total, ce, kd, gh, gw, gb = _fused_pass(sh, sw, sb, th, tw, tb, targets, mask, cfg, ws,
-                                                need[0], need[1], sb is not None and need[2])
+        total, ce, kd, cls, gh, gw, gb = _fused_pass(sh, sw, sb, th, tw, tb, targets, mask, cfg, ws,
+                                                     need[0], need[1], sb is not None and need[2])
         # only [N, Hs], [V, Hs] and [V] survive the forward. Kept as a plain attribute, not saved tensors, so that
         # backward can hand them over: scaled in place and returned with no other reference left, autograd takes
         # them as the .grad instead of copying a [V, Hs] buffer (a fresh 113 MB for SmolLM2's head every step)
         ctx.grads = [gh, gw, gb]
-        ctx.mark_non_differentiable(ce, kd)
-        return total, ce, kd
+        ctx.mark_non_differentiable(ce, kd, cls)
+        return total, ce, kd, cls
 
     @staticmethod
-    def backward(ctx, grad_total, _grad_ce, _grad_kd):
+    def backward(ctx, grad_total, _grad_ce, _grad_kd, _grad_cls):
         grads, ctx.grads = ctx.grads, None
         if grads is None:
             raise RuntimeError("fused_head_losses: its backward runs once (retain_graph=True and a second backward are not supported)")
@@ -252,10 +274,13 @@ class _FusedHeadLoss(torch.autograd.Function):
         return (*scaled, None, None, None, None, None, None, None)
 
 
-def _teacher_side(teacher_hidden, teacher_weight, teacher_bias, kd: str, kd_params: dict, n: int, vocab: int):
+def _teacher_side(teacher_hidden, teacher_weight, teacher_bias, kd: str, kd_params: dict, n: int, vocab: int, class_kd: bool):
     """Checked, detached teacher inputs (th [N, Ht] or TopK, tw [V, Ht] | None, tb [V] | None) for KD on n tokens."""
     check_logit_loss(kd, kd_params)
     if isinstance(teacher_hidden, TopK):
+        if class_kd:
+            raise ValueError("loss.weights.class_kd: class_kl needs every token's dense teacher logits; cached top-k targets "
+                             "cannot serve it; set loss.weights.class_kd=0 or run the teacher online")
         if kd in SPARSE_UNSUPPORTED:
             raise ValueError(f"loss.kd: {kd} needs the dense teacher distribution; cached top-k targets serve the others")
         th = teacher_hidden.flat()
@@ -275,7 +300,7 @@ def fused_head_losses(student_hidden: Tensor, student_weight: Tensor, teacher_hi
                       kd: str = "forward_kl", temperature: float = 1.0, kd_params: dict | None = None,
                       ce_weight: float = 1.0, kd_weight: float = 1.0, chunk_size: int = 256,
                       student_bias: Tensor | None = None, teacher_bias: Tensor | None = None,
-                      workspace: HeadWorkspace | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                      workspace: HeadWorkspace | None = None, class_weight: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
     """CE + logit KD computed from final hidden states and LM-head weights, chunked over tokens
     so that full [N, V] logits never exist (idea as in Liger Kernel's fused linear
     cross-entropy, Hsu et al. 2024, and torchtune's chunked CE; own implementation).
@@ -284,10 +309,13 @@ def fused_head_losses(student_hidden: Tensor, student_weight: Tensor, teacher_hi
     teacher_weight [V, Ht] (or teacher_hidden a `raykd.losses.topk.TopK` [N, k] of cached sparse
     targets and teacher_weight None: KD on the (k+1)-bin distributions, see raykd.losses.topk),
     targets [N] long, mask [N] bool or None (leading dims flattened).
-    Returns (total, terms): total = ce_weight·CE + kd_weight·KD where CE == cross_entropy(...)
-    and KD == LOGIT_LOSSES[kd](..., temperature, **kd_params) (T² included) on the full
-    logits; terms = {"ce", "kd"} detached (a skipped term is absent: CE when ce_weight == 0,
-    KD when teacher_hidden is None or kd_weight == 0). Gradients for the student hidden
+    Returns (total, terms): total = ce_weight·CE + kd_weight·KD + class_weight·CLASS where
+    CE == cross_entropy(...), KD == LOGIT_LOSSES[kd](..., temperature, **kd_params) and
+    CLASS == class_kl(..., temperature) (T² included; the batch-level class-aware KD term of Zhang
+    et al. 2022, arXiv:2211.14773, by two more passes over the chunks: column log-sum-exps, then
+    loss and gradient, see raykd.losses.classwise; dense teacher only) on the full logits;
+    terms = {"ce", "kd", "class_kd"} detached (a skipped term is absent: CE when ce_weight == 0,
+    KD / class_kd when teacher_hidden is None or their weight is 0). Gradients for the student hidden
     states, weight and bias are computed chunk by chunk in the forward (written out for CE and
     forward/reverse KL, `CLOSED_FORM`; autograd on each chunk's logits for the other losses)
     and kept as [N, Hs] / [V, Hs] buffers (weight grad accumulated in fp32); the teacher gets no
@@ -297,26 +325,31 @@ def fused_head_losses(student_hidden: Tensor, student_weight: Tensor, teacher_hi
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     use_kd = teacher_hidden is not None and kd_weight != 0
+    use_class = teacher_hidden is not None and class_weight != 0
     kd_params = dict(kd_params or {})
     hs = student_hidden.shape[-1]
     sh = student_hidden.reshape(-1, hs)
     n = sh.shape[0]
     if student_weight.shape[-1] != hs:
         raise ValueError(f"student_weight {tuple(student_weight.shape)} does not match hidden width {hs}")
-    th, tw, tb = _teacher_side(teacher_hidden, teacher_weight, teacher_bias, kd, kd_params, n, student_weight.shape[0]) if use_kd else (None, None, None)
+    th, tw, tb = (_teacher_side(teacher_hidden, teacher_weight, teacher_bias, kd, kd_params, n, student_weight.shape[0], use_class)
+                  if use_kd or use_class else (None, None, None))
     tgt = targets.reshape(n).long()
     m = None if mask is None else mask.reshape(n).bool()
-    cfg = HeadLoss(kd if use_kd else None, float(temperature), kd_params, float(ce_weight), float(kd_weight), int(chunk_size))
+    cfg = HeadLoss(kd if use_kd else None, float(temperature), kd_params, float(ce_weight), float(kd_weight), int(chunk_size),
+                   float(class_weight) if use_class else 0.0)
     args = (sh, student_weight, student_bias, th, tw, tb, tgt, m, cfg, workspace or HeadWorkspace())
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad
                                        for x in (sh, student_weight, student_bias)):
-        total, ce, kd_term = _FusedHeadLoss.apply(*args)
+        total, ce, kd_term, cls = _FusedHeadLoss.apply(*args)
     else:
         with torch.no_grad():
-            total, ce, kd_term = _fused_pass(*args, False, False, False)[:3]
+            total, ce, kd_term, cls = _fused_pass(*args, False, False, False)[:4]
     terms = {}
     if ce_weight != 0:
         terms["ce"] = ce.detach()
     if use_kd:
         terms["kd"] = kd_term.detach()
+    if use_class:
+        terms["class_kd"] = cls.detach()
     return total, terms
