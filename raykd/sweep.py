@@ -170,7 +170,8 @@ def sweep(cfg: Config, resume: bool = False, log=print) -> dict:
     base = cfg.to_dict()
     _check_space(base, sw)
     pipeline.preflight(cfg.data)
-    models.resolve_model(cfg.teacher.model, "teacher.model", log)  # fetch/convert once, before trials race for it
+    teacher_dir = models.resolve_model(cfg.teacher.model, "teacher.model", log)  # fetch/convert once, before trials race for it
+    pipeline.check_tokens(cfg.data, teacher_dir, cfg.teacher.trust_remote_code)
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     cache_run = _cache_config(cfg, sw, log) if cfg.teacher.cache else None  # a mismatching cache is refused here, before Ray

@@ -377,6 +377,7 @@ def distill(cfg: Config, log=print) -> dict:
 
     resolved, plan = resolve(cfg, log)
     pipeline.preflight(cfg.data)  # bad corpora fail here, before Ray starts
+    pipeline.check_tokens(resolved.data, plan.teacher_dir, resolved.teacher.trust_remote_code)
     if resolved.teacher.cache:
         cache.ensure(resolved, plan, log)  # a mismatching cache is refused before Ray starts; a missing one is built
     runtime.wait_for_workers(resolved, runtime.init_ray(resolved, log=log), log)
