@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from raykd import models
+from raykd import models, watchdog
 from raykd.config import Config, ConfigError
 
 
@@ -69,6 +69,7 @@ def init_ray(cfg: Config, runs: int = 1, per_run_extra: float = 0.0, log=print) 
     need = math.ceil(runs * (cfg.scale.num_workers * cfg.scale.cpus_per_worker + per_run_extra)) + 1
     try:
         ray.init(num_cpus=max(os.cpu_count() or 1, need))  # (the dashboard's State API is what Train's cleanup polls)
+        _guard_local_instance()
         return "local"
     except ValueError as e:  # Ray found a running local instance, which cannot be re-sized from here
         if "existing cluster" not in str(e):
@@ -83,6 +84,16 @@ def init_ray(cfg: Config, runs: int = 1, per_run_extra: float = 0.0, log=print) 
                           f"--num-cpus={need}`), stop it, or lower scale.num_workers / scale.cpus_per_worker")
     log(f"raykd: joined the Ray instance already running on this machine ({address}, {have:g} CPUs)")
     return "joined"
+
+
+def _guard_local_instance() -> None:
+    """The instance `ray.init` just started goes when this driver goes, even by SIGKILL (raykd.watchdog)."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)  # Ray's record of the processes it started
+    roots = [info.process.pid for infos in getattr(node, "all_processes", {}).values() for info in infos]
+    if roots:
+        watchdog.guard(roots)
 
 
 def _fmt(resources: dict) -> str:

@@ -172,7 +172,8 @@ def sweep(cfg: Config, resume: bool = False, log=print) -> dict:
     base = cfg.to_dict()
     _check_space(base, sw)
     pipeline.preflight(cfg.data)
-    models.resolve_model(cfg.teacher.model, "teacher.model", log)  # fetch/convert once, before trials race for it
+    teacher_dir = models.resolve_model(cfg.teacher.model, "teacher.model", log)  # fetch/convert once, before trials race for it
+    pipeline.check_tokens(cfg.data, teacher_dir, cfg.teacher.trust_remote_code)
     from raykd.tasks import prepare
 
     prepare(cfg.eval.tasks, fetch=True, log=log)  # task data fetched once (or refused) before Ray starts

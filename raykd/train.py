@@ -18,9 +18,11 @@ starts). It reads top to bottom in phases around a `RunState`:
     export     at the end, rank 0 saves the student as a plain HF model and evaluates it against the
                teacher; both travel in the final checkpoint, copied to OUTPUT/student and metrics.json
 
-Ray registers a checkpoint only once every worker has uploaded its part, so a half-written
-one is never resumed from. Running the same command again (same `output_dir`) resumes from
-the latest checkpoint; a killed worker restarts the group from it (`scale.max_failures`).
+Ray registers a checkpoint only once every worker has uploaded its part; each part carries a
+manifest (`raykd.manifest`: sizes and SHA-256 of its files), so a checkpoint damaged later (a
+truncated file) is skipped for the newest intact one. Running the same command again (same
+`output_dir`) resumes from the latest checkpoint; a killed worker restarts the group from it
+(`scale.max_failures`).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from raykd import models, runtime, tasks
+from raykd import manifest, models, runtime, tasks
 from raykd.config import Config, from_dict
 from raykd.data import cache, pipeline
 from raykd.objective import Distiller, teacher_forward
@@ -114,7 +116,7 @@ def setup(config: dict) -> tuple[Worker, RunState]:
     torch.manual_seed(cfg.seed)  # identical model init on every rank
     teacher_dir, teacher, distiller = _build_models(cfg)
     val = pipeline.val_blocks(max(cfg.data.max_val_blocks, cfg.train.eval_blocks)) if (rank == 0 or cfg.train.eval_every > 0) else None
-    state, checkpoint = RunState(), ray.train.get_checkpoint()
+    state, checkpoint = RunState(), _resume_point(rank)
     if checkpoint is None and rank == 0:  # the untrained student, before any strategy wraps it
         state.init_val_perplexity = perplexity(distiller.student.to(device), val.to(device), batch_size=cfg.train.batch_size)
     engine = make_engine(distiller, teacher, cfg, device, world, precision)
@@ -123,6 +125,20 @@ def setup(config: dict) -> tuple[Worker, RunState]:
         with checkpoint.as_directory() as d:
             state = restore(w, Path(d))
     return w, state
+
+
+def _resume_point(rank: int):
+    """Ray's latest checkpoint when it verifies against its manifests, else the newest intact older one
+    of the run (rank 0 says which in one line); None for a fresh run."""
+    import ray.train
+
+    latest = ray.train.get_checkpoint()
+    if latest is None:
+        return None
+    path, note = manifest.choose(latest.filesystem, latest.path)
+    if note and rank == 0:
+        print(note, flush=True)
+    return latest if path == latest.path else ray.train.Checkpoint(path=path, filesystem=latest.filesystem)
 
 
 def _worker_file(rank: int) -> str:
@@ -242,6 +258,7 @@ def report(w: Worker, state: RunState, window: torch.Tensor, meter: dict, grad_n
         checkpoint(w, state, Path(d), state.train_wall_s + elapsed)
         if final:
             metrics.update(export(w, state, state.train_wall_s + elapsed, metrics["tokens_per_s"], Path(d)))
+        manifest.write(Path(d), w.rank, w.world, step)  # last: what this worker's part must hold
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
@@ -364,6 +381,7 @@ def distill(cfg: Config, log=print) -> dict:
     resolved, plan = resolve(cfg, log)
     pipeline.preflight(cfg.data)  # bad corpora fail here, before Ray starts
     tasks.prepare(cfg.eval.tasks, fetch=True, log=log)  # task data fetched (or refused) before Ray starts
+    pipeline.check_tokens(resolved.data, plan.teacher_dir, resolved.teacher.trust_remote_code)
     if resolved.teacher.cache:
         cache.ensure(resolved, plan, log)  # a mismatching cache is refused before Ray starts; a missing one is built
     runtime.wait_for_workers(resolved, runtime.init_ray(resolved, log=log), log)

@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,11 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
+from _ray_procs import BIN, ROOT, SMOKE, distill_cmd, head_env, ray_head
 
 pytestmark = pytest.mark.ray
 
-ROOT = Path(__file__).resolve().parents[1]
-SMOKE = str(ROOT / "jobs" / "smoke.yaml")
 KEYS = {"val_perplexity", "teacher_val_perplexity", "init_val_perplexity", "top1_agreement", "student_params",
         "teacher_params", "tokens_seen", "tokens_per_s", "train_wall_s"}
 
@@ -156,15 +154,11 @@ def test_killed_worker_restarts_from_checkpoint(local_ray, uninterrupted, tmp_pa
     _assert_continued(tmp_path / "out", metrics, uninterrupted)
 
 
-def _distill_cmd(out: Path, *extra) -> list[str]:
-    return [sys.executable, "-m", "raykd.cli", "distill", SMOKE, f"output_dir={out}", *extra]
-
-
 def test_resume_after_stopped_driver(uninterrupted, tmp_path):
     """Ctrl-C the driver of `raykd distill` mid-run, run the same command again: it resumes. (The
     subprocess joins this module's Ray, which the reference run needed.)"""
     out = tmp_path / "out"
-    cmd = _distill_cmd(out, f"train.max_steps={STEPS}", "train.checkpoint_every=3", "train.report_every=1")
+    cmd = distill_cmd(out, f"train.max_steps={STEPS}", "train.checkpoint_every=3", "train.report_every=1")
     env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 240
@@ -185,44 +179,14 @@ def test_resume_after_stopped_driver(uninterrupted, tmp_path):
     _assert_continued(out, metrics, uninterrupted)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ray_head(env: dict, log: Path, num_cpus: int, temp_dir: str | None = None) -> tuple[subprocess.Popen, int]:
-    """`ray start --head --block` on free ports in its own process group (stop it with os.killpg);
-    returns (process, dashboard port)."""
-    bin_dir = Path(sys.executable).parent
-    gcs, dash = _free_port(), _free_port()
-    args = [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
-            "--dashboard-host=127.0.0.1", f"--num-cpus={num_cpus}", "--disable-usage-stats",
-            # free ports for the agents too: another Ray on this machine may hold the defaults (52365, ...)
-            f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-            f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"]
-    if temp_dir:
-        args.append(f"--temp-dir={temp_dir}")
-    return subprocess.Popen(args, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True), dash
-
-
-def _head_env() -> dict:
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
-    env.pop("RAY_ADDRESS", None)
-    if (Path.home() / ".ray" / "auth_token").exists():
-        env["RAY_AUTH_MODE"] = "token"
-    return env
-
-
 def test_distill_joins_a_ray_head_already_running_here(tmp_path):
     """`ray start --head` then `raykd distill` with no RAY_ADDRESS: Ray finds the head (its address file
     under RAY_TMPDIR, private to this test) and raykd joins it instead of failing on num_cpus; a head
     too small for the run is refused in one line, before any training."""
-    env = _head_env()
+    env = head_env()
     tmp_root = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must stay under 107 characters
     env["RAY_TMPDIR"] = tmp_root
-    head, _ = _ray_head(env, tmp_path / "head.log", num_cpus=3)
+    head, _ = ray_head(env, tmp_path / "head.log", num_cpus=3)
     try:
         address_file = Path(tmp_root) / "ray" / "ray_current_cluster"
         deadline = time.time() + 120
@@ -247,16 +211,15 @@ def test_distill_joins_a_ray_head_already_running_here(tmp_path):
 
 
 def test_ray_job_submit_against_local_head(tmp_path):
-    bin_dir = Path(sys.executable).parent
-    env = _head_env()
+    env = head_env()
     temp_dir = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # Ray's socket paths must stay under 107 characters
     head_log = tmp_path / "head.log"
-    head, dash = _ray_head(env, head_log, num_cpus=4, temp_dir=temp_dir)
+    head, dash = ray_head(env, head_log, num_cpus=4, temp_dir=temp_dir)
     try:
         address = f"http://127.0.0.1:{dash}"
         deadline = time.time() + 120
         while time.time() < deadline and head.poll() is None:
-            ok = subprocess.run([str(bin_dir / "ray"), "job", "list", "--address", address], env=env, capture_output=True)
+            ok = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env, capture_output=True)
             if ok.returncode == 0:
                 break
             time.sleep(1)
@@ -264,7 +227,7 @@ def test_ray_job_submit_against_local_head(tmp_path):
         out = tmp_path / "job-out"
         for _ in range(30):  # the dashboard answers before its job agent is up
             submit = subprocess.run(
-                [str(bin_dir / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+                [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
                  "raykd", "distill", "jobs/smoke.yaml", f"output_dir={out}", "train.max_steps=4", "train.report_every=2"],
                 env=env, capture_output=True, text=True, timeout=500,
             )

@@ -108,3 +108,24 @@ def test_a_missing_strategy_package_is_one_line_at_plan(monkeypatch, tiny_teache
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
     with pytest.raises(ConfigError, match=r"^scale\.strategy: deepspeed is not installed here; pip install deepspeed==0\.19\.8"):
         build_plan(load_config("jobs/smoke.yaml", ["scale.strategy=deepspeed"]), log=lambda m: None)
+
+
+@pytest.mark.parametrize("split", ["train", "validation"])
+def test_corpus_too_short_for_one_block_is_one_line_before_ray(tmp_path, tiny_teacher_dir, split):
+    """`raykd distill` on a corpus shorter than one block: exit 2 and one line naming the split and its
+    token count, before Ray starts (the lane guard fails this unmarked test if anything calls ray.init)
+    and before anything is written (it used to start Ray, build the datasets, then fail)."""
+    import re
+
+    short = tmp_path / "short.txt"
+    short.write_text("Four score and seven years ago our fathers brought forth, upon this continent, a new nation.\n")
+    out = tmp_path / "out"
+    data = ["data.train=[pydoc]", f"data.validation=[{short}]"] if split == "validation" else [f"data.train=[{short}]", "data.validation=[pydoc]"]
+    proc = run_cli("distill", "jobs/smoke.yaml", f"output_dir={out}", *data, "data.block_size=256")
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    fix = "add training text" if split == "train" else "add held-out text"
+    m = re.fullmatch(rf"raykd: error: data\.{split}: the {split} split holds (\d+) tokens, fewer than one block of 256; "
+                     rf"{fix}.* or lower data\.block_size", lines[0])
+    assert m and 10 < int(m.group(1)) < 256, lines[0]
+    assert not out.exists()

@@ -293,6 +293,7 @@ def build(cfg: Config, plan, log=print) -> dict:
         log(f"raykd: teacher cache {path} is complete ({meta['shards']} shards, {meta['tokens']} tokens)")
         return meta
     pipeline.preflight(cfg.data)
+    pipeline.check_tokens(cfg.data, teacher_dir, cfg.teacher.trust_remote_code)
     path.mkdir(parents=True, exist_ok=True)
     for stale in path.glob(".shard-*.tmp"):  # a shard an interrupted build was writing
         stale.unlink()

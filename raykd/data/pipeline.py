@@ -2,7 +2,8 @@
 
 ``preflight(cfg.data)`` runs on the driver with no Ray and turns every bad corpus into one
 ``ConfigError`` line (missing path, empty corpus, a file that is not UTF-8, a JSONL /
-Parquet / ``datasets`` row without the text field, unless ``data.bad_rows=skip``).
+Parquet / ``datasets`` row without the text field, unless ``data.bad_rows=skip``), and
+``check_tokens`` with the teacher's tokenizer turns a split shorter than one block into one line too.
 ``build_datasets`` returns lazy ``(train, validation)`` Ray Datasets whose rows are
 ``{"input_ids": int32[block_size]}``; ``build_trainer`` hands them to ``TorchTrainer`` and
 each worker streams its share with ``ray.train.get_dataset_shard("train")``.
@@ -79,6 +80,7 @@ from raykd.data.reader import (  # noqa: F401  (preflight: public here too)
     _Plan,
     _plan,
     _size,
+    documents,
     preflight,
 )
 
@@ -230,6 +232,37 @@ def check_blocks(ds, field: str) -> None:
     if not _driver_action(probe.take, 1):
         size = f"one block of {block_size} tokens" if block_size else "one block"
         raise ConfigError(f"{field}: the corpus is too short for {size}; add text or lower data.block_size")
+
+
+def _tokens_up_to(tok, text: str, need: int) -> int:
+    """Tokens of `text`, counted only as far as `need`: a long document (a whole book in one file) is
+    tokenized by growing prefixes, so the check costs about one block of tokenizing per split."""
+    chars = 4 * need + 64
+    while True:
+        n = len(tok(text[:chars], add_special_tokens=False, verbose=False)["input_ids"])
+        if n >= need or chars >= len(text):
+            return n
+        chars *= 4
+
+
+def check_tokens(data_cfg: DataConfig, tokenizer_dir: str, trust_remote_code: bool = False) -> None:
+    """Driver preflight, no Ray: each split must hold at least one block of tokens (documents as the
+    pipeline reads them, EOS after each), else one ``ConfigError`` line before any cluster starts.
+    Counts only up to one block. Passing is necessary, not sufficient: packing drops each task's
+    leftover, so `check_blocks` still probes the built dataset."""
+    tok = _tokenizer(str(tokenizer_dir), trust_remote_code)
+    block = data_cfg.block_size
+    for split in ("train", "validation"):
+        n = 0
+        for doc in documents(data_cfg, split):
+            n += _tokens_up_to(tok, doc, block - n) + 1
+            if n >= block:
+                break
+        else:
+            field, fix = (("data.train", "add training text") if split == "train" else
+                          ("data.validation", "add held-out text (data.validation files, or a larger data.val_fraction)"))
+            raise ConfigError(f"{field}: the {split} split holds {n} tokens, fewer than one block of {block}; "
+                              f"{fix} or lower data.block_size")
 
 
 def take_blocks(ds, max_blocks: int):
