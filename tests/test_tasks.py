@@ -359,3 +359,28 @@ def test_teacher_scores_are_kept_between_runs(tiny_teacher, tiny_teacher_dir, to
         f.write_text("{broken")
     redo = TeacherMemo(tmp_path, ident)
     assert go(redo)["sentiment"]["teacher"] == first["sentiment"]["teacher"] and redo.hits == 1
+
+
+def test_cloze_on_text_without_long_passages_falls_back_then_skips(tiny_teacher, tokenizer):
+    """Short validation documents (lines of a few words) give 10-word passages; text with none at all
+    leaves the task skipped with why, instead of failing a finished run at its export."""
+    from raykd import tasks
+
+    short = ["One two three four five six seven eight nine ten eleven twelve thirteen."] * 3
+    assert len(cloze.items(short, limit=5)) == 3 and cloze.items(short, limit=5)[0]["word"] == "thirteen"
+    out = tasks.run(tiny_teacher, tiny_teacher, tokenizer, ["cloze"], {}, documents=lambda: iter(["Too short."]), limit=5,
+                    log=lambda m: None)
+    assert out["cloze"]["skipped"] and out["cloze"]["retained"] is None and tasks.flat(out) == {"cloze_retained": None}
+    assert "skipped" in tasks.summary("cloze", out["cloze"])
+
+
+def test_cloze_reads_only_what_it_needs():
+    """A huge validation split is not read whole: documents stop once the pool of passages is full."""
+    read = []
+
+    def docs():
+        for i in range(10_000):
+            read.append(i)
+            yield "Alpha beta gamma delta epsilon zeta eta theta iota kappa lambda. " * 20
+    got = cloze.items(docs(), limit=4, min_words=40)
+    assert len(got) == 4 and len(read) < 50

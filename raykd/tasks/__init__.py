@@ -86,8 +86,9 @@ def _pair(name: str, student, teacher, tokenizer, items: list[dict], batch_size:
     from raykd.tasks import cloze, sentiment
 
     score = {"sentiment": sentiment.score, "cloze": cloze.score}[name]
-    if not items:
-        raise ConfigError(f"eval.tasks: the {name} task found no examples; give more validation text or drop the task")
+    if not items:  # a finished run is not failed for it: the task is reported as skipped, with why
+        return {"student": {}, "teacher": {}, "retained": None,
+                "skipped": f"no {name} examples in the validation text (passages of at least 10 words ending in a word)"}
     s = score(student, tokenizer, items, batch_size)
     t = memo.get(name, items, lambda: score(teacher, tokenizer, items, batch_size))
     from raykd.tasks.scoring import retained
@@ -120,6 +121,8 @@ def summary(name: str, result: dict) -> str:
     def fmt(d):
         return ", ".join(f"{k} {v:.3f}" for k, v in d.items() if isinstance(v, float))
 
+    if result.get("skipped"):
+        return f"skipped: {result['skipped']}"
     r = result.get("retained")
     kept = "-" if r is None else f"{r:.3f}"
     return f"student {fmt(result['student'])} | teacher {fmt(result['teacher'])} | retained {kept}"

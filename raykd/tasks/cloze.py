@@ -39,10 +39,19 @@ def passages(text: str, min_words: int = 40, max_words: int = 160) -> list[tuple
     return out
 
 
-def items(documents, limit: int, min_words: int = 40) -> list[dict]:
-    """Up to `limit` passages spread evenly over all passages of `documents` (an iterable of texts):
-    [{"context", "word"}]. Deterministic for the same documents."""
-    every = [p for doc in documents for p in passages(doc, min_words=min_words)]
+def items(documents, limit: int, min_words: int = 40, pool: int = 10) -> list[dict]:
+    """Up to `limit` passages spread evenly over the passages of `documents` (an iterable of texts),
+    reading documents only until `pool` x `limit` passages are found (a large validation split is not
+    read whole): [{"context", "word"}]. Text too short for `min_words`-word passages is cut into
+    passages of 10 words instead. Deterministic for the same documents."""
+    every, short = [], []
+    for doc in documents:
+        every.extend(passages(doc, min_words=min_words))
+        if len(every) < limit:
+            short.extend(passages(doc, min_words=10))
+        if len(every) >= pool * limit:
+            break
+    every = every or short
     if len(every) <= limit:
         chosen = every
     else:
