@@ -209,15 +209,9 @@ def test_fused_keeps_no_n_by_v_tensors():
     assert max(saved) >= 1024 * v
 
 
-def test_fused_never_materialises_n_by_v():
-    """Stronger than the saved-tensor check: watch every op the forward runs (private torch API)."""
+def _largest_output(fn):
+    """(the most elements of any tensor an op makes while `fn` runs, fn's result); private torch API."""
     dispatch = pytest.importorskip("torch.utils._python_dispatch")
-    n, v, h, chunk = 1024, 4096, 16, 128
-    g = torch.Generator().manual_seed(27)
-    sh = torch.randn(n, h, generator=g, requires_grad=True)
-    sw = torch.randn(v, h, generator=g, requires_grad=True)
-    th, tw = torch.randn(n, h, generator=g), torch.randn(v, h, generator=g)
-    y = torch.randint(0, v, (n,), generator=g)
     largest = [0]
 
     class Watch(dispatch.TorchDispatchMode):
@@ -229,13 +223,24 @@ def test_fused_never_materialises_n_by_v():
             return out
 
     with Watch():
-        total, _ = L.fused_head_losses(sh, sw, th, tw, y, None, kd="skew_reverse_kl", chunk_size=chunk)
-    assert largest[0] <= chunk * v, largest[0]  # nothing bigger than one chunk of logits
+        result = fn()
+    return largest[0], result
+
+
+def test_fused_never_materialises_n_by_v():
+    """Stronger than the saved-tensor check: watch every op the forward runs (private torch API)."""
+    n, v, h, chunk = 1024, 4096, 16, 128
+    g = torch.Generator().manual_seed(27)
+    sh = torch.randn(n, h, generator=g, requires_grad=True)
+    sw = torch.randn(v, h, generator=g, requires_grad=True)
+    th, tw = torch.randn(n, h, generator=g), torch.randn(v, h, generator=g)
+    y = torch.randint(0, v, (n,), generator=g)
+    largest, (total, _) = _largest_output(lambda: L.fused_head_losses(sh, sw, th, tw, y, None, kd="skew_reverse_kl", chunk_size=chunk))
+    assert largest <= chunk * v, largest  # nothing bigger than one chunk of logits
     assert torch.isfinite(total)
-    largest[0] = 0
-    with Watch():  # control: the naive path does materialise [N, V]
-        _naive(sh, sw, th, tw, y, None, kd="skew_reverse_kl", T=1.0, params={}, ce_w=1.0, kd_w=1.0)
-    assert largest[0] >= n * v
+    # control: the naive path does materialise [N, V]
+    largest, _ = _largest_output(lambda: _naive(sh, sw, th, tw, y, None, kd="skew_reverse_kl", T=1.0, params={}, ce_w=1.0, kd_w=1.0))
+    assert largest >= n * v
 
 
 
@@ -396,26 +401,15 @@ def test_fused_class_kl_refuses_cached_topk_targets():
 
 def test_fused_class_kl_never_materialises_n_by_v():
     """The column log-sum-exps run over chunks: no op of the forward makes anything bigger than one chunk of logits."""
-    dispatch = pytest.importorskip("torch.utils._python_dispatch")
     n, v, h, chunk = 512, 2048, 16, 64
     g = torch.Generator().manual_seed(36)
     sh = torch.randn(n, h, generator=g, requires_grad=True)
     sw = torch.randn(v, h, generator=g, requires_grad=True)
     th, tw = torch.randn(n, h, generator=g), torch.randn(v, h, generator=g)
     y = torch.randint(0, v, (n,), generator=g)
-    largest = [0]
-
-    class Watch(dispatch.TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for o in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(o, torch.Tensor):
-                    largest[0] = max(largest[0], o.numel())
-            return out
-
-    with Watch():
-        total, _ = L.fused_head_losses(sh, sw, th, tw, y, None, kd="forward_kl", class_weight=1.0, chunk_size=chunk)
-    assert largest[0] <= chunk * v, largest[0]
+    largest, (total, _) = _largest_output(
+        lambda: L.fused_head_losses(sh, sw, th, tw, y, None, kd="forward_kl", class_weight=1.0, chunk_size=chunk))
+    assert largest <= chunk * v, largest
     total.backward()
     assert torch.isfinite(sh.grad).all() and sw.grad.abs().sum() > 0
 
