@@ -273,6 +273,7 @@ def checkpoint(w: Worker, state: RunState, d: Path, wall: float) -> None:
 def export(w: Worker, state: RunState, wall: float, tokens_per_s: float, out: Path) -> dict:
     """Rank 0: the student as a plain HF model in `out/student`, metrics in `out/metrics.json`."""
     sd = w.engine.student_state(w.rank)
+    nodes = runtime.worker_nodes(w.rank, w.world, w.engine.all_reduce, w.device)  # where the workers ran at the end
     if w.rank != 0:
         return {}
     from transformers import AutoModelForCausalLM
@@ -295,7 +296,7 @@ def export(w: Worker, state: RunState, wall: float, tokens_per_s: float, out: Pa
     metrics.update(
         init_val_perplexity=state.init_val_perplexity, tokens_seen=state.tokens_seen, tokens_per_s=tokens_per_s,
         train_wall_s=wall, steps=state.step, history=state.history, resumed_at=state.resumed_at, strategy=cfg.scale.strategy,
-        num_workers=cfg.scale.num_workers, precision=w.precision, device=runtime.device_name(w.device),
+        num_workers=cfg.scale.num_workers, precision=w.precision, device=runtime.device_name(w.device), worker_nodes=nodes,
     )
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return {k: v for k, v in metrics.items() if k != "history"}  # the learning curve stays in the file
@@ -327,7 +328,7 @@ def build_trainer(cfg: Config, plan, log=print, callbacks: list | None = None):
 
     runtime.quiet_data_progress()
     sc = cfg.scale
-    train_ds, val_ds = pipeline.build_datasets(cfg.data, str(plan.teacher_dir), cfg.seed, cfg.teacher.trust_remote_code)
+    train_ds, val_ds = pipeline.build_datasets(cfg.data, cfg.teacher.model, cfg.seed, cfg.teacher.trust_remote_code)
     if cfg.teacher.cache:  # the cached blocks (with the teacher's targets) replace the train stream
         cache.require(cfg, plan)
         train_ds = cache.train_dataset(cfg, plan.objective)
@@ -377,10 +378,12 @@ def distill(cfg: Config, log=print) -> dict:
 
     resolved, plan = resolve(cfg, log)
     pipeline.preflight(cfg.data)  # bad corpora fail here, before Ray starts
-    pipeline.check_tokens(resolved.data, plan.teacher_dir, resolved.teacher.trust_remote_code)
+    pipeline.check_tokens(resolved.data, resolved.teacher.model, resolved.teacher.trust_remote_code)
     if resolved.teacher.cache:
         cache.ensure(resolved, plan, log)  # a mismatching cache is refused before Ray starts; a missing one is built
-    runtime.wait_for_workers(resolved, runtime.init_ray(resolved, log=log), log)
+    how = runtime.init_ray(resolved, log=log)
+    runtime.require_shared_storage(resolved, how)
+    runtime.wait_for_workers(resolved, how, log)
     trainer = build_trainer(resolved, plan, log)
     result = trainer.fit()
     out = Path(cfg.output_dir)
