@@ -241,7 +241,7 @@ class ScaleConfig:
     cpus_per_worker: float = 1.0  # logical CPUs each worker reserves (fractions leave room for Ray Data on small machines)
     max_failures: int = 0  # worker failures the run survives by restarting from the last checkpoint
     torch_threads: int = 0  # intra-op threads per worker (0 = the node's cores / workers on it)
-    storage_path: str | None = None  # Ray Train checkpoint storage (shared FS or s3://... on clusters; default OUTPUT/)
+    storage_path: str | None = None  # Ray Train checkpoint storage every node sees (s3://... or a shared FS); required on a cluster of more than one node; default OUTPUT/
     placement_timeout_s: float = 300.0  # how long a run waits for a cluster (or its autoscaler) to offer the workers' CPUs/GPUs before failing
 
     def __post_init__(self):

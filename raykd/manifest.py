@@ -19,6 +19,7 @@ import json
 import os
 import posixpath
 import re
+import shutil
 from pathlib import Path
 
 _NAME = re.compile(r"manifest(\d+)\.json")
@@ -101,3 +102,20 @@ def choose(fs, latest: str) -> tuple[str, str | None]:
                                          f"the newest intact checkpoint of this run")
     raise RuntimeError(f"checkpoint {latest} is damaged ({why}) and no older checkpoint of this run is intact; "
                        f"delete {parent} (or the output directory) to start over")
+
+
+def publish(src: Path, dst: Path) -> None:
+    """Copy `src` (a file or a directory, e.g. out of a checkpoint) to `dst` through a sibling temporary,
+    then swap: a reader never sees a half-written output."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if src.is_dir():
+        shutil.copytree(src, tmp)
+        old = dst.with_name(f".{dst.name}.old")
+        if dst.exists():
+            os.replace(dst, old)
+        os.replace(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)

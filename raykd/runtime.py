@@ -96,6 +96,31 @@ def _guard_local_instance() -> None:
         watchdog.guard(roots)
 
 
+def require_shared_storage(cfg: Config, how: str) -> None:
+    """On a cluster of more than one node, checkpoints need `scale.storage_path` (storage every node
+    sees): the default, OUTPUT/ on the driver's disk, is not where the other nodes' workers write.
+    One line before any worker starts; a local instance raykd started is one node."""
+    import ray
+
+    if cfg.scale.storage_path or how == "local":
+        return
+    nodes = len([n for n in ray.nodes() if n["Alive"]])
+    if nodes > 1:
+        raise ConfigError(f"scale.storage_path: the Ray cluster has {nodes} nodes and checkpoints would go to "
+                          f"{Path(cfg.output_dir).resolve()} on the driver's disk, which the workers on other nodes "
+                          f"cannot reach; set scale.storage_path to storage every node sees (s3://bucket/prefix or a shared file system path)")
+
+
+def worker_nodes(rank: int, world: int, all_reduce, device: torch.device) -> list[str]:
+    """In a Ray Train worker: every worker's Ray node id, in rank order (every rank calls; one all-reduce)."""
+    import ray
+
+    mine = ray.get_runtime_context().get_node_id().encode()
+    table = torch.zeros(world, 64, dtype=torch.float64, device=device)
+    table[rank, : len(mine)] = torch.tensor(list(mine), dtype=torch.float64, device=device)
+    return [bytes(int(b) for b in row if b).decode() for row in all_reduce(table).tolist()]
+
+
 def _fmt(resources: dict) -> str:
     return ", ".join(f"{k} {v:g}" for k, v in sorted(resources.items())) or "nothing"
 

@@ -164,7 +164,7 @@ def sweep(cfg: Config, resume: bool = False, log=print) -> dict:
 
     from raykd.data import pipeline
     from raykd.report import write_report
-    from raykd.runtime import init_ray
+    from raykd.runtime import init_ray, require_shared_storage
 
     if cfg.sweep is None:
         raise ConfigError("sweep: the config has no sweep: section; add sweep.params (see jobs/sweep-smoke.yaml)")
@@ -172,15 +172,16 @@ def sweep(cfg: Config, resume: bool = False, log=print) -> dict:
     base = cfg.to_dict()
     _check_space(base, sw)
     pipeline.preflight(cfg.data)
-    teacher_dir = models.resolve_model(cfg.teacher.model, "teacher.model", log)  # fetch/convert once, before trials race for it
-    pipeline.check_tokens(cfg.data, teacher_dir, cfg.teacher.trust_remote_code)
+    models.resolve_model(cfg.teacher.model, "teacher.model", log)  # fetch/convert once, before trials race for it
+    pipeline.check_tokens(cfg.data, cfg.teacher.model, cfg.teacher.trust_remote_code)
     from raykd.tasks import prepare
 
     prepare(cfg.eval.tasks, fetch=True, log=log)  # task data fetched once (or refused) before Ray starts
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     cache_run = _cache_config(cfg, sw, log) if cfg.teacher.cache else None  # a mismatching cache is refused here, before Ray
-    init_ray(cfg, runs=sw.max_concurrent, per_run_extra=sw.trial_cpus, log=log)  # sized for the sweep before the cache build can start Ray smaller
+    how = init_ray(cfg, runs=sw.max_concurrent, per_run_extra=sw.trial_cpus, log=log)  # sized for the sweep before the cache build can start Ray smaller
+    require_shared_storage(cfg, how)  # every trial's checkpoints
     if cache_run is not None:
         cache.ensure(*cache_run, log)  # built once for every trial
     trainable = tune.with_resources(

@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -273,6 +272,7 @@ def checkpoint(w: Worker, state: RunState, d: Path, wall: float) -> None:
 def export(w: Worker, state: RunState, wall: float, tokens_per_s: float, out: Path) -> dict:
     """Rank 0: the student as a plain HF model in `out/student`, metrics in `out/metrics.json`."""
     sd = w.engine.student_state(w.rank)
+    nodes = runtime.worker_nodes(w.rank, w.world, w.engine.all_reduce, w.device)  # where the workers ran at the end
     if w.rank != 0:
         return {}
     from transformers import AutoModelForCausalLM
@@ -298,7 +298,7 @@ def export(w: Worker, state: RunState, wall: float, tokens_per_s: float, out: Pa
     metrics.update(
         init_val_perplexity=state.init_val_perplexity, tokens_seen=state.tokens_seen, tokens_per_s=tokens_per_s,
         train_wall_s=wall, steps=state.step, history=state.history, resumed_at=state.resumed_at, strategy=cfg.scale.strategy,
-        num_workers=cfg.scale.num_workers, precision=w.precision, device=runtime.device_name(w.device),
+        num_workers=cfg.scale.num_workers, precision=w.precision, device=runtime.device_name(w.device), worker_nodes=nodes,
     )
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return {k: v for k, v in metrics.items() if k != "history"}  # the learning curve stays in the file
@@ -330,7 +330,7 @@ def build_trainer(cfg: Config, plan, log=print, callbacks: list | None = None):
 
     runtime.quiet_data_progress()
     sc = cfg.scale
-    train_ds, val_ds = pipeline.build_datasets(cfg.data, str(plan.teacher_dir), cfg.seed, cfg.teacher.trust_remote_code)
+    train_ds, val_ds = pipeline.build_datasets(cfg.data, cfg.teacher.model, cfg.seed, cfg.teacher.trust_remote_code)
     if cfg.teacher.cache:  # the cached blocks (with the teacher's targets) replace the train stream
         cache.require(cfg, plan)
         train_ds = cache.train_dataset(cfg, plan.objective)
@@ -358,22 +358,6 @@ def build_trainer(cfg: Config, plan, log=print, callbacks: list | None = None):
     )
 
 
-def _replace(src: Path, dst: Path) -> None:
-    """Copy `src` to `dst` through a sibling temporary, then swap: no half-written output."""
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if src.is_dir():
-        shutil.copytree(src, tmp)
-        old = dst.with_name(f".{dst.name}.old")
-        if dst.exists():
-            os.replace(dst, old)
-        os.replace(tmp, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-
-
 def distill(cfg: Config, log=print) -> dict:
     """`raykd distill`: validate, start or join Ray, train, export OUTPUT/{student,metrics.json,config.yaml}."""
     from raykd.plan import resolve
@@ -381,10 +365,12 @@ def distill(cfg: Config, log=print) -> dict:
     resolved, plan = resolve(cfg, log)
     pipeline.preflight(cfg.data)  # bad corpora fail here, before Ray starts
     tasks.prepare(cfg.eval.tasks, fetch=True, log=log)  # task data fetched (or refused) before Ray starts
-    pipeline.check_tokens(resolved.data, plan.teacher_dir, resolved.teacher.trust_remote_code)
+    pipeline.check_tokens(resolved.data, resolved.teacher.model, resolved.teacher.trust_remote_code)
     if resolved.teacher.cache:
         cache.ensure(resolved, plan, log)  # a mismatching cache is refused before Ray starts; a missing one is built
-    runtime.wait_for_workers(resolved, runtime.init_ray(resolved, log=log), log)
+    how = runtime.init_ray(resolved, log=log)
+    runtime.require_shared_storage(resolved, how)
+    runtime.wait_for_workers(resolved, how, log)
     trainer = build_trainer(resolved, plan, log)
     result = trainer.fit()
     out = Path(cfg.output_dir)
@@ -393,8 +379,8 @@ def distill(cfg: Config, log=print) -> dict:
         d = Path(d)
         if not (d / "metrics.json").exists():
             raise RuntimeError(f"the last checkpoint in {result.path} holds no exported student")
-        _replace(d / "student", out / "student")
-        _replace(d / "metrics.json", out / "metrics.json")
+        manifest.publish(d / "student", out / "student")
+        manifest.publish(d / "metrics.json", out / "metrics.json")
     (out / ".config.yaml.tmp").write_text(resolved.to_yaml())
     os.replace(out / ".config.yaml.tmp", out / "config.yaml")
     return json.loads((out / "metrics.json").read_text())

@@ -41,7 +41,7 @@ def ray_head(env: dict, log: Path, num_cpus: int, temp_dir: str | None = None, e
     if temp_dir:
         args.append(f"--temp-dir={temp_dir}")
     proc = subprocess.Popen(args, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    proc.gcs_port = gcs
+    proc.gcs_port, proc.dashboard_port = gcs, dash
     return proc, dash
 
 
@@ -79,3 +79,67 @@ def alive(procs) -> list:
         except psutil.NoSuchProcess:
             pass
     return out
+
+
+def ray_node(env: dict, log: Path, gcs_port: int, num_cpus: int, resources: str, hide: str | None = None) -> subprocess.Popen:
+    """A worker node `ray start --address --block` joining the head at `gcs_port`, in its own process
+    group (killing that group is losing the node). With `hide`, the node runs in a private mount
+    namespace where that directory is an empty tmpfs: on one machine this is what a real cluster's
+    separate disks look like (a driver-local path read on this node fails, as it would there)."""
+    args = [str(BIN / "ray"), "start", "--block", f"--address=127.0.0.1:{gcs_port}", f"--num-cpus={num_cpus}",
+            f"--resources={resources}", "--disable-usage-stats", *agent_ports()]
+    if hide:
+        args = ["unshare", "-m", "--propagation", "private", "sh", "-c", 'mount -t tmpfs -o size=1m none "$0" && exec "$@"',
+                hide, *args]
+    return subprocess.Popen(args, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def can_hide_dirs() -> bool:
+    """Whether this machine lets us give a process a private mount namespace (root with CAP_SYS_ADMIN)."""
+    try:
+        return subprocess.run(["unshare", "-m", "true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def ray_cli(env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "ray"), *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def alive_nodes(env: dict, dashboard: str) -> list[dict]:
+    """The cluster's alive nodes from the State API (`ray list nodes`), [] while the head is not up."""
+    import json
+
+    run = ray_cli(env, "list", "nodes", "--address", dashboard, "--format", "json", "--limit", "100")
+    try:
+        nodes = json.loads(run.stdout) if run.returncode == 0 else []
+    except ValueError:  # the dashboard is up before the State API answers
+        return []
+    return [n for n in nodes if n.get("state") == "ALIVE"]
+
+
+def session_processes(sid: int) -> list:
+    """The live processes of session `sid`: a `ray start` started with start_new_session=True and all it
+    started. (Ray 2.60 makes each worker process its own process-group leader, so a node's process group
+    misses its workers; its session does not.)"""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
+    return found
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL every process of session `sid` (a node lost at once: raylet, agents and workers)."""
+    import psutil
+
+    for p in session_processes(sid):
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass

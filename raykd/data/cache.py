@@ -293,7 +293,7 @@ def build(cfg: Config, plan, log=print) -> dict:
         log(f"raykd: teacher cache {path} is complete ({meta['shards']} shards, {meta['tokens']} tokens)")
         return meta
     pipeline.preflight(cfg.data)
-    pipeline.check_tokens(cfg.data, teacher_dir, cfg.teacher.trust_remote_code)
+    pipeline.check_tokens(cfg.data, cfg.teacher.model, cfg.teacher.trust_remote_code)
     path.mkdir(parents=True, exist_ok=True)
     for stale in path.glob(".shard-*.tmp"):  # a shard an interrupted build was writing
         stale.unlink()
@@ -301,7 +301,7 @@ def build(cfg: Config, plan, log=print) -> dict:
     _write_meta(path, meta)
     init_ray(cfg, log=log)
     quiet_data_progress(preserve_order=True)  # the same shards, block for block, on every build
-    train_ds, _ = pipeline.build_datasets(cfg.data, str(teacher_dir), cfg.seed, cfg.teacher.trust_remote_code)
+    train_ds, _ = pipeline.build_datasets(cfg.data, cfg.teacher.model, cfg.seed, cfg.teacher.trust_remote_code)
     pipeline.check_blocks(train_ds, "data.train")
     todo, n_shards = _pending_shards(train_ds, path, cfg.teacher.cache_shard_blocks)
     log(f"raykd: teacher cache {path}: {n_shards} shards, {n_shards - len(todo)} already built, {len(todo)} to build "

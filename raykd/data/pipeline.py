@@ -92,12 +92,14 @@ _PROBE = "_raykd_probe"  # attribute on datasets built here: (dataset before the
 
 
 @functools.lru_cache(maxsize=4)
-def _tokenizer(tokenizer_dir: str, trust_remote_code: bool):
-    """The teacher's tokenizer, loaded once per process (a cache, not a knob)."""
+def _tokenizer(teacher: str, trust_remote_code: bool):
+    """The teacher's tokenizer, loaded once per process (a cache, not a knob). `teacher` is the
+    `teacher.model` spec, resolved on the node that reads: a named teacher (tiny-random, smollm2-135m)
+    lives in this node's cache, as a named corpus does, never at the driver's cache path."""
     with _no_interrupts():  # imports transformers (and torch._dynamo) on first use
-        from raykd.models import load_tokenizer
+        from raykd.models import load_tokenizer, resolve_model
 
-        return load_tokenizer(Path(tokenizer_dir), trust_remote_code=trust_remote_code)
+        return load_tokenizer(resolve_model(teacher, "teacher.model", log=lambda m: None), trust_remote_code=trust_remote_code)
 
 
 def _doc_rows(row: dict, *, text_field: str, bad_rows: str, min_chars: int, val_fraction: float,
@@ -114,9 +116,9 @@ def _doc_rows(row: dict, *, text_field: str, bad_rows: str, min_chars: int, val_
         yield {"file": idx, "doc": i, "key": digest} if keys_only else {"text": text}
 
 
-def _tokenize_pack(batch: dict, *, tokenizer_dir: str, trust_remote_code: bool, block_size: int) -> dict:
+def _tokenize_pack(batch: dict, *, teacher: str, trust_remote_code: bool, block_size: int) -> dict:
     """map_batches: tokenize a batch of documents and pack it into blocks (leftover dropped)."""
-    tok = _tokenizer(tokenizer_dir, trust_remote_code)
+    tok = _tokenizer(teacher, trust_remote_code)
     texts = [str(t) for t in batch.get("text", ())]  # a block with no documents has no columns
     ids = tok(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
     blocks, _leftover = _corpora().pack_blocks(ids, block_size, tok.eos_token_id)
@@ -189,23 +191,25 @@ def _duplicates(plan: _Plan, cfg: DataConfig) -> dict[int, frozenset[int]]:
     return {f: frozenset(d) for f, d in drop.items()}
 
 
-def build_datasets(data_cfg: DataConfig, tokenizer_dir: str, seed: int = 0, trust_remote_code: bool = False):
+def build_datasets(data_cfg: DataConfig, teacher: str, seed: int = 0, trust_remote_code: bool = False):
     """Lazy ``(train, validation)`` Ray Datasets of ``{"input_ids": int32[block_size]}`` rows.
 
     Needs a running Ray (``ray.init``). Documents are cleaned (``corpora.clean_text``),
     shorter ones than ``data.min_chars`` dropped, split (module docstring), deduplicated
     when ``data.dedupe`` (one eager pass over document digests; the rest is lazy),
-    tokenized with the tokenizer in ``tokenizer_dir`` (no special tokens) in batched
+    tokenized with the tokenizer of ``teacher`` (the ``teacher.model`` spec or a model directory,
+    resolved on each node that tokenizes; no special tokens) in batched
     ``map_batches`` and packed with EOS after every document; the tokens left over at the
     end of each batch (fewer than ``block_size``) are dropped, never padded. The training
     set is shuffled with ``seed`` (same order every epoch); validation keeps corpus order.
     """
-    tok = _tokenizer(str(tokenizer_dir), trust_remote_code)
+    teacher = str(Path(teacher).expanduser().resolve()) if Path(teacher).expanduser().exists() else str(teacher)  # a path: absolute
+    tok = _tokenizer(teacher, trust_remote_code)
     if tok.eos_token_id is None:
-        raise ConfigError(f"teacher.model: the tokenizer in {tokenizer_dir} has no EOS token; packing needs one between documents, use a tokenizer that defines eos_token")
+        raise ConfigError(f"teacher.model: the tokenizer of {teacher} has no EOS token; packing needs one between documents, use a tokenizer that defines eos_token")
     plan = _plan(data_cfg, fetch=True)
     drop = _duplicates(plan, data_cfg) if data_cfg.dedupe else {}
-    kwargs = {"tokenizer_dir": str(tokenizer_dir), "trust_remote_code": trust_remote_code, "block_size": data_cfg.block_size}
+    kwargs = {"teacher": teacher, "trust_remote_code": trust_remote_code, "block_size": data_cfg.block_size}
     out = []
     for want, items in (("train", plan.train), ("validation", plan.validation)):
         docs = _documents_ds(plan, items, data_cfg, want, drop, keys_only=False)
@@ -245,12 +249,12 @@ def _tokens_up_to(tok, text: str, need: int) -> int:
         chars *= 4
 
 
-def check_tokens(data_cfg: DataConfig, tokenizer_dir: str, trust_remote_code: bool = False) -> None:
+def check_tokens(data_cfg: DataConfig, teacher: str, trust_remote_code: bool = False) -> None:
     """Driver preflight, no Ray: each split must hold at least one block of tokens (documents as the
     pipeline reads them, EOS after each), else one ``ConfigError`` line before any cluster starts.
     Counts only up to one block. Passing is necessary, not sufficient: packing drops each task's
     leftover, so `check_blocks` still probes the built dataset."""
-    tok = _tokenizer(str(tokenizer_dir), trust_remote_code)
+    tok = _tokenizer(str(teacher), trust_remote_code)
     block = data_cfg.block_size
     for split in ("train", "validation"):
         n = 0
