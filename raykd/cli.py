@@ -73,6 +73,10 @@ def cmd_distill(args) -> int:
     for k in keys:
         v = metrics.get(k)
         print(f"  {k:24s} {v:.4g}" if isinstance(v, (int, float)) else f"  {k:24s} {v}")
+    phases = metrics.get("worker_phases") or []
+    if len(phases) > 1:  # a worker range that changed size: which steps ran on how many workers
+        ends = [p["from_step"] for p in phases[1:]] + [metrics.get("steps")]
+        print("  workers                  " + ", ".join(f"{p['workers']} (steps {p['from_step']}-{e})" for p, e in zip(phases, ends)))
     return 0
 
 

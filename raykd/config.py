@@ -232,7 +232,7 @@ class EvalConfig:
 
 @dataclass
 class ScaleConfig:
-    num_workers: int = 1  # Ray Train workers (one process each)
+    num_workers: int | list[int] = 1  # Ray Train workers (one process each); [min, max] = elastic: starts once min fit, goes on with fewer after a lost node (global batch kept)
     strategy: str = "ddp"  # ddp | fsdp2 | deepspeed
     zero_stage: int = 2  # strategy=deepspeed: ZeRO stage 1, 2 or 3
     deepspeed_config: str | None = None  # strategy=deepspeed: a DeepSpeed JSON file used instead of the generated one
@@ -245,7 +245,7 @@ class ScaleConfig:
     placement_timeout_s: float = 300.0  # how long a run waits for a cluster (or its autoscaler) to offer the workers' CPUs/GPUs before failing
 
     def __post_init__(self):
-        _positive("scale.num_workers", self.num_workers)
+        self._check_workers()
         _choice("scale.strategy", self.strategy, STRATEGIES)
         _choice("scale.zero_stage", self.zero_stage, (1, 2, 3))
         _positive("scale.cpus_per_worker", self.cpus_per_worker)
@@ -258,6 +258,31 @@ class ScaleConfig:
             raise ConfigError(f"scale.shard_teacher: sharding the teacher is implemented for strategy fsdp2, not {self.strategy}; set scale.strategy=fsdp2 or scale.shard_teacher=false")
         if self.strategy != "deepspeed" and self.deepspeed_config:
             raise ConfigError("scale.deepspeed_config: only used with scale.strategy=deepspeed; set the strategy or drop the key")
+        if self.elastic and self.strategy == "deepspeed":
+            raise ConfigError("scale.num_workers: a [min, max] worker range needs scale.strategy ddp or fsdp2 (a DeepSpeed "
+                              "checkpoint resumes only on the world size that wrote it); give one number or change the strategy")
+        if self.elastic and self.max_failures < 1:
+            raise ConfigError("scale.max_failures: a [min, max] worker range goes on with fewer workers only by restarting "
+                              "from a checkpoint; set scale.max_failures >= 1 (e.g. 3)")
+
+    def _check_workers(self) -> None:
+        n = self.num_workers
+        if not isinstance(n, list):
+            _positive("scale.num_workers", n)
+            return
+        if len(n) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in n) or not 1 <= n[0] <= n[1]:
+            raise ConfigError(f"scale.num_workers: a worker range is [min, max] with 1 <= min <= max, got {n}; e.g. [1, 4], or one number")
+
+    @property
+    def elastic(self) -> bool:
+        """Whether the worker count is a range (Ray Train's elastic `ScalingConfig(num_workers=(min, max))`)."""
+        return isinstance(self.num_workers, list) and self.num_workers[0] != self.num_workers[1]
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        """(min, max) workers; the global batch is defined for max: train.batch_size x train.grad_accum x max."""
+        n = self.num_workers
+        return (n[0], n[1]) if isinstance(n, list) else (n, n)
 
 
 SEARCHES = ("random", "grid", "optuna")

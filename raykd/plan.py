@@ -179,5 +179,7 @@ def format_plan(cfg: Config, plan: Plan) -> str:
         f"flops/tok  teacher fwd {f['teacher_forward'] / 1e9:.3f} GF + student fwd+bwd {f['student_step'] / 1e9:.3f} GF = {f['total'] / 1e9:.3f} GF (block {cfg.data.block_size})"
     )
     sc = cfg.scale
-    lines.append(f"scale      {sc.num_workers} worker(s), {sc.strategy}, {'gpu' if sc.use_gpu else 'cpu'}; output {cfg.output_dir}")
+    lo, hi = sc.worker_range
+    workers = f"{lo}-{hi} workers (elastic; global batch {hi * cfg.train.grad_accum * cfg.train.batch_size} sequences at any size)" if sc.elastic else f"{hi} worker(s)"
+    lines.append(f"scale      {workers}, {sc.strategy}, {'gpu' if sc.use_gpu else 'cpu'}; output {cfg.output_dir}")
     return "\n".join(lines)

@@ -5,6 +5,7 @@ device's name for reports. Only this module, `raykd.data`, `raykd.train` and `ra
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -66,7 +67,7 @@ def init_ray(cfg: Config, runs: int = 1, per_run_extra: float = 0.0, log=print) 
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
         return "cluster"
-    need = math.ceil(runs * (cfg.scale.num_workers * cfg.scale.cpus_per_worker + per_run_extra)) + 1
+    need = math.ceil(runs * (cfg.scale.worker_range[1] * cfg.scale.cpus_per_worker + per_run_extra)) + 1
     try:
         ray.init(num_cpus=max(os.cpu_count() or 1, need))  # (the dashboard's State API is what Train's cleanup polls)
         _guard_local_instance()
@@ -111,6 +112,17 @@ def require_shared_storage(cfg: Config, how: str) -> None:
                           f"cannot reach; set scale.storage_path to storage every node sees (s3://bucket/prefix or a shared file system path)")
 
 
+def for_world(cfg: Config, world: int) -> Config:
+    """`cfg` for a worker group of `world` workers: with a worker range (elastic) the global batch is
+    defined for the range's max, so fewer workers accumulate more micro-batches per step
+    (train.grad_accum x max / world, rounded up when it does not divide)."""
+    top = cfg.scale.worker_range[1]
+    if world == top:
+        return cfg
+    accum = math.ceil(cfg.train.grad_accum * top / world)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum=accum))
+
+
 def worker_nodes(rank: int, world: int, all_reduce, device: torch.device) -> list[str]:
     """In a Ray Train worker: every worker's Ray node id, in rank order (every rank calls; one all-reduce)."""
     import ray
@@ -126,15 +138,16 @@ def _fmt(resources: dict) -> str:
 
 
 def wait_for_workers(cfg: Config, how: str, log=print, poll_s: float = 10.0) -> None:
-    """Before `fit()`: the cluster must be able to hold `scale.num_workers` workers (CPUs, and a GPU each with
-    `scale.use_gpu`). A local instance cannot grow: fail at once. A cluster may (an autoscaler adding
+    """Before `fit()`: the cluster must be able to hold `scale.num_workers` workers (the minimum of a range;
+    CPUs, and a GPU each with `scale.use_gpu`). A local instance cannot grow: fail at once. A cluster may (an autoscaler adding
     nodes): say within `poll_s` what the run waits for and what the cluster has, then fail with one line
     after `scale.placement_timeout_s` instead of waiting forever."""
     import ray
 
     sc = cfg.scale
-    need = {"CPU": sc.num_workers * sc.cpus_per_worker, **({"GPU": float(sc.num_workers)} if sc.use_gpu else {})}
-    wanted = f"{sc.num_workers} worker(s) x ({sc.cpus_per_worker:g} CPU{', 1 GPU' if sc.use_gpu else ''})"
+    n = sc.worker_range[0]
+    need = {"CPU": n * sc.cpus_per_worker, **({"GPU": float(n)} if sc.use_gpu else {})}
+    wanted = f"{n} worker(s) x ({sc.cpus_per_worker:g} CPU{', 1 GPU' if sc.use_gpu else ''})"
     deadline = time.monotonic() + sc.placement_timeout_s
     while True:
         have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}

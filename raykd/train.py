@@ -55,6 +55,7 @@ class RunState:
     init_val_perplexity: float | None = None  # the untrained student's (rank 0)
     history: list[dict] = field(default_factory=list)  # one entry per report
     resumed_at: list[int] = field(default_factory=list)  # steps a rerun or a restarted group resumed from
+    phases: list[list[int]] = field(default_factory=list)  # [from step, workers, grad_accum] per worker-group size
 
 
 @dataclass
@@ -109,6 +110,7 @@ def setup(config: dict) -> tuple[Worker, RunState]:
     cfg = from_dict(config)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    cfg = runtime.for_world(cfg, world)  # a worker range: fewer workers accumulate more (same global batch)
     torch.set_num_threads(runtime.threads(cfg, ctx.get_local_world_size()))
     device = ray.train.torch.get_device()
     precision = runtime.precision(cfg)
@@ -123,6 +125,11 @@ def setup(config: dict) -> tuple[Worker, RunState]:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = restore(w, Path(d))
+    if not state.phases or state.phases[-1][1:] != [world, cfg.train.grad_accum]:
+        if state.phases and rank == 0:
+            print(f"raykd: {world} worker(s) from step {state.step} (was {state.phases[-1][1]}); grad_accum {cfg.train.grad_accum} "
+                  f"keeps the global batch at {world * cfg.train.grad_accum * cfg.train.batch_size} sequences", flush=True)
+        state.phases.append([state.step, world, cfg.train.grad_accum])
     return w, state
 
 
@@ -146,14 +153,20 @@ def _worker_file(rank: int) -> str:
 
 def restore(w: Worker, d: Path) -> RunState:
     """The engine's training state and this worker's RunState (run fields from rank 0's file; data
-    position and RNG from its own, or rank 0's when the group grew)."""
+    position and RNG from its own, or rank 0's when the group grew). A group of another size (a worker
+    range) splits the data anew: every worker takes rank 0's position, rescaled to its larger or smaller
+    shard (the epoch's share already seen is kept; which blocks fill it is not)."""
     run = torch.load(d / _worker_file(0), map_location="cpu", weights_only=True)
     own = d / _worker_file(w.rank)
     mine = torch.load(own, map_location="cpu", weights_only=True) if own.exists() else None
     w.engine.load(d, run["state"]["step"])
     state = RunState(**run["state"])
-    if mine is not None:
+    before = state.phases[-1][1] if state.phases else w.world
+    if before != w.world:
+        state.batch_index = state.batch_index * before // w.world
+    elif mine is not None:
         state.epoch, state.batch_index = mine["state"]["epoch"], mine["state"]["batch_index"]
+    if mine is not None:
         torch.set_rng_state(mine["rng"])
         if mine.get("cuda_rng") is not None and w.device.type == "cuda":
             torch.cuda.set_rng_state(mine["cuda_rng"], w.device)
@@ -298,7 +311,7 @@ def export(w: Worker, state: RunState, wall: float, tokens_per_s: float, out: Pa
     metrics.update(
         init_val_perplexity=state.init_val_perplexity, tokens_seen=state.tokens_seen, tokens_per_s=tokens_per_s,
         train_wall_s=wall, steps=state.step, history=state.history, resumed_at=state.resumed_at, strategy=cfg.scale.strategy,
-        num_workers=cfg.scale.num_workers, precision=w.precision, device=runtime.device_name(w.device), worker_nodes=nodes,
+        num_workers=w.world, worker_phases=[dict(zip(("from_step", "workers", "grad_accum"), p)) for p in state.phases], precision=w.precision, device=runtime.device_name(w.device), worker_nodes=nodes,
     )
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return {k: v for k, v in metrics.items() if k != "history"}  # the learning curve stays in the file
@@ -343,7 +356,7 @@ def build_trainer(cfg: Config, plan, log=print, callbacks: list | None = None):
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg.to_dict(),
-        scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=sc.worker_range if sc.elastic else sc.worker_range[0], use_gpu=sc.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=name, storage_path=storage,
             failure_config=FailureConfig(max_failures=sc.max_failures),

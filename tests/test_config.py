@@ -56,6 +56,11 @@ def test_teacher_shorthand():
         (["loss.temperature=.nan"], "loss.temperature", "finite"),
         (["loss.weights.kd=.nan"], "loss.weights.kd", "finite"),
         (["train.lr=1e-x"], "train.lr", "expected a number"),
+        (["scale.num_workers=[2,1]", "scale.max_failures=1"], "scale.num_workers", "1 <= min <= max"),
+        (["scale.num_workers=[0,2]", "scale.max_failures=1"], "scale.num_workers", "1 <= min <= max"),
+        (["scale.num_workers=[1,2,3]", "scale.max_failures=1"], "scale.num_workers", "[min, max]"),
+        (["scale.num_workers=[1,2]"], "scale.max_failures", "scale.max_failures >= 1"),
+        (["scale.num_workers=[1,2]", "scale.max_failures=1", "scale.strategy=deepspeed"], "scale.num_workers", "ddp or fsdp2"),
     ],
 )
 def test_bad_values_name_the_field_and_the_fix(overrides, field, hint):

@@ -228,11 +228,13 @@ def _train_worker_nodes(c: Cluster) -> set[str]:
     return found
 
 
-def test_losing_the_train_workers_node_resumes_on_the_other(cluster, tmp_path):
-    """After the first checkpoint, SIGKILL every process of the worker node that runs the Train workers
-    (its raylet, agents and workers: the node is lost). Ray Train restarts the worker group on the remaining
-    node from the last checkpoint (scale.max_failures=3) and the job finishes with every step, the right
-    token count and an exported student, its workers all on the surviving node."""
+def test_losing_a_node_the_worker_range_goes_on_with_one_worker(cluster, tmp_path):
+    """An elastic run, `scale.num_workers=[1, 2]`, one Train worker per node (1.5 of each node's 2 CPUs).
+    After the first checkpoint, SIGKILL every process of one worker node (its raylet, agents and workers:
+    the node is lost). Ray Train restarts the group from the last checkpoint with the one worker that fits
+    on the surviving node; that worker accumulates two micro-batches per step, so the global batch, the step
+    count and the tokens seen are those of the 2-worker run, the phases say who ran which steps, and the
+    student is exported."""
     import re
 
     from transformers import AutoModelForCausalLM
@@ -241,8 +243,8 @@ def test_losing_the_train_workers_node_resumes_on_the_other(cluster, tmp_path):
 
     out, storage, steps = tmp_path / "out", tmp_path / "storage", 16
     run = _submit(cluster, "distill", "jobs/smoke.yaml", f"output_dir={out}", f"scale.storage_path={storage}", f"train.max_steps={steps}",
-                  "train.checkpoint_every=4", "train.report_every=4", "scale.max_failures=3", "data.dedupe=false",
-                  "train.generation_eval=false", wait=False)
+                  "train.checkpoint_every=4", "train.report_every=4", "scale.max_failures=3", "scale.num_workers=[1,2]",
+                  "scale.cpus_per_worker=1.5", "data.dedupe=false", "train.generation_eval=false", wait=False)
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
     job = re.search(r"raysubmit_\w+", run.stdout + run.stderr).group(0)
     snapshot = storage / run_name(out) / "checkpoint_manager_snapshot.json"  # written once Ray registered a checkpoint
@@ -253,10 +255,8 @@ def test_losing_the_train_workers_node_resumes_on_the_other(cluster, tmp_path):
             asked = time.time()
         time.sleep(0.2)
     assert snapshot.exists(), _diagnose(cluster, job)
-    hosts = _train_worker_nodes(cluster)
-    assert hosts and hosts <= set(NODES), hosts
-    victim = sorted(hosts)[0]
-    survivor = next(n for n in NODES if n != victim)
+    assert _train_worker_nodes(cluster) == set(NODES)  # one worker on each worker node
+    victim, survivor = NODES
     kill_session(cluster.procs[victim].pid)  # its raylet, agents and workers, at once
     deadline = time.time() + 420
     while _job_status(cluster, job) == "running" and time.time() < deadline:
@@ -265,5 +265,11 @@ def test_losing_the_train_workers_node_resumes_on_the_other(cluster, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == steps and metrics["tokens_seen"] == steps * 4 * 64 * 2
     assert len(metrics["resumed_at"]) == 1 and 4 <= metrics["resumed_at"][0] < steps and metrics["resumed_at"][0] % 4 == 0
+    resumed = metrics["resumed_at"][0]
+    assert metrics["worker_phases"] == [{"from_step": 0, "workers": 2, "grad_accum": 1},
+                                        {"from_step": resumed, "workers": 1, "grad_accum": 2}], metrics["worker_phases"]
     assert set(metrics["worker_nodes"]) == {cluster.node_ids[survivor]}, (metrics["worker_nodes"], cluster.node_ids)
+    logs = ray_cli(cluster.env, "job", "logs", job, "--address", cluster.dashboard).stdout
+    assert f"raykd: 1 worker(s) from step {resumed} (was 2); grad_accum 2 keeps the global batch at 8 sequences" in logs, logs[-3000:]
+    assert f"workers                  2 (steps 0-{resumed}), 1 (steps {resumed}-{steps})" in logs, logs[-3000:]
     assert AutoModelForCausalLM.from_pretrained(out / "student").config.num_hidden_layers == 3

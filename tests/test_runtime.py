@@ -40,3 +40,17 @@ def test_a_cluster_that_grows_is_waited_for(cluster):
 
     runtime.wait_for_workers(cfg, "cluster", log=grow, poll_s=0.05)
     assert len(said) == 1
+
+
+def test_a_worker_range_waits_for_its_minimum_and_keeps_the_global_batch(cluster):
+    """`scale.num_workers: [min, max]`: the placement wait asks for min workers; a group of w workers
+    accumulates grad_accum x max / w micro-batches (rounded up), so a step sees the same global batch."""
+    cfg = load_config("jobs/smoke.yaml", ["scale.num_workers=[2,6]", "scale.max_failures=1", "scale.cpus_per_worker=1.0",
+                                          "train.grad_accum=2", "scale.placement_timeout_s=0.2"])
+    assert cfg.scale.elastic and cfg.scale.worker_range == (2, 6)
+    runtime.wait_for_workers(cfg, "cluster", log=lambda m: None)  # 2 CPUs hold the minimum of 2 workers
+    accum = {w: runtime.for_world(cfg, w).train.grad_accum for w in range(1, 7)}
+    assert accum == {1: 12, 2: 6, 3: 4, 4: 3, 5: 3, 6: 2}  # 5 does not divide 12: 15 micro-batches, the least >= 12
+    assert runtime.for_world(cfg, 6) is cfg and cfg.train.grad_accum == 2
+    fixed = load_config("jobs/smoke.yaml", ["scale.num_workers=2"])
+    assert not fixed.scale.elastic and fixed.scale.worker_range == (2, 2) and runtime.for_world(fixed, 2) is fixed
