@@ -128,18 +128,20 @@ def test_setup_installs_pinned_torch_then_raykd(cluster, prepared):
         assert image.startswith(f"rayproject/ray:{version}-"), image
 
 
-def test_gpu_large_job_fits_one_gpu_node(prepared):
-    """A job asks for workers; cluster.yaml must have a machine that can hold them all."""
+def test_gpu_large_job_fits_the_clusters_gpu_nodes(prepared):
+    """A job asks for workers; cluster.yaml's GPU worker type must hold a worker range's minimum on one
+    node and its maximum on the nodes it may launch (the 8-GPU, 2-node case)."""
     cfg = load_config(GPU_LARGE)
     assert cfg.scale.use_gpu
-    fits = [
-        name
-        for name, t in prepared["available_node_types"].items()
-        if t["max_workers"] > 0
-        and t["resources"].get("GPU", 0) >= cfg.scale.num_workers
-        and t["resources"]["CPU"] >= cfg.scale.num_workers * cfg.scale.cpus_per_worker
-    ]
-    assert fits, "no GPU worker type holds all scale.num_workers workers (GPUs and CPUs) of jobs/gpu-large.yaml"
+    lo, hi = cfg.scale.worker_range
+
+    def holds(t: dict, n: int) -> bool:  # workers of one GPU and cpus_per_worker CPUs each
+        return n <= min(t["resources"].get("GPU", 0), t["resources"]["CPU"] // cfg.scale.cpus_per_worker)
+
+    gpu_types = [t for t in prepared["available_node_types"].values() if t["max_workers"] > 0 and t["resources"].get("GPU", 0)]
+    assert any(holds(t, lo) for t in gpu_types), "no GPU worker type holds the minimum of scale.num_workers of jobs/gpu-large.yaml"
+    per_node = max(min(t["resources"]["GPU"], t["resources"]["CPU"] // cfg.scale.cpus_per_worker) * t["max_workers"] for t in gpu_types)
+    assert per_node >= hi, f"cluster.yaml's GPU nodes hold {per_node} workers, jobs/gpu-large.yaml asks for up to {hi}"
 
 
 def _gpu_worker(config: dict) -> dict:
@@ -194,7 +196,7 @@ def smollm2_1_7b_dir(tmp_path_factory) -> Path:
 def test_gpu_large_plans_with_a_local_config(capsys, smollm2_1_7b_dir):
     cfg = load_config(GPU_LARGE)
     assert cfg.teacher.model == TEACHER_ID
-    assert cfg.scale.num_workers == 4 and cfg.scale.strategy == "fsdp2" and cfg.scale.shard_teacher
+    assert cfg.scale.worker_range == (4, 8) and cfg.scale.strategy == "fsdp2" and cfg.scale.shard_teacher and cfg.scale.max_failures >= 1
     assert cfg.train.precision == "bf16" and cfg.output_dir == "runs/gpu-large"
 
     assert main(["plan", str(GPU_LARGE), f"teacher.model={smollm2_1_7b_dir}"]) == 0
@@ -202,7 +204,7 @@ def test_gpu_large_plans_with_a_local_config(capsys, smollm2_1_7b_dir):
     assert "LlamaForCausalLM: 24 layers, hidden 2048, 32 heads / 32 kv heads, vocab 49152" in out
     assert "student    cut from the teacher (init=ends): 12 layers, hidden 2048" in out
     assert "kept teacher layers [0, 1, 2, 3, 4, 5, 6, 7, 20, 21, 22, 23]" in out
-    assert "scale      4 worker(s), fsdp2, gpu; output runs/gpu-large" in out
+    assert "scale      4-8 workers (elastic; global batch 32 sequences at any size), fsdp2, gpu; output runs/gpu-large" in out
 
     assert main(["plan", str(GPU_LARGE), f"teacher.model={smollm2_1_7b_dir}", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
