@@ -1,8 +1,10 @@
-"""The one error type for bad input (no imports from raykd: every module may raise it)."""
+"""The one error type for bad input and the checks every config section shares (no imports from
+raykd: every module may raise it)."""
 
 from __future__ import annotations
 
 import difflib
+import math
 
 
 class ConfigError(ValueError):
@@ -13,3 +15,18 @@ def suggest(name: str, choices) -> str:
     """'; did you mean X?' for the closest of `choices`, or ''."""
     close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.5)
     return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def check_choice(path: str, value, choices) -> None:
+    """One line when `value` is not one of `choices` (the nearest suggested)."""
+    if value not in choices:
+        raise ConfigError(f"{path}: unknown value {value!r}{suggest(value, choices)} choose one of: {', '.join(map(str, choices))}")
+
+
+def check_positive(path: str, value, allow_zero: bool = False) -> None:
+    """One line when `value` is not a finite number > 0 (>= 0 with `allow_zero`)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{path}: must be a finite number, got {value}; give a value such as 1.0")
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{path}: must be {bound}, got {value}; set it to a value {bound}")

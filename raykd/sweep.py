@@ -23,8 +23,9 @@ import time
 from pathlib import Path
 
 from raykd import models
-from raykd.config import Config, ConfigError, SweepConfig, _build, from_dict, set_dotted
+from raykd.config import Config, ConfigError, _build, from_dict, set_dotted
 from raykd.data import cache
+from raykd.sweep_config import SweepConfig
 
 EXPERIMENT = "tune"
 

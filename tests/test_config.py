@@ -97,7 +97,8 @@ def test_list_init_sets_depth_from_layers():
 
 
 def test_sweep_objectives_validated():
-    from raykd.config import ConfigError, SweepConfig
+    from raykd.config import ConfigError
+    from raykd.sweep_config import SweepConfig
 
     params = {"train.lr": {"choice": [1e-3]}}
     assert SweepConfig(params=params, search="optuna", objectives=["val_loss", "student_params"]).objectives[1] == "student_params"

@@ -3,8 +3,9 @@ searcher is driven directly, as Tune's controller would)."""
 
 import pytest
 
-from raykd.config import SweepConfig, _build
+from raykd.config import _build
 from raykd.sweep import searcher
+from raykd.sweep_config import SweepConfig
 
 PARAMS = {"loss.weights.hidden": {"uniform": [0.0, 1.0]}, "loss.kd": {"choice": ["forward_kl", "reverse_kl", "jsd"]},
           "student.num_layers": {"randint": [2, 5]}}

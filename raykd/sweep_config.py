@@ -1,0 +1,60 @@
+"""The `sweep:` section of a config (`SweepConfig`): what `raykd sweep` searches and how. Kept beside
+`raykd.config` (whose `Config.sweep` holds it as a plain dict until `raykd.sweep` builds it), with the
+same one-line comment per field and validation in `__post_init__`; no Ray here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from raykd.errors import ConfigError
+from raykd.errors import check_choice as _choice
+from raykd.errors import check_positive as _positive
+
+SEARCHES = ("random", "grid", "optuna")
+SCHEDULERS = ("asha", "fifo")
+OBJECTIVES = ("val_loss", "student_params")
+DOMAINS = ("choice", "grid", "uniform", "loguniform", "randint")
+
+
+@dataclass
+class SweepConfig:
+    params: dict[str, Any] = field(default_factory=dict)  # dotted config key -> {choice|grid: [...]} or {uniform|loguniform|randint: [lo, hi]}
+    num_samples: int = 4  # trials sampled (random / optuna); with grid keys: repeats of the grid
+    search: str = "random"  # random | grid (grid keys only, no sampling) | optuna (TPE)
+    scheduler: str = "asha"  # asha (stop poor trials early on val_loss) | fifo (run every trial to the end)
+    grace_period: int = 4  # ASHA: steps every trial runs before it can be stopped
+    reduction_factor: int = 2  # ASHA: keep 1 / reduction_factor of the trials at each rung
+    eval_every: int = 4  # steps between val_loss reports (ASHA's signal); sets train.eval_every and report_every
+    max_concurrent: int = 2  # trials running at once (more where the cluster has room)
+    trial_cpus: float = 0.1  # logical CPUs the Tune trial process itself reserves (its Train workers ask for their own)
+    objectives: list[str] = field(default_factory=lambda: ["val_loss"])  # val_loss first; optuna takes several (multi-objective TPE): student_params (min), task:NAME_METRIC (e.g. task:sentiment_auc, max)
+
+    def __post_init__(self):
+        if not self.params:
+            raise ConfigError("sweep.params: nothing to search; add e.g. `student.num_layers: {choice: [2, 3, 4]}`")
+        for key, spec in self.params.items():
+            if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DOMAINS:
+                raise ConfigError(f"sweep.params.{key}: give one of {', '.join(DOMAINS)}, e.g. {{choice: [1, 2]}} or {{loguniform: [1e-4, 1e-2]}}")
+            kind, values = next(iter(spec.items()))
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"sweep.params.{key}.{kind}: expected a non-empty list of values")
+            if kind in ("uniform", "loguniform", "randint") and (len(values) != 2 or not values[0] < values[1]):
+                raise ConfigError(f"sweep.params.{key}.{kind}: expected [low, high] with low < high, got {values}")
+            if kind == "loguniform" and values[0] <= 0:
+                raise ConfigError(f"sweep.params.{key}.loguniform: bounds must be > 0, got {values}")
+        _positive("sweep.num_samples", self.num_samples)
+        _choice("sweep.search", self.search, SEARCHES)
+        _choice("sweep.scheduler", self.scheduler, SCHEDULERS)
+        for name in ("grace_period", "reduction_factor", "eval_every", "max_concurrent"):
+            _positive(f"sweep.{name}", getattr(self, name))
+        _positive("sweep.trial_cpus", self.trial_cpus, allow_zero=True)
+        if (not self.objectives or any(o not in OBJECTIVES and not str(o).startswith("task:") for o in self.objectives)
+                or len(set(self.objectives)) != len(self.objectives)):
+            raise ConfigError(f"sweep.objectives: expected distinct names from {', '.join(OBJECTIVES)} or task:NAME_METRIC, got {self.objectives}")
+        if self.objectives[0] != "val_loss":
+            raise ConfigError("sweep.objectives: val_loss must come first (ASHA stops trials on it); e.g. [val_loss, student_params]")
+        if len(self.objectives) > 1 and self.search != "optuna":
+            raise ConfigError("sweep.objectives: several objectives need search: optuna (multi-objective TPE)")
+        if self.search == "grid" and any(next(iter(v)) not in ("choice", "grid") for v in self.params.values()):
+            raise ConfigError("sweep.search: grid search takes only choice/grid params; use search: random for ranges")
