@@ -14,12 +14,12 @@ computed once per batch and reused (`shared_prefix`).
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 
 import torch
 
 from raykd.evaluate import _device, _inference
+from raykd.sampling import cache_key
 
 
 def shared_prefix(seqs: Sequence[Sequence[int]]) -> int:
@@ -32,11 +32,6 @@ def shared_prefix(seqs: Sequence[Sequence[int]]) -> int:
         if any(s[i] != first[i] for s in seqs):
             return i
     return max(n, 0)
-
-
-def _cache_key(model) -> str:
-    """The KV-cache keyword of `model.forward`: `cache` from transformers 5.24, `past_key_values` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _forward(model, seqs: list[list[int]], pad_id: int, min_prefix: int = 8) -> tuple[torch.Tensor, int]:
@@ -61,7 +56,7 @@ def _forward(model, seqs: list[list[int]], pad_id: int, min_prefix: int = 8) -> 
         return model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float().log_softmax(-1), start
     head = torch.tensor([seqs[0][:p]], dtype=torch.long, device=device)
     out = model(input_ids=head, use_cache=True)
-    key = _cache_key(model)
+    key = cache_key(model)
     cache = out[key]
     cache.batch_repeat_interleave(len(seqs))
     full_mask = torch.cat([torch.ones((len(seqs), p), dtype=torch.long, device=device), mask], dim=1)
