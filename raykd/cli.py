@@ -66,6 +66,13 @@ def cmd_distill(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     t0 = time.time()
+    if args.rounds != 1:  # born-again rounds: OUTPUT/round1..N and a summary table
+        from raykd.rounds import check_rounds, format_rounds, run_rounds
+
+        check_rounds(args.rounds)
+        rows = run_rounds(cfg, args.rounds, log=lambda m: print(m, file=sys.stderr))
+        print(f"raykd: {len(rows)} rounds in {time.time() - t0:.0f} s; {cfg.output_dir}/rounds.md:\n" + format_rounds(rows), end="")
+        return 0
     metrics = distill(cfg, log=lambda m: print(m, file=sys.stderr))
     keys = ("init_val_perplexity", "val_perplexity", "teacher_val_perplexity", "top1_agreement", "rougeL", "bleu",
             "tokens_seen", "tokens_per_s", "train_wall_s")
@@ -125,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     distill = sub.add_parser("distill", help="distil the teacher into the student on Ray (starts Ray or joins RAY_ADDRESS); writes OUTPUT/student, metrics.json, config.yaml; re-running resumes")
     distill.add_argument("config", help="YAML config, e.g. jobs/smoke.yaml")
     distill.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100")
+    distill.add_argument("--rounds", type=int, default=1, metavar="N", help="born-again distillation: N rounds, round k+1's teacher is round k's student (OUTPUT/round1..N, rounds.md)")
     distill.set_defaults(fn=cmd_distill)
     sw = sub.add_parser("sweep", help="Ray Tune sweep over the config's sweep: section (ASHA on val_loss); writes report.html, report.md, trials.csv, pareto.csv, best_config.yaml, plots")
     sw.add_argument("config", help="YAML config with a sweep: section, e.g. jobs/sweep-smoke.yaml")
@@ -166,7 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from raykd.errors import ConfigError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides += extra  # key=value overrides after an option (`distill CONFIG --rounds 2 train.lr=1e-3`)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.fn(args)
     except ConfigError as e:
