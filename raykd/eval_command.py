@@ -70,12 +70,11 @@ def _run_eval(student_dir, teacher_spec, data, block_size, max_blocks, text_fiel
     log(f"raykd: evaluating on {blocks.shape[0]} blocks x {block_size} tokens")
     student = models.load_model(student_dir, torch.float32, trust_remote_code, frozen=True)
     teacher = models.load_model(teacher_dir, torch.float32, trust_remote_code, frozen=True)
-    metrics = evaluate_pair(student, teacher, tokenizer, blocks, batch_size=8, generation=generation and "cer" not in tasks)
+    memo = task_eval.teacher_memo(teacher_dir, teacher)  # the teacher is scored once per validation set and task
+    metrics = evaluate_pair(student, teacher, tokenizer, blocks, batch_size=8, generation=generation and "cer" not in tasks, memo=memo)
     if tasks:
-        from raykd.tasks import memo
-
         metrics["tasks"] = task_eval.run(student, teacher, tokenizer, tasks, task_data, blocks=blocks, limit=limit, log=log,
-                                         documents=lambda: _documents(data, text_field), memo=memo.default(teacher_dir, teacher))
+                                         documents=lambda: _documents(data, text_field), memo=memo)
         if "cer" in tasks and generation:  # the cer task's greedy texts give ROUGE-L / BLEU too: generated once
             metrics.update({k: metrics["tasks"]["cer"]["student"][k] for k in ("rougeL", "bleu")})
     return metrics

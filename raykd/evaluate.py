@@ -16,6 +16,7 @@ ROUGE-L and BLEU use the ``rouge_score`` and ``sacrebleu`` packages directly
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import time
 
@@ -184,10 +185,13 @@ def greedy_texts(model, blocks: torch.Tensor, tokenizer=None, prompt_tokens: int
 
 
 def generation_texts(student, teacher, blocks: torch.Tensor, tokenizer=None, prompt_tokens: int = 32,
-                     new_tokens: int = 32, num_prompts: int = 8) -> tuple[list[str], list[str], list[str]]:
+                     new_tokens: int = 32, num_prompts: int = 8, memo=None) -> tuple[list[str], list[str], list[str]]:
     """Greedy continuations of student and teacher from the same prompts (`greedy_texts`, EOS from the
-    teacher) -> (student texts, teacher texts, the corpus's own next tokens)."""
-    ref, truth = greedy_texts(teacher, blocks, tokenizer, prompt_tokens, new_tokens, num_prompts)
+    teacher; the teacher's read from `memo` when it holds them) -> (student texts, teacher texts, the
+    corpus's own next tokens)."""
+    inputs = [blocks[:num_prompts, :prompt_tokens + new_tokens].tolist(), prompt_tokens, new_tokens]
+    ref, truth = memo.get("greedy", inputs, lambda: list(greedy_texts(teacher, blocks, tokenizer, prompt_tokens, new_tokens, num_prompts))) \
+        if memo is not None else greedy_texts(teacher, blocks, tokenizer, prompt_tokens, new_tokens, num_prompts)
     hyp, _ = greedy_texts(student, blocks, tokenizer, prompt_tokens, new_tokens, num_prompts, eos_from=teacher)
     return hyp, ref, truth
 
@@ -203,10 +207,10 @@ def overlap(hypotheses: list[str], references: list[str]) -> dict:
 
 
 def generation_agreement(student, teacher, blocks: torch.Tensor, tokenizer=None, prompt_tokens: int = 32,
-                         new_tokens: int = 32, num_prompts: int = 8) -> dict:
+                         new_tokens: int = 32, num_prompts: int = 8, memo=None) -> dict:
     """Greedy continuations of student vs teacher from the same prompts (`generation_texts`) ->
     {"rougeL", "bleu"} of the student's texts against the teacher's as the reference (`overlap`)."""
-    hyp, ref, _ = generation_texts(student, teacher, blocks, tokenizer, prompt_tokens, new_tokens, num_prompts)
+    hyp, ref, _ = generation_texts(student, teacher, blocks, tokenizer, prompt_tokens, new_tokens, num_prompts, memo)
     return overlap(hyp, ref)
 
 
@@ -232,28 +236,44 @@ def tokens_per_s(model, blocks: torch.Tensor, batch_size: int = 8, repeats: int 
     return tokens / max(time.perf_counter() - t0, 1e-9)
 
 
+def _teacher_side(teacher, blocks: torch.Tensor, batch_size: int, speed_batches: int | None, memo) -> dict:
+    """The teacher's half of `evaluate_pair` (NLL, argmax, prefill speed), read from `memo` (a
+    raykd.tasks.memo.TeacherMemo: per teacher, keyed by the blocks' digest) when it holds them: every
+    trial of a sweep, and every later run on the same validation blocks, scores the teacher once."""
+    def compute() -> dict:
+        nll, count, top = _forward_stats(teacher, blocks, batch_size)
+        return {"nll": float(nll), "count": int(count), "top": top.flatten().tolist(),
+                "tokens_per_s": tokens_per_s(teacher, blocks, batch_size, max_batches=speed_batches)}
+
+    if memo is None:
+        return compute()
+    digest = hashlib.sha256(blocks.cpu().contiguous().numpy().tobytes()).hexdigest()
+    return memo.get("val-stats", [digest, list(blocks.shape), batch_size, speed_batches], compute)
+
+
 def evaluate_pair(student, teacher, tokenizer, blocks: torch.Tensor, batch_size: int = 8, generation: bool = True,
-                  speed_batches: int | None = 4) -> dict:
+                  speed_batches: int | None = 4, memo=None) -> dict:
     """All metrics of `student` against `teacher` on validation `blocks` LongTensor[N, T].
 
     Keys: val_perplexity, teacher_val_perplexity, top1_agreement (over N*T positions), rougeL,
     bleu (None when `generation` is False), student_tokens_per_s, teacher_tokens_per_s (prefill,
     over at most `speed_batches` batches), student_params, teacher_params, val_tokens (N*T).
-    Each model runs once over the blocks for perplexity and agreement together.
+    Each model runs once over the blocks for perplexity and agreement together; the teacher's side
+    comes from `memo` when it has been computed before (`_teacher_side`).
     """
     from raykd.models import count_params
 
     s_nll, count, s_top = _forward_stats(student, blocks, batch_size)
-    t_nll, _, t_top = _forward_stats(teacher, blocks, batch_size)
-    gen = generation_agreement(student, teacher, blocks, tokenizer) if generation else {"rougeL": None, "bleu": None}
+    t = _teacher_side(teacher, blocks, batch_size, speed_batches, memo)
+    gen = generation_agreement(student, teacher, blocks, tokenizer, memo=memo) if generation else {"rougeL": None, "bleu": None}
     return {
         "val_perplexity": _ppl(s_nll, count),
-        "teacher_val_perplexity": _ppl(t_nll, count),
-        "top1_agreement": (s_top == t_top).double().mean().item(),
+        "teacher_val_perplexity": _ppl(t["nll"], t["count"]),
+        "top1_agreement": (s_top.flatten() == torch.tensor(t["top"], dtype=s_top.dtype)).double().mean().item(),
         "rougeL": gen["rougeL"],
         "bleu": gen["bleu"],
         "student_tokens_per_s": tokens_per_s(student, blocks, batch_size, max_batches=speed_batches),
-        "teacher_tokens_per_s": tokens_per_s(teacher, blocks, batch_size, max_batches=speed_batches),
+        "teacher_tokens_per_s": t["tokens_per_s"],
         "student_params": count_params(student),
         "teacher_params": count_params(teacher),
         "val_tokens": blocks.numel(),

@@ -304,9 +304,10 @@ def export(w: Worker, state: RunState, wall: float, tokens_per_s: float, out: Pa
     student = models.load_model(out / "student", frozen=True).to(w.device)  # evaluate what users load
     teacher = w.engine.eval_teacher(lambda: models.load_model(w.teacher_dir, models.resolve_dtype(cfg.teacher.dtype), cfg.teacher.trust_remote_code, frozen=True))
     generation = cfg.train.generation_eval and "cer" not in cfg.eval.tasks  # the cer task generates once for both
-    metrics = evaluate_pair(student, teacher, tok, w.val.to(w.device), batch_size=cfg.train.batch_size, generation=generation)
+    memo = tasks.teacher_memo(w.teacher_dir, teacher)  # the teacher's scores, once per teacher and validation set
+    metrics = evaluate_pair(student, teacher, tok, w.val.to(w.device), batch_size=cfg.train.batch_size, generation=generation, memo=memo)
     if cfg.eval.tasks:
-        metrics.update(tasks.for_run(cfg, student, teacher, tok, w.val.to(w.device), w.teacher_dir))
+        metrics.update(tasks.for_run(cfg, student, teacher, tok, w.val.to(w.device), w.teacher_dir, memo=memo))
     metrics["student_latency_ms"] = 1000.0 * w.val.shape[1] / metrics["student_tokens_per_s"]  # one block's forward
     metrics.update(
         init_val_perplexity=state.init_val_perplexity, tokens_seen=state.tokens_seen, tokens_per_s=tokens_per_s,

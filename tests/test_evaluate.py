@@ -78,6 +78,27 @@ def test_cut_student_against_teacher(student, tiny_teacher, tokenizer, blocks):
     assert no_gen["rougeL"] is None and no_gen["bleu"] is None
 
 
+def test_the_teachers_side_is_scored_once_per_validation_set(student, tiny_teacher, tokenizer, blocks, tmp_path):
+    """With a memo (a sweep's trials, repeated `raykd eval`), a second student's evaluation reads the
+    teacher's NLL, argmax, speed and greedy texts instead of running the teacher: same numbers, no
+    teacher forward. Other blocks are scored anew."""
+    from raykd.tasks.memo import TeacherMemo
+
+    memo = TeacherMemo(tmp_path, "tiny-teacher")
+    first = evaluate_pair(student, tiny_teacher, tokenizer, blocks, batch_size=4, memo=memo)
+    calls = []
+    hook = tiny_teacher.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        again = evaluate_pair(student, tiny_teacher, tokenizer, blocks, batch_size=4, memo=memo)
+        assert calls == [] and memo.hits == 2  # val-stats and greedy texts
+        for k in ("teacher_val_perplexity", "top1_agreement", "rougeL", "bleu", "teacher_tokens_per_s", "val_perplexity"):
+            assert again[k] == pytest.approx(first[k], rel=1e-9), k
+        other = evaluate_pair(student, tiny_teacher, tokenizer, blocks[:3], batch_size=4, memo=memo, generation=False)
+        assert calls and other["teacher_val_perplexity"] == pytest.approx(perplexity(tiny_teacher, blocks[:3]), rel=1e-6)
+    finally:
+        hook.remove()
+
+
 def test_tokens_per_s_counts_repeats(student, blocks):
     assert tokens_per_s(student, blocks, batch_size=4, repeats=2) > 0
     assert tokens_per_s(student, blocks[:1], batch_size=8, max_batches=1) > 0

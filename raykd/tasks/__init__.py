@@ -101,16 +101,12 @@ def generation_task(student, teacher, tokenizer, blocks, prompts: int, prompt_to
                     memo=None) -> dict:
     """cer: greedy continuations of `prompts` validation prompts; the student's against the teacher's
     (cer, rougeL, bleu) and both against the corpus's own next `new_tokens` tokens (cer_text)."""
-    from raykd.evaluate import greedy_texts, overlap
-    from raykd.tasks.memo import TeacherMemo
+    from raykd.evaluate import generation_texts, overlap
     from raykd.tasks.scoring import cer
 
     if blocks is None:
         raise ConfigError("eval.tasks: the cer task needs validation blocks; set data.validation or --data")
-    inputs = [blocks[:prompts, :prompt_tokens + new_tokens].tolist(), prompt_tokens, new_tokens]
-    ref, truth = (memo or TeacherMemo(None, None)).get("cer", inputs, lambda: list(
-        greedy_texts(teacher, blocks, tokenizer, prompt_tokens, new_tokens, prompts)))
-    hyp, _ = greedy_texts(student, blocks, tokenizer, prompt_tokens, new_tokens, prompts, eos_from=teacher)
+    hyp, ref, truth = generation_texts(student, teacher, blocks, tokenizer, prompt_tokens, new_tokens, prompts, memo=memo)
     s = {"cer": cer(hyp, ref), "cer_text": cer(hyp, truth), **overlap(hyp, ref), "n": len(hyp)}
     t = {"cer": 0.0, "cer_text": cer(ref, truth), "n": len(ref)}
     return {"student": s, "teacher": t, "retained": max(0.0, 1.0 - s["cer"])}
@@ -141,17 +137,24 @@ def flat(tasks: dict) -> dict:
     return out
 
 
-def for_run(cfg, student, teacher, tokenizer, val_blocks, teacher_dir, log=print) -> dict:
+def teacher_memo(teacher_dir, teacher):
+    """This node's store of `teacher`'s scores (raykd.tasks.memo.TeacherMemo under RAYKD_CACHE)."""
+    from raykd.tasks import memo
+
+    return memo.default(teacher_dir, teacher)
+
+
+def for_run(cfg, student, teacher, tokenizer, val_blocks, teacher_dir, log=print, memo=None) -> dict:
     """The `eval.tasks` of a finished run (rank 0, after export): {"tasks": run(...), "task_<name>_<metric>":
     the student's scores as flat keys (sweep objectives and report columns)}; with the cer task its
-    ROUGE-L / BLEU replace the generation metrics (one greedy generation, not two)."""
+    ROUGE-L / BLEU replace the generation metrics (one greedy generation, not two). `memo`: the
+    teacher's scores (default: this node's store for `teacher_dir`)."""
     from raykd.data.reader import documents
-    from raykd.tasks import memo
 
     data = prepare(cfg.eval.tasks, fetch=True, log=log)  # on this node: a cluster node fetches its own copy
     res = run(student, teacher, tokenizer, cfg.eval.tasks, data, documents=lambda: documents(cfg.data, "validation"),
               blocks=val_blocks, limit=cfg.eval.limit, prompts=cfg.eval.prompts, batch_size=cfg.eval.batch_size, log=log,
-              memo=memo.default(teacher_dir, teacher))
+              memo=memo or teacher_memo(teacher_dir, teacher))
     out = {"tasks": res, **{f"task_{k}": v for k, v in flat(res).items()}}
     if "cer" in res and cfg.train.generation_eval:
         out.update(rougeL=res["cer"]["student"]["rougeL"], bleu=res["cer"]["student"]["bleu"])
