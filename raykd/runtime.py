@@ -125,28 +125,48 @@ def _fmt(resources: dict) -> str:
     return ", ".join(f"{k} {v:g}" for k, v in sorted(resources.items())) or "nothing"
 
 
+def _reserve(bundles: list[dict]):
+    """A placement group of the workers' bundles, packed as Ray Train packs them: demand an autoscaler sees
+    (a driver that only polls the cluster's size asks for nothing, and a cluster scaled from zero never grows),
+    owned by this driver (gone with it, unlike `request_resources`, whose last caller on the cluster wins).
+    Returns (wait(timeout_s) -> placed, release)."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    pg = placement_group(bundles, strategy="PACK")
+    return (lambda timeout_s: bool(ray.wait([pg.ready()], timeout=timeout_s)[0])), (lambda: remove_placement_group(pg))
+
+
 def wait_for_workers(cfg: Config, how: str, log=print, poll_s: float = 10.0) -> None:
     """Before `fit()`: the cluster must be able to hold `scale.num_workers` workers (CPUs, and a GPU each with
     `scale.use_gpu`). A local instance cannot grow: fail at once. A cluster may (an autoscaler adding
-    nodes): say within `poll_s` what the run waits for and what the cluster has, then fail with one line
-    after `scale.placement_timeout_s` instead of waiting forever."""
+    nodes): ask for the workers' resources (`_reserve`), say within `poll_s` what the run waits for and what the
+    cluster has, then fail with one line after `scale.placement_timeout_s` instead of waiting forever. The
+    reservation is released before returning, for Ray Train to place its own."""
     import ray
 
     sc = cfg.scale
-    need = {"CPU": sc.num_workers * sc.cpus_per_worker, **({"GPU": float(sc.num_workers)} if sc.use_gpu else {})}
+    bundle = {"CPU": float(sc.cpus_per_worker), **({"GPU": 1.0} if sc.use_gpu else {})}
+    need = {k: v * sc.num_workers for k, v in bundle.items()}
     wanted = f"{sc.num_workers} worker(s) x ({sc.cpus_per_worker:g} CPU{', 1 GPU' if sc.use_gpu else ''})"
-    deadline = time.monotonic() + sc.placement_timeout_s
-    while True:
-        have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
-        if all(have.get(k, 0.0) >= v for k, v in need.items()):
-            return
-        field = "scale.use_gpu" if have.get("GPU", 0.0) < need.get("GPU", 0.0) else "scale.num_workers"
-        if how != "cluster":
-            raise ConfigError(f"{field}: this machine's Ray instance has {_fmt(have)} and cannot place {wanted}; "
-                              f"lower scale.num_workers / scale.cpus_per_worker, set scale.use_gpu=false, or submit to a cluster that has them")
-        if time.monotonic() >= deadline:
-            raise ConfigError(f"{field}: the cluster still has {_fmt(have)} after {sc.placement_timeout_s:g} s and cannot place {wanted}; "
-                              f"add nodes (or let the autoscaler), or lower the request")
-        log(f"raykd: waiting for the cluster to place {wanted}; it has {_fmt(have)} (an autoscaler may be adding nodes; "
-            f"giving up in {deadline - time.monotonic():.0f} s, scale.placement_timeout_s)")
-        time.sleep(min(poll_s, max(0.1, deadline - time.monotonic())))
+    deadline, reservation = time.monotonic() + sc.placement_timeout_s, None
+    try:
+        while True:
+            have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+            if all(have.get(k, 0.0) >= v for k, v in need.items()):
+                return
+            field = "scale.use_gpu" if have.get("GPU", 0.0) < need.get("GPU", 0.0) else "scale.num_workers"
+            if how != "cluster":
+                raise ConfigError(f"{field}: this machine's Ray instance has {_fmt(have)} and cannot place {wanted}; "
+                                  f"lower scale.num_workers / scale.cpus_per_worker, set scale.use_gpu=false, or submit to a cluster that has them")
+            if time.monotonic() >= deadline:
+                raise ConfigError(f"{field}: the cluster still has {_fmt(have)} after {sc.placement_timeout_s:g} s and cannot place {wanted}; "
+                                  f"add nodes (or let the autoscaler), or lower the request")
+            log(f"raykd: waiting for the cluster to place {wanted}; it has {_fmt(have)} (an autoscaler may be adding nodes; "
+                f"giving up in {deadline - time.monotonic():.0f} s, scale.placement_timeout_s)")
+            reservation = reservation or _reserve([dict(bundle) for _ in range(sc.num_workers)])
+            if reservation[0](min(poll_s, max(0.1, deadline - time.monotonic()))):
+                return
+    finally:
+        if reservation:
+            reservation[1]()
