@@ -98,17 +98,23 @@ def _guard_local_instance() -> None:
 
 def require_shared_storage(cfg: Config, how: str) -> None:
     """On a cluster of more than one node, checkpoints need `scale.storage_path` (storage every node
-    sees): the default, OUTPUT/ on the driver's disk, is not where the other nodes' workers write.
-    One line before any worker starts; a local instance raykd started is one node."""
+    sees): the default, OUTPUT/ on the driver's disk, is not where the other nodes' workers write. So on
+    a cluster of one node that cannot hold the workers: they will run on nodes an autoscaler adds.
+    One line before any worker starts (and before any node is asked for); a local instance raykd started is one node."""
     import ray
 
     if cfg.scale.storage_path or how == "local":
         return
     nodes = len([n for n in ray.nodes() if n["Alive"]])
     if nodes > 1:
-        raise ConfigError(f"scale.storage_path: the Ray cluster has {nodes} nodes and checkpoints would go to "
-                          f"{Path(cfg.output_dir).resolve()} on the driver's disk, which the workers on other nodes "
-                          f"cannot reach; set scale.storage_path to storage every node sees (s3://bucket/prefix or a shared file system path)")
+        where = f"has {nodes} nodes"
+    elif not _fits(_worker_bundle(cfg), cfg.scale.num_workers):
+        where = "has 1 node, which cannot hold the workers (they would run on nodes an autoscaler adds),"
+    else:
+        return
+    raise ConfigError(f"scale.storage_path: the Ray cluster {where} and checkpoints would go to "
+                      f"{Path(cfg.output_dir).resolve()} on the driver's disk, which the workers on other nodes "
+                      f"cannot reach; set scale.storage_path to storage every node sees (s3://bucket/prefix or a shared file system path)")
 
 
 def worker_nodes(rank: int, world: int, all_reduce, device: torch.device) -> list[str]:
@@ -123,6 +129,23 @@ def worker_nodes(rank: int, world: int, all_reduce, device: torch.device) -> lis
 
 def _fmt(resources: dict) -> str:
     return ", ".join(f"{k} {v:g}" for k, v in sorted(resources.items())) or "nothing"
+
+
+def _worker_bundle(cfg: Config) -> dict:
+    """What one Train worker reserves: `scale.cpus_per_worker` CPUs, and a GPU with `scale.use_gpu`."""
+    return {"CPU": float(cfg.scale.cpus_per_worker), **({"GPU": 1.0} if cfg.scale.use_gpu else {})}
+
+
+def _have() -> dict:
+    import ray
+
+    return {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+
+
+def _fits(bundle: dict, workers: int, have: dict | None = None) -> bool:
+    """Whether the cluster's CPUs and GPUs (all its nodes together) hold `workers` x `bundle`."""
+    have = _have() if have is None else have
+    return all(have.get(k, 0.0) >= v * workers for k, v in bundle.items())
 
 
 def _reserve(bundles: list[dict]):
@@ -143,19 +166,16 @@ def wait_for_workers(cfg: Config, how: str, log=print, poll_s: float = 10.0) -> 
     nodes): ask for the workers' resources (`_reserve`), say within `poll_s` what the run waits for and what the
     cluster has, then fail with one line after `scale.placement_timeout_s` instead of waiting forever. The
     reservation is released before returning, for Ray Train to place its own."""
-    import ray
-
     sc = cfg.scale
-    bundle = {"CPU": float(sc.cpus_per_worker), **({"GPU": 1.0} if sc.use_gpu else {})}
-    need = {k: v * sc.num_workers for k, v in bundle.items()}
+    bundle = _worker_bundle(cfg)
     wanted = f"{sc.num_workers} worker(s) x ({sc.cpus_per_worker:g} CPU{', 1 GPU' if sc.use_gpu else ''})"
     deadline, reservation = time.monotonic() + sc.placement_timeout_s, None
     try:
         while True:
-            have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
-            if all(have.get(k, 0.0) >= v for k, v in need.items()):
+            have = _have()
+            if _fits(bundle, sc.num_workers, have):
                 return
-            field = "scale.use_gpu" if have.get("GPU", 0.0) < need.get("GPU", 0.0) else "scale.num_workers"
+            field = "scale.use_gpu" if have.get("GPU", 0.0) < bundle.get("GPU", 0.0) * sc.num_workers else "scale.num_workers"
             if how != "cluster":
                 raise ConfigError(f"{field}: this machine's Ray instance has {_fmt(have)} and cannot place {wanted}; "
                                   f"lower scale.num_workers / scale.cpus_per_worker, set scale.use_gpu=false, or submit to a cluster that has them")

@@ -91,3 +91,24 @@ def test_a_cluster_that_fits_is_not_asked(cluster):
     said = []
     runtime.wait_for_workers(cfg, "cluster", log=said.append)
     assert said == [] and cluster["asked"]["bundles"] == []
+
+
+@pytest.mark.parametrize("nodes, cpus, fails", [(3, 4.0, True), (1, 0.0, True), (1, 2.0, False)], ids=["several-nodes", "one-node-too-small", "one-node-that-holds-them"])
+def test_storage_path_is_required_where_the_workers_run_off_the_drivers_node(cluster, monkeypatch, nodes, cpus, fails):
+    """A head that cannot hold the workers (0 CPUs, an autoscaler adding worker nodes) is one node now and
+    several once they run: checkpoints under OUTPUT/ on its disk would be out of their reach, as with 3 nodes."""
+    import ray
+
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}] * nodes + [{"Alive": False}])
+    cluster["CPU"] = cpus
+    cfg = load_config("jobs/smoke.yaml", ["output_dir=/tmp/out"])
+    if not fails:
+        runtime.require_shared_storage(cfg, "cluster")
+        return
+    with pytest.raises(ConfigError, match=r"^scale\.storage_path: the Ray cluster has ") as e:
+        runtime.require_shared_storage(cfg, "cluster")
+    assert "\n" not in str(e.value) and str(e.value).endswith("(s3://bucket/prefix or a shared file system path)")
+    assert ("has 3 nodes and checkpoints" in str(e.value)) == (nodes == 3)
+    assert ("has 1 node, which cannot hold the workers (they would run on nodes an autoscaler adds), and checkpoints" in str(e.value)) == (nodes == 1)
+    runtime.require_shared_storage(load_config("jobs/smoke.yaml", ["scale.storage_path=/shared"]), "cluster")
+    runtime.require_shared_storage(cfg, "local")  # a local instance raykd started is one node
