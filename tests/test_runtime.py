@@ -11,52 +11,58 @@ from raykd.config import ConfigError, load_config
 
 @pytest.fixture
 def cluster(monkeypatch):
-    """A fake cluster's resources and a fake reservation: placed once the cluster has what it asks for."""
+    """A fake cluster's resources (CPU and GPU are what raykd reads)."""
     import ray
 
     have = {"CPU": 2.0, "memory": 1e9}
-    asked = {"bundles": [], "released": 0, "on_ask": None}
     monkeypatch.setattr(ray, "cluster_resources", lambda: dict(have))
+    return have
+
+
+@pytest.fixture
+def asked(cluster, monkeypatch):
+    """A fake reservation of the workers' bundles, placed once the cluster has the CPUs they ask for; records
+    what was asked for and how often it was released (`on_ask`: what the cluster does when asked)."""
+    record = {"bundles": [], "released": 0, "on_ask": None}
 
     def reserve(bundles):
-        asked["bundles"].append(bundles)
-        if asked["on_ask"]:
-            asked["on_ask"]()
+        record["bundles"].append(bundles)
+        if record["on_ask"]:
+            record["on_ask"]()
 
         def wait(timeout_s):
-            placed = have.get("CPU", 0.0) >= sum(b["CPU"] for b in bundles)
+            placed = cluster.get("CPU", 0.0) >= sum(b["CPU"] for b in bundles)
             if not placed:
                 time.sleep(timeout_s)
             return placed
 
         def release():
-            asked["released"] += 1
+            record["released"] += 1
 
         return wait, release
 
     monkeypatch.setattr(runtime, "_reserve", reserve)
-    have["asked"] = asked  # (not a resource raykd reads: only CPU and GPU are)
-    return have
+    return record
 
 
-def test_gpu_run_on_a_local_instance_without_gpus_fails_at_once(cluster):
+def test_gpu_run_on_a_local_instance_without_gpus_fails_at_once(cluster, asked):
     cfg = load_config("jobs/smoke.yaml", ["scale.use_gpu=true", "scale.num_workers=2"])
     with pytest.raises(ConfigError, match=r"^scale\.use_gpu: this machine's Ray instance has CPU 2 and cannot place 2 worker\(s\)") as e:
         runtime.wait_for_workers(cfg, "local", log=lambda m: None)
     assert "\n" not in str(e.value)
-    assert cluster["asked"]["bundles"] == []  # a local instance cannot grow: nothing to ask for
+    assert asked["bundles"] == []  # a local instance cannot grow: nothing to ask for
 
 
-def test_a_cluster_that_never_grows_is_reported_then_given_up(cluster):
+def test_a_cluster_that_never_grows_is_reported_then_given_up(cluster, asked):
     cfg = load_config("jobs/smoke.yaml", ["scale.num_workers=4", "scale.cpus_per_worker=1.0", "scale.placement_timeout_s=0.3"])
     said = []
     with pytest.raises(ConfigError, match=r"^scale\.num_workers: the cluster still has CPU 2 after 0\.3 s"):
         runtime.wait_for_workers(cfg, "cluster", log=said.append, poll_s=0.1)
     assert said and said[0].startswith("raykd: waiting for the cluster to place 4 worker(s) x (1 CPU); it has CPU 2")
-    assert cluster["asked"]["bundles"] == [[{"CPU": 1.0}] * 4] and cluster["asked"]["released"] == 1  # asked once, released on giving up
+    assert asked["bundles"] == [[{"CPU": 1.0}] * 4] and asked["released"] == 1  # asked once, released on giving up
 
 
-def test_a_cluster_that_grows_is_waited_for(cluster):
+def test_a_cluster_that_grows_is_waited_for(cluster, asked):
     cfg = load_config("jobs/smoke.yaml", ["scale.num_workers=3", "scale.cpus_per_worker=1.0", "scale.placement_timeout_s=30"])
     said = []
 
@@ -66,10 +72,10 @@ def test_a_cluster_that_grows_is_waited_for(cluster):
 
     runtime.wait_for_workers(cfg, "cluster", log=grow, poll_s=0.05)
     assert len(said) == 1
-    assert cluster["asked"]["bundles"] == [[{"CPU": 1.0}] * 3] and cluster["asked"]["released"] == 1
+    assert asked["bundles"] == [[{"CPU": 1.0}] * 3] and asked["released"] == 1
 
 
-def test_a_cluster_that_grows_only_when_asked_is_asked(cluster):
+def test_a_cluster_that_grows_only_when_asked_is_asked(cluster, asked):
     """An autoscaler adds nodes for demand, not for a driver that polls the cluster's size: a cluster scaled to
     zero grows only because raykd reserves the workers' bundles (one per worker, GPU included), and the
     reservation is released once they fit, for Ray Train to place its own."""
@@ -80,17 +86,17 @@ def test_a_cluster_that_grows_only_when_asked_is_asked(cluster):
     def autoscaler():  # a node with what was asked for appears (only) once it is asked for
         cluster.update(CPU=1.0, GPU=2.0)
 
-    cluster["asked"]["on_ask"] = autoscaler
+    asked["on_ask"] = autoscaler
     runtime.wait_for_workers(cfg, "cluster", log=said.append, poll_s=0.05)
     assert len(said) == 1 and "it has nothing" in said[0]
-    assert cluster["asked"]["bundles"] == [[{"CPU": 0.5, "GPU": 1.0}] * 2] and cluster["asked"]["released"] == 1
+    assert asked["bundles"] == [[{"CPU": 0.5, "GPU": 1.0}] * 2] and asked["released"] == 1
 
 
-def test_a_cluster_that_fits_is_not_asked(cluster):
+def test_a_cluster_that_fits_is_not_asked(cluster, asked):
     cfg = load_config("jobs/smoke.yaml", ["scale.num_workers=2"])
     said = []
     runtime.wait_for_workers(cfg, "cluster", log=said.append)
-    assert said == [] and cluster["asked"]["bundles"] == []
+    assert said == [] and asked["bundles"] == []
 
 
 @pytest.mark.parametrize("nodes, cpus, fails", [(3, 4.0, True), (1, 0.0, True), (1, 2.0, False)], ids=["several-nodes", "one-node-too-small", "one-node-that-holds-them"])
