@@ -99,17 +99,23 @@ def _guard_local_instance() -> None:
 
 def require_shared_storage(cfg: Config, how: str) -> None:
     """On a cluster of more than one node, checkpoints need `scale.storage_path` (storage every node
-    sees): the default, OUTPUT/ on the driver's disk, is not where the other nodes' workers write.
-    One line before any worker starts; a local instance raykd started is one node."""
+    sees): the default, OUTPUT/ on the driver's disk, is not where the other nodes' workers write. So on
+    a cluster of one node that cannot hold the workers: they will run on nodes an autoscaler adds.
+    One line before any worker starts (and before any node is asked for); a local instance raykd started is one node."""
     import ray
 
     if cfg.scale.storage_path or how == "local":
         return
     nodes = len([n for n in ray.nodes() if n["Alive"]])
     if nodes > 1:
-        raise ConfigError(f"scale.storage_path: the Ray cluster has {nodes} nodes and checkpoints would go to "
-                          f"{Path(cfg.output_dir).resolve()} on the driver's disk, which the workers on other nodes "
-                          f"cannot reach; set scale.storage_path to storage every node sees (s3://bucket/prefix or a shared file system path)")
+        where = f"has {nodes} nodes"
+    elif not _fits(_worker_bundle(cfg), cfg.scale.worker_range[1]):
+        where = "has 1 node, which cannot hold the workers (they would run on nodes an autoscaler adds),"
+    else:
+        return
+    raise ConfigError(f"scale.storage_path: the Ray cluster {where} and checkpoints would go to "
+                      f"{Path(cfg.output_dir).resolve()} on the driver's disk, which the workers on other nodes "
+                      f"cannot reach; set scale.storage_path to storage every node sees (s3://bucket/prefix or a shared file system path)")
 
 
 def for_world(cfg: Config, world: int) -> Config:
@@ -137,29 +143,62 @@ def _fmt(resources: dict) -> str:
     return ", ".join(f"{k} {v:g}" for k, v in sorted(resources.items())) or "nothing"
 
 
-def wait_for_workers(cfg: Config, how: str, log=print, poll_s: float = 10.0) -> None:
-    """Before `fit()`: the cluster must be able to hold `scale.num_workers` workers (the minimum of a range;
-    CPUs, and a GPU each with `scale.use_gpu`). A local instance cannot grow: fail at once. A cluster may (an autoscaler adding
-    nodes): say within `poll_s` what the run waits for and what the cluster has, then fail with one line
-    after `scale.placement_timeout_s` instead of waiting forever."""
+def _worker_bundle(cfg: Config) -> dict:
+    """What one Train worker reserves: `scale.cpus_per_worker` CPUs, and a GPU with `scale.use_gpu`."""
+    return {"CPU": float(cfg.scale.cpus_per_worker), **({"GPU": 1.0} if cfg.scale.use_gpu else {})}
+
+
+def _have() -> dict:
     import ray
 
-    sc = cfg.scale
-    n = sc.worker_range[0]
-    need = {"CPU": n * sc.cpus_per_worker, **({"GPU": float(n)} if sc.use_gpu else {})}
+    return {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+
+
+def _fits(bundle: dict, workers: int, have: dict | None = None) -> bool:
+    """Whether the cluster's CPUs and GPUs (all its nodes together) hold `workers` x `bundle`."""
+    have = _have() if have is None else have
+    return all(have.get(k, 0.0) >= v * workers for k, v in bundle.items())
+
+
+def _reserve(bundles: list[dict]):
+    """A placement group of the workers' bundles, packed as Ray Train packs them: demand an autoscaler sees
+    (a driver that only polls the cluster's size asks for nothing, and a cluster scaled from zero never grows),
+    owned by this driver (gone with it, unlike `request_resources`, whose last caller on the cluster wins).
+    Returns (wait(timeout_s) -> placed, release)."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    pg = placement_group(bundles, strategy="PACK")
+    return (lambda timeout_s: bool(ray.wait([pg.ready()], timeout=timeout_s)[0])), (lambda: remove_placement_group(pg))
+
+
+def wait_for_workers(cfg: Config, how: str, log=print, poll_s: float = 10.0) -> None:
+    """Before `fit()`: the cluster must be able to hold `scale.num_workers` workers (a range's minimum; CPUs, and
+    a GPU each with `scale.use_gpu`). A local instance cannot grow: fail at once. A cluster may (an autoscaler adding
+    nodes): ask for the workers' resources (`_reserve`), say within `poll_s` what the run waits for and what the
+    cluster has, then fail with one line after `scale.placement_timeout_s` instead of waiting forever. The
+    reservation is released before returning, for Ray Train to place its own."""
+    sc, n = cfg.scale, cfg.scale.worker_range[0]
+    bundle = _worker_bundle(cfg)
     wanted = f"{n} worker(s) x ({sc.cpus_per_worker:g} CPU{', 1 GPU' if sc.use_gpu else ''})"
-    deadline = time.monotonic() + sc.placement_timeout_s
-    while True:
-        have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
-        if all(have.get(k, 0.0) >= v for k, v in need.items()):
-            return
-        field = "scale.use_gpu" if have.get("GPU", 0.0) < need.get("GPU", 0.0) else "scale.num_workers"
-        if how != "cluster":
-            raise ConfigError(f"{field}: this machine's Ray instance has {_fmt(have)} and cannot place {wanted}; "
-                              f"lower scale.num_workers / scale.cpus_per_worker, set scale.use_gpu=false, or submit to a cluster that has them")
-        if time.monotonic() >= deadline:
-            raise ConfigError(f"{field}: the cluster still has {_fmt(have)} after {sc.placement_timeout_s:g} s and cannot place {wanted}; "
-                              f"add nodes (or let the autoscaler), or lower the request")
-        log(f"raykd: waiting for the cluster to place {wanted}; it has {_fmt(have)} (an autoscaler may be adding nodes; "
-            f"giving up in {deadline - time.monotonic():.0f} s, scale.placement_timeout_s)")
-        time.sleep(min(poll_s, max(0.1, deadline - time.monotonic())))
+    deadline, reservation = time.monotonic() + sc.placement_timeout_s, None
+    try:
+        while True:
+            have = _have()
+            if _fits(bundle, n, have):
+                return
+            field = "scale.use_gpu" if have.get("GPU", 0.0) < bundle.get("GPU", 0.0) * n else "scale.num_workers"
+            if how != "cluster":
+                raise ConfigError(f"{field}: this machine's Ray instance has {_fmt(have)} and cannot place {wanted}; "
+                                  f"lower scale.num_workers / scale.cpus_per_worker, set scale.use_gpu=false, or submit to a cluster that has them")
+            if time.monotonic() >= deadline:
+                raise ConfigError(f"{field}: the cluster still has {_fmt(have)} after {sc.placement_timeout_s:g} s and cannot place {wanted}; "
+                                  f"add nodes (or let the autoscaler), or lower the request")
+            log(f"raykd: waiting for the cluster to place {wanted}; it has {_fmt(have)} (an autoscaler may be adding nodes; "
+                f"giving up in {deadline - time.monotonic():.0f} s, scale.placement_timeout_s)")
+            reservation = reservation or _reserve([dict(bundle) for _ in range(n)])
+            if reservation[0](min(poll_s, max(0.1, deadline - time.monotonic()))):
+                return
+    finally:
+        if reservation:
+            reservation[1]()

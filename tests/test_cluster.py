@@ -25,7 +25,8 @@ from raykd.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster.yaml"
-JOBS = sorted(glob.glob(str(ROOT / "jobs" / "*.yaml")))
+CLUSTER_LOCAL = ROOT / "jobs" / "cluster-local.yaml"  # an autoscaler config for this machine, not a job
+JOBS = sorted(p for p in glob.glob(str(ROOT / "jobs" / "*.yaml")) if Path(p) != CLUSTER_LOCAL)
 GPU_LARGE = ROOT / "jobs" / "gpu-large.yaml"
 TEACHER_ID = "HuggingFaceTB/SmolLM2-1.7B-Instruct"
 
@@ -173,6 +174,32 @@ def test_ray_validation_rejects_a_broken_copy(cluster, edit, error, match):
     edit(broken)
     with pytest.raises(error, match=match):
         ray_validate(broken)
+
+
+# --- jobs/cluster-local.yaml (Ray's fake multi-node autoscaler; run by tests/test_autoscale.py) ------
+
+
+def test_cluster_local_is_complete_as_written(prepared):
+    """Ray 2.60's autoscaler reads an autoscaling config of `ray start --head` as it is, no defaults merged
+    (and `prepare_config` cannot run on it: the wheel lacks the fake provider's defaults file), so the file
+    must pass Ray's validation and carry every field `ray up` would have filled in."""
+    with open(CLUSTER_LOCAL) as fh:
+        local = yaml.safe_load(fh)
+    validate_config(copy.deepcopy(local))
+    assert set(local) == set(prepared)
+    assert local["provider"]["type"] == "fake_multinode" and local["provider"]["use_node_id_as_ip"]
+    types = local["available_node_types"]
+    assert local["head_node_type"] == "ray.head.default"  # the fake provider's own name for its head
+    assert types["ray.head.default"]["resources"] == {"CPU": 0} and types["ray.head.default"]["max_workers"] == 0
+    workers = {name: t for name, t in types.items() if name != local["head_node_type"]}
+    assert set(workers) == {"ray.worker.cpu"}
+    for t in workers.values():
+        assert t["min_workers"] == 0 and "GPU" not in t["resources"]  # from zero, and no GPUs on this machine
+    assert sum(t["resources"]["CPU"] * t["max_workers"] for t in workers.values()) <= 4  # 2 cores, 2 x oversubscribed at most
+    assert 0 < local["idle_timeout_minutes"] < 1
+    smoke = load_config(ROOT / "jobs" / "smoke.yaml")
+    node_cpus = workers["ray.worker.cpu"]["resources"]["CPU"]
+    assert smoke.scale.num_workers * smoke.scale.cpus_per_worker + smoke.data.task_cpus <= node_cpus  # one node runs the smoke job
 
 
 # --- jobs/*.yaml -------------------------------------------------------------------------

