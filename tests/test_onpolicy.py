@@ -218,6 +218,15 @@ def test_window_metrics_report_gen_s_per_window_per_worker(tiny_teacher):
     assert "gen_s" not in distiller(tiny_teacher, student_of(tiny_teacher), ce=1.0, kd=1.0).spec.report_terms
 
 
+def test_plan_names_the_on_policy_share(capsys, tiny_teacher_dir):
+    from raykd.cli import main
+
+    assert main(["plan", "jobs/smoke.yaml", "loss.on_policy.fraction=0.5", "loss.on_policy.max_new_tokens=16"]) == 0
+    assert "on-policy  0.5 of micro-batches: the student samples the last 16 of 64 tokens (T=1)" in capsys.readouterr().out
+    assert main(["plan", "jobs/smoke.yaml"]) == 0
+    assert "on-policy" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("overrides, start", [
     (["teacher.cache=/tmp/nocache", "loss.weights.attention=0", "loss.weights.relation=0", "loss.weights.blockwise=0"],
      "loss.on_policy: the teacher must score the student's own samples"),
