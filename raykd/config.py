@@ -120,6 +120,26 @@ class LossWeights:
 
 
 @dataclass
+class OnPolicyConfig:
+    fraction: float = 0.0  # share of micro-batches (GKD's lambda) whose blocks end in the student's own samples, scored by the teacher; 0 = off
+    max_new_tokens: int = 32  # N: the student continues each block's first data.block_size - N tokens by N sampled ones (1 .. block_size - 1)
+    temperature: float = 1.0  # the student's sampling temperature (0 = greedy); the losses keep loss.temperature
+
+    def __post_init__(self):
+        f = self.fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f <= 1:
+            raise ConfigError(f"loss.on_policy.fraction: must be in [0, 1], got {f!r}; the share of micro-batches the student samples (0 = off)")
+        n = self.max_new_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(f"loss.on_policy.max_new_tokens: must be an integer >= 1, got {n!r}; tokens the student samples per block")
+        _positive("loss.on_policy.temperature", self.temperature, allow_zero=True)
+
+    @property
+    def active(self) -> bool:
+        return self.fraction > 0
+
+
+@dataclass
 class LossConfig:
     kd: str = "forward_kl"  # per-token logit loss from raykd.losses.LOGIT_LOSSES: forward_kl | reverse_kl | jsd | skew_forward_kl | skew_reverse_kl | tvd | dkd (class_kl is weighted by loss.weights.class_kd)
     temperature: float = 1.0  # softmax temperature of the logit losses, kd and class_kd (each scaled by T^2)
@@ -130,10 +150,13 @@ class LossConfig:
     relation_heads: int | None = None  # relation heads of the MiniLM-v2 loss (default: largest divisor <= 64 of all widths)
     attention_pairs: list[int] | None = None  # indices into the layer map used by attention/relation terms (default: all pairs)
     blockwise_pairs: list[int] | None = None  # indices into the layer map used by block-wise KD (default: the middle pair)
+    on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)  # on-policy KD (GKD): a share of micro-batches on the student's own samples
 
     def __post_init__(self):
         if isinstance(self.weights, dict):
             self.weights = _build(LossWeights, self.weights, "loss.weights")
+        if isinstance(self.on_policy, dict):
+            self.on_policy = _build(OnPolicyConfig, self.on_policy, "loss.on_policy")
         from raykd.losses.divergences import check_logit_loss
 
         try:
@@ -298,6 +321,8 @@ class Config:
 
             for objective in (o for o in sw.objectives if o.startswith("task:")):
                 check_objective(objective, self.eval.tasks)
+        if self.loss.on_policy.active:
+            self._check_on_policy()
         if self.teacher.cache:  # the cache holds log-probs and hidden states, not attention or the teacher's upper blocks
             from raykd.losses.divergences import SPARSE_UNSUPPORTED
             from raykd.spec import cache_refusal
@@ -305,6 +330,20 @@ class Config:
             why = cache_refusal(self.loss, SPARSE_UNSUPPORTED)
             if why:
                 raise ConfigError(why)
+
+    def _check_on_policy(self) -> None:
+        from raykd.spec import weights_of
+
+        op = self.loss.on_policy
+        if self.teacher.cache:
+            raise ConfigError("loss.on_policy: the teacher must score the student's own samples, which a teacher cache (teacher.cache) "
+                              "cannot hold; drop teacher.cache or set loss.on_policy.fraction=0")
+        if op.max_new_tokens >= self.data.block_size:
+            raise ConfigError(f"loss.on_policy.max_new_tokens: must be below data.block_size={self.data.block_size} (the prompt is the "
+                              f"block's first block_size - max_new_tokens tokens), got {op.max_new_tokens}")
+        if set(weights_of(self.loss)) <= {"ce"}:
+            raise ConfigError("loss.on_policy: only cross-entropy is weighted and CE never trains on the student's own samples; "
+                              "give a teacher term a weight (e.g. loss.weights.kd=1) or set loss.on_policy.fraction=0")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

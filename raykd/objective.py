@@ -67,7 +67,9 @@ class Distiller(nn.Module):
     Next-token targets come from `input_ids` (packed blocks, no padding): positions 0..T-2
     predict 1..T-1. `mask` (bool, optional) marks real tokens; a position counts when it and
     its target are both real. `eval_ce` (validation, no backward) always fills terms["ce"],
-    even when the CE weight is 0 (the total is then not the training objective).
+    even when the CE weight is 0 (the total is then not the training objective). `data_mask`
+    (bool [B, T], optional; on-policy KD, `raykd.onpolicy`) marks the tokens that come from the
+    data: CE counts only positions whose target is one, every other term counts all positions.
     """
 
     def __init__(self, student: nn.Module, spec: ObjectiveSpec, teacher_width: int):
@@ -85,7 +87,8 @@ class Distiller(nn.Module):
         return cls(student, ObjectiveSpec.build(loss, pairs, teacher_depth), teacher_width)
 
     # the objective -------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, teacher: TeacherOutputs | None, mask: torch.Tensor | None = None, eval_ce: bool = False):
+    def forward(self, input_ids: torch.Tensor, teacher: TeacherOutputs | None, mask: torch.Tensor | None = None, eval_ce: bool = False,
+                data_mask: torch.Tensor | None = None):
         """`teacher` None: the data terms only (CE; validation without a teacher forward)."""
         w, spec = self.weights, self.spec
         if teacher is None:
@@ -105,6 +108,7 @@ class Distiller(nn.Module):
             kd=spec.kd, temperature=spec.temperature, kd_params=spec.kd_params, ce_weight=w.get("ce", 0.0) or float(eval_ce),
             kd_weight=w.get("kd", 0.0), chunk_size=spec.chunk_size, student_bias=s_b, teacher_bias=t_b,
             workspace=self.head_workspace, class_weight=w.get("class_kd", 0.0),
+            ce_mask=None if data_mask is None else data_mask[:, 1:].reshape(-1),
         )
         terms = dict(terms)
         feature_terms = {"hidden": self._hidden, "attention": self._attention, "relation": self._relation, "blockwise": self._blockwise}

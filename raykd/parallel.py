@@ -129,9 +129,16 @@ class Engine:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def forward(self, input_ids: torch.Tensor, teacher_out, eval_ce: bool = False):
+    def sampling(self):
+        """The context the student samples in on its own, outside the wrapped Distiller (on-policy KD,
+        `raykd.onpolicy`): autocast; FSDP2 also gathers the Distiller root's parameters (embeddings, head)."""
+        return self.autocast()
+
+    def forward(self, input_ids: torch.Tensor, teacher_out, eval_ce: bool = False, data_mask: torch.Tensor | None = None):
+        """The wrapped Distiller's (loss, terms); `data_mask` [B, T]: on-policy KD's data tokens (CE's positions)."""
+        kwargs = {k: v for k, v in (("eval_ce", eval_ce or None), ("data_mask", data_mask)) if v is not None}
         with self.autocast():
-            return self.model(input_ids, teacher_out, eval_ce=eval_ce) if eval_ce else self.model(input_ids, teacher_out)
+            return self.model(input_ids, teacher_out, **kwargs)
 
     def backward(self, loss: torch.Tensor, last_micro_step: bool) -> None:
         loss = loss / self.cfg.train.grad_accum
@@ -241,6 +248,21 @@ class FSDP2Engine(Engine):
             fully_shard(layer, mesh=mesh)
         fully_shard(self.distiller, mesh=mesh)
         return self.distiller
+
+    @contextlib.contextmanager
+    def sampling(self):
+        root = self.distiller if _distributed() else None  # fully_shard'ed only with a process group
+        if root is not None:
+            # FSDP takes the first module to run forward as its root: make it the Distiller before a decoder
+            # layer runs alone (no forward through the Distiller yet when the first micro-batch samples)
+            root._get_fsdp_state()._lazy_init()
+            root.unshard()  # embeddings, final norm, head; the decoder layers gather their own shards in their forwards
+        try:
+            with self.autocast():
+                yield
+        finally:
+            if root is not None:
+                root.reshard()
 
     def backward(self, loss: torch.Tensor, last_micro_step: bool) -> None:
         if hasattr(self.model, "set_requires_gradient_sync"):

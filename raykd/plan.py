@@ -174,6 +174,10 @@ def format_plan(cfg: Config, plan: Plan) -> str:
                   "hidden": f"({cfg.loss.hidden})"}.get(name, "")
         parts.append(f"{wt:g}*{name}{detail}")
     lines.append("loss       " + " + ".join(parts))
+    op = cfg.loss.on_policy
+    if op.active:  # raykd.onpolicy
+        lines.append(f"on-policy  {op.fraction:g} of micro-batches: the student samples the last {op.max_new_tokens} of {cfg.data.block_size} "
+                     f"tokens (T={op.temperature:g}), the teacher scores them; CE on the prompt only")
     f = plan.flops_per_token
     lines.append(
         f"flops/tok  teacher fwd {f['teacher_forward'] / 1e9:.3f} GF + student fwd+bwd {f['student_step'] / 1e9:.3f} GF = {f['total'] / 1e9:.3f} GF (block {cfg.data.block_size})"

@@ -42,6 +42,12 @@ def device_name(device: torch.device) -> str:
     return "cpu"
 
 
+def fmt_eta(seconds: float) -> str:
+    """A progress line's time left: 4m05s, or 1h02m from an hour on."""
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
 def quiet_data_progress(preserve_order: bool = False) -> None:
     """raykd prints its own progress lines; Ray Data's bars and start-up banners would bury them."""
     from ray.data import DataContext

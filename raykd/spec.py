@@ -75,6 +75,7 @@ class ObjectiveSpec:
     attn_pairs: tuple[tuple[int, int], ...] = ()  # the pairs attention/relation terms read
     block_pairs: tuple[tuple[int, int], ...] = ()  # the pairs block-wise KD reads
     teacher_depth: int = 0
+    on_policy: bool = False  # loss.on_policy is on: steps also report gen_s, the seconds spent sampling (raykd.onpolicy)
 
     @classmethod
     def build(cls, loss, pairs, teacher_depth: int) -> ObjectiveSpec:
@@ -84,7 +85,7 @@ class ObjectiveSpec:
         attn = pick_pairs(pairs, loss.attention_pairs, "all", "loss.attention_pairs") if {"attention", "relation"} & set(w) else []
         block = pick_pairs(pairs, loss.blockwise_pairs, "middle", "loss.blockwise_pairs") if "blockwise" in w else []
         return cls(w, loss.kd, float(loss.temperature), dict(loss.kd_params or {}), loss.hidden, int(loss.chunk_size),
-                   loss.relation_heads, pairs, tuple(attn), tuple(block), int(teacher_depth))
+                   loss.relation_heads, pairs, tuple(attn), tuple(block), int(teacher_depth), loss.on_policy.active)
 
     @property
     def uses_teacher(self) -> bool:
@@ -93,8 +94,14 @@ class ObjectiveSpec:
 
     @property
     def report_terms(self) -> tuple[str, ...]:
-        """The metric keys a step reports: the total and every active term."""
-        return ("loss", *self.weights)
+        """The metric keys a step reports: the total, every active term, and gen_s with on-policy KD."""
+        return ("loss", *self.weights, *(("gen_s",) if self.on_policy else ()))
+
+    def window_metrics(self, sums: list[float], world: int) -> dict[str, float]:
+        """A report window's metrics from its all-reduced sums (one per report term, then the micro-step
+        count over all workers): loss terms are means per micro-step; gen_s is the window's sampling
+        seconds per worker (a sum over its micro-steps, averaged over the workers)."""
+        return {k: sums[i] / (world if k == "gen_s" else max(1.0, sums[-1])) for i, k in enumerate(self.report_terms)}
 
     @property
     def projected_pairs(self) -> tuple[tuple[int, int], ...]:

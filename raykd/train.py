@@ -8,8 +8,8 @@ starts). It reads top to bottom in phases around a `RunState`:
 
     setup      threads, device, precision; teacher, student, Distiller, Engine (raykd.parallel)
     restore    the latest checkpoint (Ray's) or a fresh state (rank 0 scores the untrained student)
-    micro-step teacher forward (no grad; skipped for CE-only runs; read from the teacher cache
-               with `teacher.cache`) -> Distiller forward -> backward; loss terms summed on the device
+    micro-step teacher forward (no grad; none for CE-only runs; the cache's with `teacher.cache`; on the student's
+               continuations with loss.on_policy: raykd.onpolicy) -> Distiller forward -> backward; terms summed on device
     step       clip, AdamW, warm-up + cosine LR (the engine)
     report     every `train.report_every` steps: terms averaged over the window and all workers
                (one all-reduce and one host sync per report), tokens/s, val_loss every `train.eval_every`
@@ -41,6 +41,9 @@ from raykd import manifest, models, runtime, tasks
 from raykd.config import Config, from_dict
 from raykd.data import cache, pipeline
 from raykd.objective import Distiller, teacher_forward
+from raykd.onpolicy import OnPolicy
+
+WORKER_FILE = "worker{}.pt"  # each worker's part of a checkpoint: its RunState, data position and RNG states
 
 
 @dataclass
@@ -71,6 +74,7 @@ class Worker:
     teacher: torch.nn.Module | None  # None with teacher.cache (rank 0 loads it for the final evaluation)
     engine: object  # raykd.parallel.Engine
     val: torch.Tensor | None  # validation blocks [N, T] (rank 0, and every rank with eval_every)
+    onpolicy: OnPolicy  # loss.on_policy: which micro-batches the student continues (raykd.onpolicy)
 
     @property
     def spec(self):
@@ -121,7 +125,7 @@ def setup(config: dict) -> tuple[Worker, RunState]:
     if checkpoint is None and rank == 0:  # the untrained student, before any strategy wraps it
         state.init_val_perplexity = perplexity(distiller.student.to(device), val.to(device), batch_size=cfg.train.batch_size)
     engine = make_engine(distiller, teacher, cfg, device, world, precision)
-    w = Worker(cfg, rank, world, device, precision, teacher_dir, teacher, engine, val)
+    w = Worker(cfg, rank, world, device, precision, teacher_dir, teacher, engine, val, OnPolicy(cfg.loss.on_policy, cfg.seed, rank))
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = restore(w, Path(d))
@@ -147,17 +151,13 @@ def _resume_point(rank: int):
     return latest if path == latest.path else ray.train.Checkpoint(path=path, filesystem=latest.filesystem)
 
 
-def _worker_file(rank: int) -> str:
-    return f"worker{rank}.pt"
-
-
 def restore(w: Worker, d: Path) -> RunState:
     """The engine's training state and this worker's RunState (run fields from rank 0's file; data
     position and RNG from its own, or rank 0's when the group grew). A group of another size (a worker
     range) splits the data anew: every worker takes rank 0's position, rescaled to its larger or smaller
     shard (the epoch's share already seen is kept; which blocks fill it is not)."""
-    run = torch.load(d / _worker_file(0), map_location="cpu", weights_only=True)
-    own = d / _worker_file(w.rank)
+    run = torch.load(d / WORKER_FILE.format(0), map_location="cpu", weights_only=True)
+    own = d / WORKER_FILE.format(w.rank)
     mine = torch.load(own, map_location="cpu", weights_only=True) if own.exists() else None
     w.engine.load(d, run["state"]["step"])
     state = RunState(**run["state"])
@@ -192,7 +192,7 @@ def train_loop_per_worker(config: dict) -> None:
     meter = {"start": time.perf_counter(), "tokens": 0, "first_step": state.step}
     while state.step < t.max_steps:
         for micro in range(t.grad_accum):
-            loss, terms = micro_step(w, next(batches), cached)
+            loss, terms = micro_step(w, next(batches), cached, (state.step, micro))
             engine.backward(loss, micro == t.grad_accum - 1)
             engine.micro_step()
             window[:-1] += torch.stack([terms[k] if k in terms else torch.zeros((), device=w.device) for k in spec.report_terms]).double()
@@ -207,16 +207,20 @@ def train_loop_per_worker(config: dict) -> None:
         ray.train.report({"step": state.step, "tokens_seen": state.tokens_seen})
 
 
-def micro_step(w: Worker, batch, cached: bool):
-    """Teacher targets (forward, cache, or none for CE-only runs) and the Distiller's (loss, terms)."""
+def micro_step(w: Worker, batch, cached: bool, at: tuple[int, int] = (0, 0)):
+    """Teacher targets (forward, cache, or none for CE-only runs) and the Distiller's (loss, terms); with
+    loss.on_policy, micro-batch `at` = (step, micro) may first be continued by the student (raykd.onpolicy)."""
+    data_mask, gen = None, {}
     if cached:
         ids, t_out = cache.teacher_outputs(batch, w.cfg, w.engine.distiller.student.get_output_embeddings().weight.shape[0], w.device)
     else:
         ids, t_out = batch.to(w.device), None
+        ids, data_mask, gen = w.onpolicy.apply(w.engine.distiller.student, ids, *at, context=w.engine.sampling)
         if w.spec.uses_teacher:  # a CE-only run (a baseline) never runs the teacher
             with w.engine.autocast():
                 t_out = teacher_forward(w.teacher, ids, w.spec.teacher_needs())
-    return w.engine.forward(ids, t_out)
+    loss, terms = w.engine.forward(ids, t_out, data_mask=data_mask)
+    return loss, {**terms, **gen}
 
 
 def _val_loss(w: Worker, blocks: torch.Tensor) -> float:
@@ -233,11 +237,6 @@ def _val_loss(w: Worker, blocks: torch.Tensor) -> float:
     return nll / count
 
 
-def _fmt_eta(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 def report(w: Worker, state: RunState, window: torch.Tensor, meter: dict, grad_norm: float) -> None:
     """Every report_every steps (and on checks, checkpoints, the end): metrics to Ray, maybe a checkpoint."""
     import ray.train
@@ -251,7 +250,7 @@ def report(w: Worker, state: RunState, window: torch.Tensor, meter: dict, grad_n
     sums = w.engine.all_reduce(window).tolist()  # the one host sync of the report window
     window.zero_()
     elapsed = time.perf_counter() - meter["start"]
-    metrics = {k: sums[i] / max(1.0, sums[-1]) for i, k in enumerate(w.spec.report_terms)}
+    metrics = w.spec.window_metrics(sums, w.world)
     metrics.update(
         step=step, epoch=state.epoch, tokens_seen=state.tokens_seen, lr=w.engine.lr(), grad_norm=grad_norm,
         tokens_per_s=meter["tokens"] / max(elapsed, 1e-9), student_params=models.count_params(w.engine.distiller.student),
@@ -262,7 +261,7 @@ def report(w: Worker, state: RunState, window: torch.Tensor, meter: dict, grad_n
     if w.rank == 0:
         eta = (t.max_steps - step) * elapsed / max(1, step - meter["first_step"])
         terms_txt = " ".join(f"{k} {metrics[k]:.4g}" for k in (*w.spec.report_terms, "val_loss") if k in metrics)
-        print(f"raykd: step {step}/{t.max_steps}  {terms_txt}  {metrics['tokens_per_s']:.1f} tok/s  eta {_fmt_eta(eta)}", flush=True)
+        print(f"raykd: step {step}/{t.max_steps}  {terms_txt}  {metrics['tokens_per_s']:.1f} tok/s  eta {runtime.fmt_eta(eta)}", flush=True)
     if not save:
         ray.train.report(metrics)
         return
@@ -279,7 +278,7 @@ def checkpoint(w: Worker, state: RunState, d: Path, wall: float) -> None:
     w.engine.save(d, w.rank, state.step)
     cuda_rng = torch.cuda.get_rng_state(w.device) if w.device.type == "cuda" else None
     run = dataclasses.replace(state, train_wall_s=wall)
-    torch.save({"state": dataclasses.asdict(run), "rng": torch.get_rng_state(), "cuda_rng": cuda_rng}, d / _worker_file(w.rank))
+    torch.save({"state": dataclasses.asdict(run), "rng": torch.get_rng_state(), "cuda_rng": cuda_rng}, d / WORKER_FILE.format(w.rank))
 
 
 def export(w: Worker, state: RunState, wall: float, tokens_per_s: float, out: Path) -> dict:

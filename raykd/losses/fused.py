@@ -76,7 +76,7 @@ def _scaled_(x: Tensor, temperature: float) -> Tensor:
     return (x.div_(temperature) if temperature != 1.0 else x).clamp_(-_FLOOR, _FLOOR)
 
 
-def _closed_form_chunk(h, th, sw, sb, tw, tb, tgt, kd, temperature, ce_w, kd_w, scale, need_grad, ws, cdt):
+def _closed_form_chunk(h, th, sw, sb, tw, tb, tgt, kd, temperature, ce_w, kd_w, scale, need_grad, ws, cdt, keep=None):
     """CE and forward/reverse KL of one chunk with the gradient written out, in place in workspace
     buffers, so that a chunk costs a few passes over [C, V] and no autograd graph (the same
     derivatives Liger Kernel's fused kernels use; own implementation).
@@ -86,17 +86,21 @@ def _closed_form_chunk(h, th, sw, sb, tw, tb, tgt, kd, temperature, ce_w, kd_w, 
     T²) and g [C, V] in `cdt` = scale · d(ce_w·ce_sum + kd_w·T²·kd_sum)/d logits, or None. With z
     the student logits, q = softmax(z/T), p = softmax(t/T): d CE/dz = softmax(z) − onehot(tgt);
     d T²·KL(p‖q)/dz = T·(q − p); d T²·KL(q‖p)/dz = T·q ⊙ (log q − log p − KL(q‖p)).
+    `keep` [C] (or None: every row 1) weighs each row's CE (`fused_head_losses`' ce_mask).
     """
     f = torch.float64 if h.dtype == torch.float64 else torch.float32
     T = float(temperature)
     z = _logits_into(ws, "s", h, sw, sb, cdt, f)
     ce_sum = kd_sum = g = ce_g = None
+    keep = None if keep is None else keep.to(f)[:, None]
+    cs = ce_w * scale if keep is None else keep * (ce_w * scale)  # CE's gradient coefficient: a number, or one per row [C, 1]
+    kept = lambda rows: rows.sum() if keep is None else (rows * keep).sum()  # noqa: E731  (CE summed over the chunk's rows)
     shared = kd is not None and ce_w != 0 and T == 1.0  # CE's softmax is the KD's q
     if ce_w != 0 and not shared:  # CE on the raw logits, before z is overwritten
         lse, ce_g = _exp_lse(z, ws, "ce")
-        ce_sum = (lse - z.gather(1, tgt[:, None])).sum()
+        ce_sum = kept(lse - z.gather(1, tgt[:, None]))
         if need_grad:
-            ce_g.mul_(ce_w * scale)
+            ce_g.mul_(cs)
     if kd is not None:
         logq = _scaled_(z, T)
         logq.sub_(_exp_lse(logq, ws, "w")[0])
@@ -104,9 +108,9 @@ def _closed_form_chunk(h, th, sw, sb, tw, tb, tgt, kd, temperature, ce_w, kd_w, 
         lse_p, p = _exp_lse(logp, ws, "w")
         logp.sub_(lse_p)
         if shared:
-            ce_sum = -logq.gather(1, tgt[:, None]).sum()
+            ce_sum = -kept(logq.gather(1, tgt[:, None]))
         a = kd_w * T * scale  # T² · (1/T) from the chain rule through z/T
-        c = ce_w * scale if shared else 0.0
+        c = cs if shared else 0.0
         if kd == "forward_kl":
             kd_sum = logp.sub_(logq).mul_(p).sum()  # Σ p·(log p − log q); logp's buffer is spent
             if need_grad:  # a·(q − p) [+ c·q]
@@ -125,7 +129,8 @@ def _closed_form_chunk(h, th, sw, sb, tw, tb, tgt, kd, temperature, ce_w, kd_w, 
     if g is None:
         return ce_sum, kd_sum, None
     if ce_w != 0:
-        g.scatter_add_(1, tgt[:, None], torch.full((tgt.shape[0], 1), -ce_w * scale, dtype=g.dtype, device=g.device))
+        src = torch.full((tgt.shape[0], 1), -cs, dtype=g.dtype, device=g.device) if keep is None else (-cs).to(g.dtype)
+        g.scatter_add_(1, tgt[:, None], src)
     if g.dtype != cdt:
         g = ws.take("s", *g.shape, cdt, g.device).copy_(g)
     return ce_sum, kd_sum, g
@@ -145,8 +150,8 @@ class HeadLoss:
     class_weight: float = 0.0  # the batch-level class_kl term (loss.weights.class_kd); 0: off
 
 
-def _fused_pass(sh, sw, sb, th, tw, tb, targets, mask, cfg: HeadLoss, ws, need_h, need_w, need_b):
-    """Chunked forward that also builds the gradients (see fused_head_losses)."""
+def _fused_pass(sh, sw, sb, th, tw, tb, targets, mask, keep, cfg: HeadLoss, ws, need_h, need_w, need_b):
+    """Chunked forward that also builds the gradients (see fused_head_losses); keep [N]: CE row weights or None."""
     kd, temperature, chunk = cfg.kd, cfg.temperature, cfg.chunk_size
     ce_w, kd_w = cfg.ce_weight, cfg.kd_weight
     idx = None if mask is None else mask.nonzero().squeeze(1)
@@ -173,14 +178,14 @@ def _fused_pass(sh, sw, sb, th, tw, tb, targets, mask, cfg: HeadLoss, ws, need_h
         if closed:
             ce_c, kd_c, g = _closed_form_chunk(h, None if th is None else th[rows], sw_c, sb, tw_c, tb, tgt,
                                                kd if kd_fn is not None else None, temperature, ce_w, kd_w,
-                                               1.0 / denom, need_any, ws, cdt)
+                                               1.0 / denom, need_any, ws, cdt, None if keep is None else keep[rows])
             for key, val in (("ce", ce_c), ("kd", kd_c)):
                 if val is not None:
                     sums[key] += val
             if g is not None:
                 _accumulate(g, h, sw_c, rows, gh, gw, gb, acc)  # sw_c: no per-chunk cast of the head under autocast
             continue
-        g = _autograd_chunk(h, th, sw, sb, tw, tb, tgt, rows, cfg, sparse, need_any, denom, sums)
+        g = _autograd_chunk(h, th, sw, sb, tw, tb, tgt, rows, cfg, sparse, need_any, denom, sums, None if keep is None else keep[rows])
         if g is not None:
             _accumulate(g, h, sw, rows, gh, gw, gb, acc)
     if cfg.class_weight != 0 and chunks:  # two more passes over the same chunks (raykd.losses.classwise)
@@ -208,9 +213,10 @@ def _class_term(sh, sw_c, sb, th, tw_c, tb, chunks, cfg: HeadLoss, ws, cdt, need
                             lambda r, c: ws.take("w", r, c, f, sh.device))
 
 
-def _autograd_chunk(h, th, sw, sb, tw, tb, tgt, rows, cfg: HeadLoss, sparse: bool, need_grad: bool, denom: int, sums: dict):
+def _autograd_chunk(h, th, sw, sb, tw, tb, tgt, rows, cfg: HeadLoss, sparse: bool, need_grad: bool, denom: int, sums: dict, keep=None):
     """One chunk through autograd on its own [C, V] logits (losses without a written-out gradient):
-    adds the chunk's CE / KD sums to `sums`; returns the logit gradient [C, V] (or None)."""
+    adds the chunk's CE / KD sums to `sums` (CE rows weighed by `keep` [C] when given); returns the
+    logit gradient [C, V] (or None)."""
     kd_fn = TOKEN_LOSSES[cfg.kd] if cfg.kd is not None else None
     with torch.no_grad():
         logits = F.linear(h, sw, sb)  # [C, V] in the input dtype
@@ -219,7 +225,8 @@ def _autograd_chunk(h, th, sw, sb, tw, tb, tgt, rows, cfg: HeadLoss, sparse: boo
         leaf = logits.detach().requires_grad_(need_grad)
         obj = 0.0
         if cfg.ce_weight != 0:
-            ce_c = F.cross_entropy(_upcast(leaf), tgt, reduction="sum")
+            ce_c = (F.cross_entropy(_upcast(leaf), tgt, reduction="sum") if keep is None
+                    else (F.cross_entropy(_upcast(leaf), tgt, reduction="none") * keep).sum())
             sums["ce"] += ce_c.detach()
             obj = obj + cfg.ce_weight * ce_c
         if kd_fn is not None:
@@ -253,9 +260,9 @@ def _accumulate(g, h, sw, rows, gh, gw, gb, acc):
 
 class _FusedHeadLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, sh, sw, sb, th, tw, tb, targets, mask, cfg, ws):
+    def forward(ctx, sh, sw, sb, th, tw, tb, targets, mask, keep, cfg, ws):
         need = ctx.needs_input_grad
-        total, ce, kd, cls, gh, gw, gb = _fused_pass(sh, sw, sb, th, tw, tb, targets, mask, cfg, ws,
+        total, ce, kd, cls, gh, gw, gb = _fused_pass(sh, sw, sb, th, tw, tb, targets, mask, keep, cfg, ws,
                                                      need[0], need[1], sb is not None and need[2])
         # only [N, Hs], [V, Hs] and [V] survive the forward. Kept as a plain attribute, not saved tensors, so that
         # backward can hand them over: scaled in place and returned with no other reference left, autograd takes
@@ -271,7 +278,7 @@ class _FusedHeadLoss(torch.autograd.Function):
             raise RuntimeError("fused_head_losses: its backward runs once (retain_graph=True and a second backward are not supported)")
         scaled = [None if g is None else g.mul_(grad_total.to(g.dtype)) for g in grads]
         del grads
-        return (*scaled, None, None, None, None, None, None, None)
+        return (*scaled, None, None, None, None, None, None, None, None)
 
 
 def _teacher_side(teacher_hidden, teacher_weight, teacher_bias, kd: str, kd_params: dict, n: int, vocab: int, class_kd: bool):
@@ -295,12 +302,21 @@ def _teacher_side(teacher_hidden, teacher_weight, teacher_bias, kd: str, kd_para
     return th, tw, None if teacher_bias is None else teacher_bias.detach()
 
 
+def _ce_rows(ce_mask: Tensor, mask: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """CE row weights [N]: n / n_ce on the n_ce rows of `mask` that `ce_mask` keeps, else 0, so that the
+    head's sums over its n rows divided by n give CE's mean over the kept rows (no host sync)."""
+    rows = ce_mask if mask is None else ce_mask & mask
+    n = float(rows.numel()) if mask is None else mask.sum()
+    return rows.to(torch.float64 if dtype == torch.float64 else torch.float32) * (n / rows.sum().clamp(min=1))
+
+
 def fused_head_losses(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor | None,
                       teacher_weight: Tensor | None, targets: Tensor, mask: Tensor | None, *,
                       kd: str = "forward_kl", temperature: float = 1.0, kd_params: dict | None = None,
                       ce_weight: float = 1.0, kd_weight: float = 1.0, chunk_size: int = 256,
                       student_bias: Tensor | None = None, teacher_bias: Tensor | None = None,
-                      workspace: HeadWorkspace | None = None, class_weight: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
+                      workspace: HeadWorkspace | None = None, class_weight: float = 0.0,
+                      ce_mask: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """CE + logit KD computed from final hidden states and LM-head weights, chunked over tokens
     so that full [N, V] logits never exist (idea as in Liger Kernel's fused linear
     cross-entropy, Hsu et al. 2024, and torchtune's chunked CE; own implementation).
@@ -319,8 +335,9 @@ def fused_head_losses(student_hidden: Tensor, student_weight: Tensor, teacher_hi
     states, weight and bias are computed chunk by chunk in the forward (written out for CE and
     forward/reverse KL, `CLOSED_FORM`; autograd on each chunk's logits for the other losses)
     and kept as [N, Hs] / [V, Hs] buffers (weight grad accumulated in fp32); the teacher gets no
-    gradient. Logits are computed in the input dtype (autocast's under autocast), losses in
-    fp32. `workspace`: a `HeadWorkspace` to reuse [chunk, V] buffers across calls.
+    gradient. Logits in the input dtype (autocast's under autocast), losses in fp32. `workspace`: a
+    `HeadWorkspace` to reuse [chunk, V] buffers across calls. `ce_mask` [N] bool: CE is the mean over the
+    rows of `mask` it keeps, KD / class_kd count all of them (on-policy KD: no CE on the student's samples).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -336,11 +353,11 @@ def fused_head_losses(student_hidden: Tensor, student_weight: Tensor, teacher_hi
                   if use_kd or use_class else (None, None, None))
     tgt = targets.reshape(n).long()
     m = None if mask is None else mask.reshape(n).bool()
+    keep = None if ce_mask is None or ce_weight == 0 else _ce_rows(ce_mask.reshape(n).bool(), m, sh.dtype)
     cfg = HeadLoss(kd if use_kd else None, float(temperature), kd_params, float(ce_weight), float(kd_weight), int(chunk_size),
                    float(class_weight) if use_class else 0.0)
-    args = (sh, student_weight, student_bias, th, tw, tb, tgt, m, cfg, workspace or HeadWorkspace())
-    if torch.is_grad_enabled() and any(x is not None and x.requires_grad
-                                       for x in (sh, student_weight, student_bias)):
+    args = (sh, student_weight, student_bias, th, tw, tb, tgt, m, keep, cfg, workspace or HeadWorkspace())
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (sh, student_weight, student_bias)):
         total, ce, kd_term, cls = _FusedHeadLoss.apply(*args)
     else:
         with torch.no_grad():
