@@ -26,6 +26,8 @@ object store: about 1 KiB per 256-token block, as the plain pipeline's shuffle h
 
 from __future__ import annotations
 
+import numpy as np
+
 from raykd.config import ConfigError, DataConfig
 from raykd.data.reader import _files, _Plan
 
@@ -54,6 +56,11 @@ def targets(available: list[int], weights: list[float]) -> list[int]:
     return out
 
 
+def _repeat(batch: dict, times: int) -> dict:
+    """map_batches: every row `times` times (rows {"input_ids": [B, T]} -> [B * times, T])."""
+    return {k: np.repeat(v, times, axis=0) for k, v in batch.items()}
+
+
 def mixed(per_source: list, data_cfg: DataConfig, seed: int):
     """The shuffled training blocks of a mix: (dataset, per-source report). `per_source` holds the
     packed-block datasets of the sources in data.mix order (rows {"input_ids": int32[T]}).
@@ -75,10 +82,9 @@ def mixed(per_source: list, data_cfg: DataConfig, seed: int):
     taken = targets(available, weights)
     parts = []
     for s, n, m in zip(shuffled, available, taken):
-        if m == 0:
-            continue
-        parts += [s] * (m // n)
-        if m % n:
+        if m // n:  # every block m // n times (one operator, not m // n copies in the union)
+            parts.append(s if m // n == 1 else s.map_batches(_repeat, fn_kwargs={"times": m // n}, batch_format="numpy", num_cpus=data_cfg.task_cpus))
+        if m % n:  # and the first m % n of the seeded shuffle once more
             parts.append(s.limit(m % n))
     union = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     union.context.execution_options.preserve_order = True  # the union's block order is the parts' order
