@@ -40,7 +40,7 @@ default.
 ## YAML files
 
 A run is one YAML file whose top-level keys are the sections below (`teacher:`, `student:`,
-`layer_map:`, `loss:`, `data:`, `train:`, `scale:`, `sweep:`) plus `output_dir` and `seed`.
+`layer_map:`, `loss:`, `data:`, `train:`, `scale:`, `eval:`, `generate:`, `sweep:`) plus `output_dir` and `seed`.
 A key left out keeps its default, so a file need only hold what differs; see
 [`jobs/demo.yaml`](../jobs/demo.yaml), [`jobs/smoke.yaml`](../jobs/smoke.yaml) and the other
 jobs in [`jobs/`](../jobs/README.md).
@@ -58,7 +58,7 @@ output_dir: runs/example
 
 ## `key=value` overrides
 
-`raykd distill`, `raykd plan`, `raykd sweep` and `raykd cache-teacher` take the YAML file and
+`raykd distill`, `raykd plan`, `raykd sweep`, `raykd cache-teacher` and `raykd generate` take the YAML file and
 then any number of dotted `key=value` arguments, applied after the file is read, left to
 right (a later one wins):
 

@@ -119,7 +119,7 @@ def cmd_generate(args) -> int:
     meta = run(cfg, args.out, log=lambda m: print(m, file=sys.stderr))
     c = meta["counts"]
     print(f"raykd: generated into {args.out}: {c['shards']} shards, {c['prompts']} prompts, {c['samples']} samples, {c['kept']} kept "
-          f"({c['kept_tokens']} of {c['tokens']} tokens); {c['wall_s']:.0f} s, {c['tokens_per_s'] or 0:.1f} tokens/s")
+          f"({c['kept_tokens']} of {c['tokens']} tokens); {c['wall_s'] or 0:.0f} s, {c['tokens_per_s'] or 0:.1f} tokens/s")
     return 0
 
 

@@ -12,8 +12,10 @@ actor runs it or when. Each actor writes its shards itself (`raykd.generation.wr
 temp file, checksum, rename), so a rerun skips every finished shard and redoes the others.
 
 DIR/generate.json holds the settings that must match for a rerun to resume (`identity`), the
-whole config, and once complete the counts: prompts, samples, kept, tokens, kept_tokens,
-wall_s and tokens_per_s of the last invocation. DIR works as `data.train` or a `data.mix` source
+whole config, and once complete the counts: prompts, samples, kept, tokens (sampled), kept_tokens
+(in kept rows), shards, and of the last invocation that generated anything: wall_s (the whole
+command: Ray start, model loads), tokens_per_s (its sampled tokens / wall_s) and shard_s (actor
+seconds spent sampling, scoring and writing shards, summed over actors). DIR works as `data.train` or a `data.mix` source
 (`text_field: text`).
 """
 
@@ -190,7 +192,7 @@ def run(cfg: Config, out: str | os.PathLike, log=print) -> dict:
         stale.unlink(missing_ok=True)  # a shard an interrupted run was writing, or one that fails its checksum
     meta = {"identity": plan["identity"], "complete": False, "config": cfg.to_dict()}
     _write_meta(out, meta)
-    new_tokens = 0
+    new_tokens, shard_s = 0, 0.0
     if todo:
         init_ray(cfg, runs=gen.concurrency, log=log)
         quiet_data_progress()
@@ -203,13 +205,14 @@ def run(cfg: Config, out: str | os.PathLike, log=print) -> dict:
             **({"num_gpus": 1} if cfg.scale.use_gpu else {}),
             fn_constructor_kwargs={"config": cfg.to_dict(), "plan": {k: plan[k] for k in ("teacher", "generator", "same_model")}, "out": str(out)})
         for i, row in enumerate(_driven(ds.iter_rows()), 1):
-            new_tokens += int(row["tokens"])
+            new_tokens, shard_s = new_tokens + int(row["tokens"]), shard_s + float(row["seconds"])
             log(f"raykd: shard {int(row['shard'])} written ({i}/{len(todo)}): {int(row['kept'])}/{int(row['samples'])} samples kept, "
                 f"{int(row['tokens'])} tokens in {float(row['seconds']):.1f} s")
     wall = time.perf_counter() - t0
     last = (plan["meta"] or {}).get("counts", {})
-    counts = {**_totals(out, plan["shards"], gen.format), "shards": plan["shards"], "wall_s": round(wall, 1),
-              "tokens_per_s": round(new_tokens / wall, 1) if new_tokens else last.get("tokens_per_s")}
+    speed = ({"wall_s": round(wall, 1), "tokens_per_s": round(new_tokens / wall, 1), "shard_s": round(shard_s, 1)} if new_tokens else
+             {k: last.get(k) for k in ("wall_s", "tokens_per_s", "shard_s")})  # nothing new: the run that generated them
+    counts = {**_totals(out, plan["shards"], gen.format), "shards": plan["shards"], **speed}
     meta.update(complete=True, counts=counts)
     _write_meta(out, meta)
     return meta
