@@ -16,7 +16,6 @@ else (a missing, truncated or half-written shard) is generated again, with the s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from raykd import manifest
 from raykd.config import ConfigError, GenerateConfig
 from raykd.sampling import sample, token_logprobs
 
@@ -54,15 +54,12 @@ def check_causal_lm(model_dir: Path, field: str, trust_remote_code: bool = False
 
 
 def prefix_ids(tokenizer, text: str, n: int) -> list[int] | None:
-    """The first `n` token ids of `text` (no special tokens), or None when it has fewer. Tokenizes
-    growing prefixes (about n tokens of text, not a whole book) and keeps two tokens of margin, so
-    the n-th token is not cut by the end of the prefix."""
-    chars = 4 * n + 64
-    while True:
-        ids = tokenizer(text[:chars], add_special_tokens=False, verbose=False)["input_ids"]
-        if len(ids) >= n + 2 or chars >= len(text):
-            return ids[:n] if len(ids) >= n else None
-        chars *= 4
+    """The first `n` token ids of `text` (no special tokens), or None when it has fewer; two tokens
+    of margin, so the n-th token is not cut by the end of the prefix tokenized."""
+    from raykd.data.corpora import leading_ids
+
+    ids = leading_ids(tokenizer, text, n + 2)
+    return ids[:n] if len(ids) >= n else None
 
 
 def prompt_ids(documents: Iterable[str], tokenizer, prompt_tokens: int, num_prompts: int = 0) -> list[list[int]]:
@@ -151,10 +148,6 @@ def _stats_path(out: Path, shard: int) -> Path:
     return Path(out) / f".shard-{shard:05d}.stats.json"
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _write_rows(rows: list[dict], path: Path, fmt: str) -> None:
     if fmt == "jsonl":
         with open(path, "w", encoding="utf-8") as fh:
@@ -176,10 +169,8 @@ def write_shard(rows: list[dict], out: Path, shard: int, fmt: str, counts: dict)
     final = shard_path(out, shard, fmt)
     tmp = final.with_name(f".{final.name}.tmp")
     _write_rows(rows, tmp, fmt)
-    stats = {**counts, "shard": shard, "format": fmt, "bytes": tmp.stat().st_size, "sha256": _sha256(tmp)}
-    stats_tmp = _stats_path(out, shard).with_suffix(".tmp")
-    stats_tmp.write_text(json.dumps(stats))
-    os.replace(stats_tmp, _stats_path(out, shard))
+    stats = {**counts, "shard": shard, "format": fmt, "bytes": tmp.stat().st_size, "sha256": manifest.file_sha256(tmp)}
+    manifest.write_json(_stats_path(out, shard), stats, indent=None)
     os.replace(tmp, final)
     return final
 
@@ -194,7 +185,7 @@ def finished(out: Path, shard: int, fmt: str) -> dict | None:
         stats = json.loads(stats_file.read_text())
     except ValueError:
         return None
-    if stats.get("bytes") != final.stat().st_size or stats.get("sha256") != _sha256(final):
+    if stats.get("bytes") != final.stat().st_size or stats.get("sha256") != manifest.file_sha256(final):
         return None
     return stats
 

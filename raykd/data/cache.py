@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from raykd import models
+from raykd import manifest, models
 from raykd.config import Config, ConfigError, from_dict
 
 META = "raykd_cache.json"
@@ -113,9 +113,7 @@ def _read_meta(path: Path) -> dict | None:
 
 
 def _write_meta(path: Path, meta: dict) -> None:
-    tmp = path / f".{META}.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, path / META)
+    manifest.write_json(path / META, meta)
 
 
 _WHAT = {"teacher_weights_sha256": "another teacher (weights)", "tokenizer_sha256": "another tokenizer", "block_size": "another data.block_size",

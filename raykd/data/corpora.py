@@ -126,6 +126,18 @@ def clean_text(text: str) -> str:
     return "\n".join(out).strip()
 
 
+def leading_ids(tokenizer, text: str, need: int) -> list[int]:
+    """Token ids (no special tokens) of the shortest of the prefixes of 4 * need + 64, 4x, 16x, ...
+    characters that holds at least `need` tokens, or of the whole text: about `need` tokens of
+    tokenizing, not a whole book."""
+    chars = 4 * need + 64
+    while True:
+        ids = tokenizer(text[:chars], add_special_tokens=False, verbose=False)["input_ids"]
+        if len(ids) >= need or chars >= len(text):
+            return ids
+        chars *= 4
+
+
 def pack_blocks(token_lists, block_size: int, eos_id: int, carry: list[int] | None = None):
     """Pack documents into [n, block_size] blocks, EOS after each document, no padding.
 

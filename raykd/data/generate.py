@@ -30,8 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from raykd import generation, models
+from raykd import generation, manifest, models
 from raykd.config import Config, ConfigError, from_dict
+from raykd.data.reader import documents
 
 META = "generate.json"
 FORMAT = 1
@@ -103,8 +104,6 @@ def prepare(cfg: Config, out: Path, log=print) -> dict:
     if gen.model:
         generation.check_causal_lm(gen_dir, "generate.model", trc)
         models.check_same_vocab(tok, models.load_tokenizer(gen_dir, trc), "generate.model")
-    from raykd.data.reader import documents
-
     data = prompt_data(cfg)
     prompts = generation.prompt_ids(documents(data, "train"), tok, gen.prompt_tokens, gen.num_prompts)
     if not prompts:
@@ -166,12 +165,6 @@ def _totals(out: Path, n_shards: int, fmt: str) -> dict:
     return tot
 
 
-def _write_meta(out: Path, meta: dict) -> None:
-    tmp = out / f".{META}.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, out / META)
-
-
 def run(cfg: Config, out: str | os.PathLike, log=print) -> dict:
     """`raykd generate`: check (nothing written on bad input), then generate every unfinished shard
     of `out` and return its generate.json."""
@@ -188,10 +181,10 @@ def run(cfg: Config, out: str | os.PathLike, log=print) -> dict:
     log(f"raykd: generate into {out}: {len(plan['prompts'])} prompts x {gen.num_samples} samples in {plan['shards']} shards, "
         f"{len(plan['done'])} finished, {len(todo)} to generate (generator {plan['generator'] or plan['teacher']})")
     out.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob(".shard-*.tmp"), *(generation.shard_path(out, k, gen.format) for k in todo)]:
+    for stale in [*out.glob(".*.tmp"), *(generation.shard_path(out, k, gen.format) for k in todo)]:
         stale.unlink(missing_ok=True)  # a shard an interrupted run was writing, or one that fails its checksum
     meta = {"identity": plan["identity"], "complete": False, "config": cfg.to_dict()}
-    _write_meta(out, meta)
+    manifest.write_json(out / META, meta)
     new_tokens, shard_s = 0, 0.0
     if todo:
         init_ray(cfg, runs=gen.concurrency, log=log)
@@ -214,5 +207,5 @@ def run(cfg: Config, out: str | os.PathLike, log=print) -> dict:
              {k: last.get(k) for k in ("wall_s", "tokens_per_s", "shard_s")})  # nothing new: the run that generated them
     counts = {**_totals(out, plan["shards"], gen.format), "shards": plan["shards"], **speed}
     meta.update(complete=True, counts=counts)
-    _write_meta(out, meta)
+    manifest.write_json(out / META, meta)
     return meta

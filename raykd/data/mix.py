@@ -62,9 +62,10 @@ def _repeat(batch: dict, times: int) -> dict:
 
 
 def mixed(per_source: list, data_cfg: DataConfig, seed: int):
-    """The shuffled training blocks of a mix: (dataset, per-source report). `per_source` holds the
-    packed-block datasets of the sources in data.mix order (rows {"input_ids": int32[T]}).
-    Runs the per-source shuffles now (on the driver's Ray) to count each source's blocks."""
+    """The shuffled training blocks of a mix: (dataset, per-source report, a materialised source to
+    probe cheaply for a first block). `per_source` holds the packed-block datasets of the sources in
+    data.mix order (rows {"input_ids": int32[T]}). Runs the per-source shuffles now (on the
+    driver's Ray) to count each source's blocks."""
     weights = list(data_cfg.mix.values())
     shuffled, available = [], []
     for i, (src, ds, w) in enumerate(zip(data_cfg.mix, per_source, weights)):
@@ -91,4 +92,4 @@ def mixed(per_source: list, data_cfg: DataConfig, seed: int):
     out = union.random_shuffle(seed=seed, num_cpus=data_cfg.task_cpus)
     report = [{"source": src, "weight": w / sum(weights), "blocks": n, "taken": m}
               for src, w, n, m in zip(data_cfg.mix, weights, available, taken)]
-    return out, report
+    return out, report, next(s for s in shuffled if s is not None)

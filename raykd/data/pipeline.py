@@ -210,19 +210,12 @@ def build_datasets(data_cfg: DataConfig, teacher: str, seed: int = 0, trust_remo
     With ``data.mix`` the training blocks are drawn from each source by weight (``raykd.data.mix``;
     the per-source counts are attached to the train dataset as ``MIX_REPORT``).
     """
-    teacher = str(Path(teacher).expanduser().resolve()) if Path(teacher).expanduser().exists() else str(teacher)  # a path: absolute
-    tok = _tokenizer(teacher, trust_remote_code)
-    if tok.eos_token_id is None:
-        raise ConfigError(f"teacher.model: the tokenizer of {teacher} has no EOS token; packing needs one between documents, use a tokenizer that defines eos_token")
-    plan = _plan(data_cfg, fetch=True)
-    drop = _duplicates(plan, data_cfg) if data_cfg.dedupe else {}
-    kwargs = {"teacher": teacher, "trust_remote_code": trust_remote_code, "block_size": data_cfg.block_size}
+    plan, drop, kwargs = _setup(data_cfg, teacher, trust_remote_code)
     out = []
     for want, items in (("train", plan.train), ("validation", plan.validation)):
         if want == "train" and data_cfg.mix:  # blocks of each source, sampled by weight (raykd.data.mix)
             sources = [_packed(plan, group, data_cfg, want, drop, kwargs) for group in mix.source_items(plan, data_cfg)]
-            ds, report = _driver_action(mix.mixed, sources, data_cfg, seed)
-            blocks = ds
+            ds, report, blocks = _driver_action(mix.mixed, sources, data_cfg, seed)
             setattr(ds, MIX_REPORT, report)
         else:
             blocks = _packed(plan, items, data_cfg, want, drop, kwargs)
@@ -234,6 +227,17 @@ def build_datasets(data_cfg: DataConfig, teacher: str, seed: int = 0, trust_remo
     return out[0], out[1]
 
 
+def _setup(data_cfg: DataConfig, teacher: str, trust_remote_code: bool) -> tuple[_Plan, dict, dict]:
+    """What every pipeline of a run shares: the plan of files, the duplicates to drop, the tokenize kwargs."""
+    teacher = str(Path(teacher).expanduser().resolve()) if Path(teacher).expanduser().exists() else str(teacher)  # a path: absolute
+    tok = _tokenizer(teacher, trust_remote_code)
+    if tok.eos_token_id is None:
+        raise ConfigError(f"teacher.model: the tokenizer of {teacher} has no EOS token; packing needs one between documents, use a tokenizer that defines eos_token")
+    plan = _plan(data_cfg, fetch=True)
+    drop = _duplicates(plan, data_cfg) if data_cfg.dedupe else {}
+    return plan, drop, {"teacher": teacher, "trust_remote_code": trust_remote_code, "block_size": data_cfg.block_size}
+
+
 def _packed(plan: _Plan, items: list[tuple[int, str]], cfg: DataConfig, want: str, drop: dict, kwargs: dict):
     """The packed blocks of some of the plan's files (one split), before any shuffle."""
     docs = _documents_ds(plan, items, cfg, want, drop, keys_only=False)
@@ -243,10 +247,7 @@ def _packed(plan: _Plan, items: list[tuple[int, str]], cfg: DataConfig, want: st
 def source_blocks(data_cfg: DataConfig, teacher: str, trust_remote_code: bool = False) -> list:
     """With data.mix: the packed training blocks of each source (data.mix order, unshuffled, unweighted),
     the pools `build_datasets` draws the mix from (tests and inspection)."""
-    teacher = str(Path(teacher).expanduser().resolve()) if Path(teacher).expanduser().exists() else str(teacher)
-    plan = _plan(data_cfg, fetch=True)
-    drop = _duplicates(plan, data_cfg) if data_cfg.dedupe else {}
-    kwargs = {"teacher": teacher, "trust_remote_code": trust_remote_code, "block_size": data_cfg.block_size}
+    plan, drop, kwargs = _setup(data_cfg, teacher, trust_remote_code)
     return [_packed(plan, group, data_cfg, "train", drop, kwargs) for group in mix.source_items(plan, data_cfg)]
 
 
@@ -266,17 +267,6 @@ def check_blocks(ds, field: str) -> None:
         raise ConfigError(f"{field}: the corpus is too short for {size}; add text or lower data.block_size")
 
 
-def _tokens_up_to(tok, text: str, need: int) -> int:
-    """Tokens of `text`, counted only as far as `need`: a long document (a whole book in one file) is
-    tokenized by growing prefixes, so the check costs about one block of tokenizing per split."""
-    chars = 4 * need + 64
-    while True:
-        n = len(tok(text[:chars], add_special_tokens=False, verbose=False)["input_ids"])
-        if n >= need or chars >= len(text):
-            return n
-        chars *= 4
-
-
 def check_tokens(data_cfg: DataConfig, teacher: str, trust_remote_code: bool = False) -> None:
     """Driver preflight, no Ray: each split must hold at least one block of tokens (documents as the
     pipeline reads them, EOS after each), else one ``ConfigError`` line before any cluster starts.
@@ -287,7 +277,7 @@ def check_tokens(data_cfg: DataConfig, teacher: str, trust_remote_code: bool = F
     for split in ("train", "validation"):
         n = 0
         for doc in documents(data_cfg, split):
-            n += _tokens_up_to(tok, doc, block - n) + 1
+            n += len(_corpora().leading_ids(tok, doc, block - n)) + 1  # a whole book is not tokenized for this
             if n >= block:
                 break
         else:
