@@ -46,6 +46,7 @@ GOALS = {  # script -> figure -> (op, value, what it means)
                 "feature_over_teacher": ("<=", 2.5, "feature arm ppl / teacher ppl on held-out text")},
     "eval_speed": {"both_models_s": ("<=", 120.0, "the 2,000-sentence sentiment set, student + teacher, seconds"),
                    "max_margin_diff": ("<=", 0.01, "batched/prefix-cached scorer agrees with one forward per choice")},
+    "generate": {"speedup": (">=", 1.5, "raykd batched KV-cache sampling / per-prompt model.generate, teacher tokens/s")},
     "gpu_check": {"ddp_ok": ("==", 1, "ddp multi-task steps, reductions and checkpoint round trip on NCCL"),
                   "fsdp2_ok": ("==", 1, "the same with FSDP2"),
                   "mfu_1p7b": (">=", 0.40, "student-step MFU of the 1.7B Llama shape, bf16 (H100/H200)")},

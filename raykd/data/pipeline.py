@@ -14,6 +14,9 @@ Pipeline (one Ray Data plan per split)::
         -> map_batches(tokenize with the teacher's tokenizer, pack_blocks)   [fused: one task]
         -> random_shuffle(seed)                        [train only; Ray fuses it in as well]
 
+With ``data.mix`` each source is packed on its own and the training blocks are sampled from
+them by weight (``raykd.data.mix``: the shares, the seeds, which source gives validation).
+
 The shuffle is a barrier: the whole training set (about 1 KiB per 256-token block) sits in
 the object store before the first batch; validation streams.
 
@@ -71,6 +74,7 @@ from pathlib import Path
 import numpy as np
 
 from raykd.config import ConfigError, DataConfig
+from raykd.data import mix
 from raykd.data.reader import (  # noqa: F401  (preflight: public here too)
     _corpora,
     _documents,
@@ -84,6 +88,7 @@ from raykd.data.reader import (  # noqa: F401  (preflight: public here too)
     preflight,
 )
 
+MIX_REPORT = "raykd_mix"  # attribute on a mixed train dataset: per source {source, weight, blocks, taken}
 _MAX_BYTES_PER_TASK = 16 << 20  # text per read/tokenize task (and per packing batch), at most
 _PROBE = "_raykd_probe"  # attribute on datasets built here: (dataset before the shuffle, block_size)
 
@@ -202,24 +207,48 @@ def build_datasets(data_cfg: DataConfig, teacher: str, seed: int = 0, trust_remo
     ``map_batches`` and packed with EOS after every document; the tokens left over at the
     end of each batch (fewer than ``block_size``) are dropped, never padded. The training
     set is shuffled with ``seed`` (same order every epoch); validation keeps corpus order.
+    With ``data.mix`` the training blocks are drawn from each source by weight (``raykd.data.mix``;
+    the per-source counts are attached to the train dataset as ``MIX_REPORT``).
     """
+    plan, drop, kwargs = _setup(data_cfg, teacher, trust_remote_code)
+    out = []
+    for want, items in (("train", plan.train), ("validation", plan.validation)):
+        if want == "train" and data_cfg.mix:  # blocks of each source, sampled by weight (raykd.data.mix)
+            sources = [_packed(plan, group, data_cfg, want, drop, kwargs) for group in mix.source_items(plan, data_cfg)]
+            ds, report, blocks = _driver_action(mix.mixed, sources, data_cfg, seed)
+            setattr(ds, MIX_REPORT, report)
+        else:
+            blocks = _packed(plan, items, data_cfg, want, drop, kwargs)
+            ds = blocks.random_shuffle(seed=seed, num_cpus=data_cfg.task_cpus) if want == "train" else blocks
+        if want == "train" and data_cfg.max_train_blocks:
+            ds = ds.limit(data_cfg.max_train_blocks)
+        setattr(ds, _PROBE, (blocks, data_cfg.block_size))  # check_blocks probes before the shuffle
+        out.append(ds)
+    return out[0], out[1]
+
+
+def _setup(data_cfg: DataConfig, teacher: str, trust_remote_code: bool) -> tuple[_Plan, dict, dict]:
+    """What every pipeline of a run shares: the plan of files, the duplicates to drop, the tokenize kwargs."""
     teacher = str(Path(teacher).expanduser().resolve()) if Path(teacher).expanduser().exists() else str(teacher)  # a path: absolute
     tok = _tokenizer(teacher, trust_remote_code)
     if tok.eos_token_id is None:
         raise ConfigError(f"teacher.model: the tokenizer of {teacher} has no EOS token; packing needs one between documents, use a tokenizer that defines eos_token")
     plan = _plan(data_cfg, fetch=True)
     drop = _duplicates(plan, data_cfg) if data_cfg.dedupe else {}
-    kwargs = {"teacher": teacher, "trust_remote_code": trust_remote_code, "block_size": data_cfg.block_size}
-    out = []
-    for want, items in (("train", plan.train), ("validation", plan.validation)):
-        docs = _documents_ds(plan, items, data_cfg, want, drop, keys_only=False)
-        blocks = docs.map_batches(_tokenize_pack, batch_size=None, batch_format="numpy", fn_kwargs=kwargs, num_cpus=data_cfg.task_cpus)
-        ds = blocks.random_shuffle(seed=seed, num_cpus=data_cfg.task_cpus) if want == "train" else blocks
-        if want == "train" and data_cfg.max_train_blocks:
-            ds = ds.limit(data_cfg.max_train_blocks)
-        setattr(ds, _PROBE, (blocks, data_cfg.block_size))  # check_blocks probes before the shuffle
-        out.append(ds)
-    return out[0], out[1]
+    return plan, drop, {"teacher": teacher, "trust_remote_code": trust_remote_code, "block_size": data_cfg.block_size}
+
+
+def _packed(plan: _Plan, items: list[tuple[int, str]], cfg: DataConfig, want: str, drop: dict, kwargs: dict):
+    """The packed blocks of some of the plan's files (one split), before any shuffle."""
+    docs = _documents_ds(plan, items, cfg, want, drop, keys_only=False)
+    return docs.map_batches(_tokenize_pack, batch_size=None, batch_format="numpy", fn_kwargs=kwargs, num_cpus=cfg.task_cpus)
+
+
+def source_blocks(data_cfg: DataConfig, teacher: str, trust_remote_code: bool = False) -> list:
+    """With data.mix: the packed training blocks of each source (data.mix order, unshuffled, unweighted),
+    the pools `build_datasets` draws the mix from (tests and inspection)."""
+    plan, drop, kwargs = _setup(data_cfg, teacher, trust_remote_code)
+    return [_packed(plan, group, data_cfg, "train", drop, kwargs) for group in mix.source_items(plan, data_cfg)]
 
 
 def ingest_options():
@@ -238,17 +267,6 @@ def check_blocks(ds, field: str) -> None:
         raise ConfigError(f"{field}: the corpus is too short for {size}; add text or lower data.block_size")
 
 
-def _tokens_up_to(tok, text: str, need: int) -> int:
-    """Tokens of `text`, counted only as far as `need`: a long document (a whole book in one file) is
-    tokenized by growing prefixes, so the check costs about one block of tokenizing per split."""
-    chars = 4 * need + 64
-    while True:
-        n = len(tok(text[:chars], add_special_tokens=False, verbose=False)["input_ids"])
-        if n >= need or chars >= len(text):
-            return n
-        chars *= 4
-
-
 def check_tokens(data_cfg: DataConfig, teacher: str, trust_remote_code: bool = False) -> None:
     """Driver preflight, no Ray: each split must hold at least one block of tokens (documents as the
     pipeline reads them, EOS after each), else one ``ConfigError`` line before any cluster starts.
@@ -259,7 +277,7 @@ def check_tokens(data_cfg: DataConfig, teacher: str, trust_remote_code: bool = F
     for split in ("train", "validation"):
         n = 0
         for doc in documents(data_cfg, split):
-            n += _tokens_up_to(tok, doc, block - n) + 1
+            n += len(_corpora().leading_ids(tok, doc, block - n)) + 1  # a whole book is not tokenized for this
             if n >= block:
                 break
         else:

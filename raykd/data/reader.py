@@ -110,7 +110,7 @@ def _hf_splits(path: Path, field_name: str) -> list[str]:
 def _dict_split(path: Path, field_name: str) -> str | None:
     """The split of a DatasetDict directory that `field_name` reads: train, or the first validation-like one."""
     splits = _hf_splits(path, field_name)
-    for s in ("train",) if field_name == "data.train" else _VALIDATION_SPLITS:
+    for s in ("train",) if field_name != "data.validation" else _VALIDATION_SPLITS:
         if s in splits:
             return s
     return None
@@ -122,7 +122,7 @@ def _files(src: str, field_name: str, fetch: bool = True) -> list[_File]:
     if src not in _corpora().NAMED and path.is_dir() and (path / "dataset_dict.json").is_file():
         split = _dict_split(path, field_name)
         if split is None:
-            want = "train" if field_name == "data.train" else "/".join(_VALIDATION_SPLITS)
+            want = "train" if field_name != "data.validation" else "/".join(_VALIDATION_SPLITS)
             splits = _hf_splits(path, field_name)
             raise ConfigError(f"{field_name}: the DatasetDict {src} has no {want} split (it has {', '.join(splits) or 'none'}); point {field_name} at one split directory, e.g. {path / (splits[0] if splits else 'SPLIT')}")
         return [_File(str(path / split), "arrow", field_name)]
@@ -166,10 +166,11 @@ def _plan(cfg: DataConfig, fetch: bool = True) -> _Plan:
             seen[id(rows)].add(item[0])
             rows.append(item)
 
-    for src in cfg.train:
-        own = _own_validation(src, fetch) if cfg.validation is None else None
-        mode = "all" if cfg.validation is not None or own is not None else "hash"
-        for f in _files(src, "data.train", fetch):
+    for n, src in enumerate(cfg.sources):  # with data.mix only its first source gives a validation split
+        held = cfg.validation is None and (n == 0 or not cfg.mix)
+        own = _own_validation(src, fetch) if held else None
+        mode = "hash" if held and own is None else "all"
+        for f in _files(src, "data.mix" if cfg.mix else "data.train", fetch):
             put(plan.train, f, mode)
             if mode == "hash":
                 put(plan.validation, f, mode)
