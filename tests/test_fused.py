@@ -227,14 +227,19 @@ def _largest_output(fn):
     return largest[0], result
 
 
-def test_fused_never_materialises_n_by_v():
-    """Stronger than the saved-tensor check: watch every op the forward runs (private torch API)."""
-    n, v, h, chunk = 1024, 4096, 16, 128
-    g = torch.Generator().manual_seed(27)
+def _head_inputs(n: int, v: int, h: int, seed: int):
+    """Student hidden [n, h] and head [v, h] (with grad), teacher hidden and head, labels [n]: seeded."""
+    g = torch.Generator().manual_seed(seed)
     sh = torch.randn(n, h, generator=g, requires_grad=True)
     sw = torch.randn(v, h, generator=g, requires_grad=True)
     th, tw = torch.randn(n, h, generator=g), torch.randn(v, h, generator=g)
-    y = torch.randint(0, v, (n,), generator=g)
+    return sh, sw, th, tw, torch.randint(0, v, (n,), generator=g)
+
+
+def test_fused_never_materialises_n_by_v():
+    """Stronger than the saved-tensor check: watch every op the forward runs (private torch API)."""
+    n, v, chunk = 1024, 4096, 128
+    sh, sw, th, tw, y = _head_inputs(n, v, 16, seed=27)
     largest, (total, _) = _largest_output(lambda: L.fused_head_losses(sh, sw, th, tw, y, None, kd="skew_reverse_kl", chunk_size=chunk))
     assert largest <= chunk * v, largest  # nothing bigger than one chunk of logits
     assert torch.isfinite(total)
@@ -401,12 +406,8 @@ def test_fused_class_kl_refuses_cached_topk_targets():
 
 def test_fused_class_kl_never_materialises_n_by_v():
     """The column log-sum-exps run over chunks: no op of the forward makes anything bigger than one chunk of logits."""
-    n, v, h, chunk = 512, 2048, 16, 64
-    g = torch.Generator().manual_seed(36)
-    sh = torch.randn(n, h, generator=g, requires_grad=True)
-    sw = torch.randn(v, h, generator=g, requires_grad=True)
-    th, tw = torch.randn(n, h, generator=g), torch.randn(v, h, generator=g)
-    y = torch.randint(0, v, (n,), generator=g)
+    v, chunk = 2048, 64
+    sh, sw, th, tw, y = _head_inputs(512, v, 16, seed=36)
     largest, (total, _) = _largest_output(
         lambda: L.fused_head_losses(sh, sw, th, tw, y, None, kd="forward_kl", class_weight=1.0, chunk_size=chunk))
     assert largest <= chunk * v, largest
