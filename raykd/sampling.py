@@ -59,7 +59,9 @@ def sample(model, prompts: torch.Tensor, max_new_tokens: int, temperature: float
     mask = torch.zeros((b, max_new_tokens), dtype=torch.bool, device=prompts.device)
     alive = torch.ones(b, dtype=torch.bool, device=prompts.device)
     key = cache_key(model)
-    out = model(input_ids=prompts, use_cache=True)
+    # the prefill needs only the last position's logits: [B, 1, V], not [B, P, V] (HF's logits_to_keep, where the model takes it)
+    last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    out = model(input_ids=prompts, use_cache=True, **last)
     for i in range(max_new_tokens):
         logits = out.logits[:, -1, :].float()
         if temperature == 0:

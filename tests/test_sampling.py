@@ -20,6 +20,19 @@ def test_greedy_matches_hugging_face_generate(tiny_teacher, prompts):
     assert torch.equal(out.tokens, ref) and out.mask.all()
 
 
+def test_prefill_computes_only_the_last_positions_logits(tiny_teacher, prompts):
+    """The prompt's forward returns logits [B, 1, V], not [B, P, V]: a prompt of P tokens costs one
+    row of the LM head, not P (the on-policy student continues 192-token prompts)."""
+    shapes = []
+    hook = tiny_teacher.register_forward_hook(lambda mod, args, out: shapes.append(tuple(out.logits.shape)))
+    try:
+        sample(tiny_teacher, prompts, 3, temperature=0)
+    finally:
+        hook.remove()
+    vocab = tiny_teacher.config.vocab_size
+    assert shapes == [(prompts.shape[0], 1, vocab)] * 3
+
+
 def test_logprobs_are_the_models_and_seeds_repeat(tiny_teacher, prompts):
     a = sample(tiny_teacher, prompts, 10, temperature=1.0, generator=torch.Generator().manual_seed(3))
     b = sample(tiny_teacher, prompts, 10, temperature=1.0, generator=torch.Generator().manual_seed(3))
