@@ -71,6 +71,24 @@ def pytest_runtest_teardown(item, nextitem):
 # --- fixtures -------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def local_ray(request):
+    """A local Ray instance for one test module (`RAY_CPUS` in the module sets its CPUs, default 4: one
+    worker, Ray Data's tasks and a driver-side actor fit), shut down after the module; a Ray already
+    started in this process is reused and left running."""
+    import ray
+    import ray.data
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=getattr(request.module, "RAY_CPUS", 4), include_dashboard=False, configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    if started:
+        ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def tiny_teacher_dir():
     """A seeded 6-layer random Llama + BPE tokenizer, built once into RAYKD_CACHE."""

@@ -21,15 +21,6 @@ BASE = ["loss.weights.attention=0", "loss.weights.relation=0", "loss.weights.blo
         "teacher.cache_shard_blocks=16", "scale.num_workers=1", "train.max_steps=12", "train.precision=fp32"]
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False)
-    yield
-    ray.shutdown()
-
-
 def _cfg(cache_dir, *overrides):
     from raykd.config import load_config
     from raykd.plan import resolve

@@ -3,7 +3,6 @@ input, seeded order, and Ray Train workers streaming their shards without deadlo
 without `local_ray` (preflight, interrupt handling) need no Ray and run in the fast lane."""
 
 import json
-import os
 import shutil
 import threading
 from pathlib import Path
@@ -18,19 +17,7 @@ from raykd.data.corpora import clean_text
 BLOCK = 32
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-    import ray.data
-
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    if started:
-        ray.shutdown()
+RAY_CPUS = 2  # the local_ray fixture's CPUs (tests/conftest.py): Ray Data's reservation on a 2-core machine
 
 
 @pytest.fixture(scope="module")

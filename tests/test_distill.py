@@ -21,16 +21,6 @@ KEYS = {"val_perplexity", "teacher_val_perplexity", "init_val_perplexity", "top1
         "teacher_params", "tokens_seen", "tokens_per_s", "train_wall_s"}
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
-    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False)
-    yield
-    ray.shutdown()
-
-
 def _cfg(tmp_path, *overrides):
     from raykd.config import load_config
 

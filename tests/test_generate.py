@@ -10,7 +10,6 @@ the corpus by weight (the shares checked on the built dataset), and a student as
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -170,16 +169,6 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, tiny_teacher
 
 
 # --- on local Ray -------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
-    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False)
-    yield
-    ray.shutdown()
 
 
 def _generate(out: Path, *overrides) -> dict:
