@@ -10,19 +10,25 @@ schedule and token budget (`--steps` x `--batch` x `--block` tokens):
 * `ce`:      cross-entropy only (no teacher forward at all);
 * `logit`:   CE + forward KL (T = 1);
 * `feature`: CE + forward KL + cosine hidden-state alignment on every mapped layer pair +
-             attention-map KL (weights `--hidden`, `--attention`).
+             attention-map KL (weights `--hidden`, `--attention`);
+* `seqkd`:   the feature recipe on a 50/50 `data.mix` of the corpus and teacher-written text
+             (`raykd generate`: the first 32 tokens of each training speech continued by
+             `--gen-tokens` sampled tokens, top-p 0.95); generation time is reported with the arm;
+* `onpolicy`: the feature recipe with `loss.on_policy` (GKD's lambda = `--onpolicy`: that share of
+             micro-batches ends in `--onpolicy-tokens` of the student's own samples).
 
 Every model is then scored by one routine on the same held-out blocks (`--val-blocks` blocks
 of `--block` tokens of the 2001-2021 speeches): perplexity of the cut before training
-(`init`), of each arm's exported student, and of the teacher; and on the tasks users judge a
+(`init`), of each arm's exported student, and of the teacher; out of domain on `--ood-blocks` blocks of the
+standard library's documentation prose (`pydoc`, never trained on); and on the tasks users judge a
 student by (raykd.tasks, `--task-limit` examples each): sentiment accuracy and ROC AUC, cloze
 last-word accuracy, CER of greedy continuations against the teacher's, with each model's
 retained share of the teacher's lead over chance.
 
 With `--out DIR` (default runs/quality) it writes DIR/init, DIR/ce, DIR/logit, DIR/feature
 (HF model directories with tokenizer files), DIR/teacher, DIR/results.json, and each arm's
-run directory under DIR/runs/. Goals (issue 7): the feature arm beats both others, and its
-perplexity is at most 2.5x the teacher's.
+run directory under DIR/runs/ (the seqkd arm's teacher text under DIR/gen). Goals (issues 7, 18): the
+feature arm beats both others, its perplexity at most 2.5x the teacher's, out of domain at most 4x.
 
     .venv/bin/python bench/quality.py [--out DIR] [--steps 192] [--hidden 0.5] [--attention 0.1]
 """
@@ -42,14 +48,15 @@ import yaml
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
-ARMS = ("ce", "logit", "feature")
+ARMS = ("ce", "logit", "feature", "seqkd", "onpolicy")
+DEFAULT_ARMS = ("ce", "logit", "feature")
 
 
 def arm_weights(arm: str, a) -> dict:
     w = {"ce": 1.0, "kd": 0.0, "hidden": 0.0, "attention": 0.0, "relation": 0.0, "blockwise": 0.0}
-    if arm in ("logit", "feature"):
+    if arm != "ce":
         w["kd"] = a.kd
-    if arm == "feature":
+    if arm in ("feature", "seqkd", "onpolicy"):
         w.update(hidden=a.hidden, attention=a.attention)
     return w
 
@@ -68,6 +75,47 @@ def base_config(a, out: Path) -> dict:
         "output_dir": str(out),
         "seed": a.seed,
     }
+
+
+def arm_config(arm: str, resolved: dict, a, out: Path, gen_dir: Path) -> dict:
+    """The shared resolved config (same cut, data order, schedule, budget) with only the arm's differences."""
+    cfg = json.loads(json.dumps(resolved))
+    cfg["loss"]["weights"] = arm_weights(arm, a)
+    cfg["eval"]["tasks"] = []  # every model is scored below, by one routine on the same examples
+    cfg["output_dir"] = str(out / "runs" / arm)
+    if arm == "seqkd":
+        cfg["data"]["train"] = None
+        cfg["data"]["mix"] = {"sotu": 0.5, str(gen_dir): 0.5}
+    if arm == "onpolicy":
+        cfg["loss"]["on_policy"] = {"fraction": a.onpolicy, "max_new_tokens": a.onpolicy_tokens, "temperature": 1.0}
+    return cfg
+
+
+def run_cli(verb: str, path: Path, *extra: str) -> float:
+    """`raykd VERB path extra...` on a local Ray instance of its own; its wall seconds (raises on failure)."""
+    t = time.perf_counter()
+    env = {**os.environ, "RAY_ADDRESS": ""}  # a local Ray instance per run, whatever the shell says
+    proc = subprocess.run([sys.executable, "-m", "raykd.cli", verb, str(path), *extra], cwd=C.ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0:
+        print(proc.stdout[-6000:], file=sys.stderr)
+        raise RuntimeError(f"raykd {verb} {path.name}: failed (exit {proc.returncode})")
+    return time.perf_counter() - t
+
+
+def teacher_text(resolved: dict, a, out: Path) -> tuple[Path, float, dict]:
+    """The seqkd arm's teacher-written text (`raykd generate`, resumable): its directory, wall seconds, stats."""
+    gen_dir = out / "gen"
+    cfg = json.loads(json.dumps(resolved))
+    cfg["generate"] = {"prompt_tokens": 32, "max_new_tokens": a.gen_tokens, "temperature": 1.0, "top_p": 0.95,
+                       "num_samples": 1, "num_prompts": a.gen_prompts, "batch_size": 16, "shard_size": 64}
+    cfg["output_dir"] = str(out / "runs" / "gen")
+    path = out / "runs" / "gen.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    wall = run_cli("generate", path, "--out", str(gen_dir))
+    stats = json.loads((gen_dir / "generate.json").read_text())["counts"]
+    return gen_dir, wall, stats
 
 
 def copy_dir(src: Path, dst: Path) -> None:
@@ -120,9 +168,14 @@ def main() -> int:
     p.add_argument("--hidden", type=float, default=0.5, help="cosine hidden-state weight of the feature arm")
     p.add_argument("--attention", type=float, default=0.1, help="attention-map KL weight of the feature arm")
     p.add_argument("--val-blocks", type=int, default=128, help="held-out blocks every model is scored on")
+    p.add_argument("--ood-blocks", type=int, default=64, help="out-of-domain blocks (pydoc prose, never trained on) every model is scored on")
     p.add_argument("--precision", default="auto", choices=["fp32", "bf16", "auto"],
                    help="train.precision of every arm (auto: bf16 autocast where the CPU has bf16 support, as jobs/demo.yaml)")
-    p.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of ce,logit,feature (all by default)")
+    p.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"comma-separated subset of {','.join(ARMS)} (default: {','.join(DEFAULT_ARMS)})")
+    p.add_argument("--onpolicy", type=float, default=0.5, help="the onpolicy arm's loss.on_policy.fraction (GKD's lambda)")
+    p.add_argument("--onpolicy-tokens", type=int, default=64, help="the onpolicy arm's loss.on_policy.max_new_tokens")
+    p.add_argument("--gen-prompts", type=int, default=0, help="the seqkd arm's generate.num_prompts (0 = every training speech)")
+    p.add_argument("--gen-tokens", type=int, default=128, help="the seqkd arm's generate.max_new_tokens")
     p.add_argument("--task-limit", type=int, default=400, help="examples per task (sentiment sentences of 2,000, cloze passages)")
     a = p.parse_args()
     arms = [x for x in a.arms.split(",") if x]
@@ -161,47 +214,53 @@ def main() -> int:
     tok.save_pretrained(out / "init")
     copy_dir(teacher_dir, out / "teacher")
 
-    runs = {}
+    runs, gen_dir, gen = {}, out / "gen", None
+    if "seqkd" in arms:
+        gen_dir, gen_s, stats = teacher_text(resolved.to_dict(), a, out)
+        gen = {"wall_s": gen_s, "tokens": stats["tokens"], "samples": stats["samples"], "tokens_per_s": stats["tokens_per_s"]}
+        print(f"== teacher text for seqkd: {gen_dir} ({gen_s:.0f} s, {stats['tokens']:,} tokens)", flush=True)
     for arm in arms:
-        cfg = resolved.to_dict()
-        cfg["loss"]["weights"] = arm_weights(arm, a)
-        cfg["eval"]["tasks"] = []  # every model is scored below, by one routine on the same examples
-        cfg["output_dir"] = str(out / "runs" / arm)
+        cfg = arm_config(arm, resolved.to_dict(), a, out, gen_dir)
         path = out / "runs" / f"{arm}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         print(f"== arm {arm}: weights {cfg['loss']['weights']}", flush=True)
-        t = time.perf_counter()
-        env = {**os.environ, "RAY_ADDRESS": ""}  # a local Ray instance per arm, whatever the shell says
-        proc = subprocess.run([sys.executable, "-m", "raykd.cli", "distill", str(path)], cwd=C.ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        wall = time.perf_counter() - t
-        if proc.returncode != 0:
-            print(proc.stdout[-6000:], file=sys.stderr)
-            raise RuntimeError(f"arm {arm}: raykd distill failed (exit {proc.returncode})")
+        wall = run_cli("distill", path)
         metrics = json.loads((out / "runs" / arm / "metrics.json").read_text())
         copy_dir(out / "runs" / arm / "student", out / arm)
         runs[arm] = {"wall_s": wall, "tokens_seen": metrics["tokens_seen"], "tokens_per_s": metrics["tokens_per_s"],
                      "top1_agreement": metrics.get("top1_agreement"), "run_val_perplexity": metrics.get("val_perplexity"),
                      "final_terms": {k: v for k, v in metrics["history"][-1].items() if k in ("ce", "kd", "hidden", "attention", "loss")}}
+        if arm == "seqkd":  # its budget includes writing the teacher text
+            runs[arm].update(generate=gen, wall_with_generation_s=wall + gen["wall_s"])
+        if arm == "onpolicy":
+            runs[arm]["gen_s"] = sum(h.get("gen_s", 0.0) for h in metrics["history"])
         print(f"   {arm}: {wall:.0f} s, {metrics['tokens_per_s']:.0f} tok/s, run's own val ppl {metrics.get('val_perplexity'):.2f}", flush=True)
 
     val = eval_blocks(["sotu"], tok, a.block, a.val_blocks)
-    print(f"scoring on {len(val)} held-out blocks x {a.block} tokens", flush=True)
-    ppl = {}
+    # out of domain: the stdlib's documentation prose; no arm trains on it, so its larger "train" split is unseen too
+    ood = eval_blocks(["pydoc"], tok, a.block, a.ood_blocks, field="data.train")
+    print(f"scoring on {len(val)} held-out blocks x {a.block} tokens, and {len(ood)} out-of-domain (pydoc) blocks", flush=True)
+    ppl, ppl_ood = {}, {}
     for name in ["init", *arms, "teacher"]:
         model = teacher if name == "teacher" else models.load_model(out / name, torch.float32, frozen=True)
-        ppl[name] = perplexity(model, val, batch_size=8)
-        print(f"   ppl {name}: {ppl[name]:.3f}", flush=True)
+        ppl[name], ppl_ood[name] = perplexity(model, val, batch_size=8), perplexity(model, ood, batch_size=8)
+        print(f"   ppl {name}: {ppl[name]:.3f} (out of domain {ppl_ood[name]:.2f})", flush=True)
     task_scores = score_tasks(out, ["init", *arms], teacher, tok, val, a.task_limit)
     results = {"kept_layers": kept, "tokens_per_arm": budget, "val_blocks": len(val), "block_size": a.block,
-               "weights": {arm: arm_weights(arm, a) for arm in arms}, "lr": a.lr, "seed": a.seed, "perplexity": ppl, "runs": runs,
+               "weights": {arm: arm_weights(arm, a) for arm in arms}, "lr": a.lr, "seed": a.seed, "perplexity": ppl,
+               "perplexity_out_of_domain": ppl_ood, "ood_blocks": len(ood), "runs": runs,
                "tasks": task_scores, "task_limit": a.task_limit,
                "machine": C.machine(), "versions": C.versions(), "wall_s": time.perf_counter() - t0}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(f"wrote {out}/results.json and the model directories {', '.join(['init', *arms, 'teacher'])}", flush=True)
     figures = {f"ppl_{k}": v for k, v in ppl.items()}
-    if set(arms) == set(ARMS):
+    figures.update({f"ood_ppl_{k}": v for k, v in ppl_ood.items()})
+    figures.update({f"ood_over_teacher_{k}": v / ppl_ood["teacher"] for k, v in ppl_ood.items() if k not in ("teacher", "init")})
+    figures.update({f"wall_s_{arm}": r.get("wall_with_generation_s", r["wall_s"]) for arm, r in runs.items()})
+    if "onpolicy" in runs:
+        figures["onpolicy_gen_s"] = runs["onpolicy"]["gen_s"]
+    if {"ce", "logit", "feature"} <= set(arms):
         figures["feature_beats_both"] = int(ppl["feature"] < min(ppl["ce"], ppl["logit"]))
         figures["feature_over_teacher"] = ppl["feature"] / ppl["teacher"]
     for name, res in task_scores.items():

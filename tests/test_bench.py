@@ -52,7 +52,7 @@ def test_goal_names_match_issue_7():
     assert set(collect.GOALS["vs_trl"]) == {"tokens_per_s_ratio", "peak_memory_ratio", "plain_loop_ratio"}
     assert set(collect.GOALS["asha"]) == {"trial_steps_saved", "same_best"}
     assert set(collect.GOALS["cache"]) >= {"sweep_time_ratio"}
-    assert set(collect.GOALS["quality"]) == {"feature_beats_both", "feature_over_teacher"}
+    assert set(collect.GOALS["quality"]) == {"feature_beats_both", "feature_over_teacher", "ood_over_teacher_feature"}  # + issue 18
     assert [p.stem for p in collect.benchmarks(None)][:4] == ["chunked_loss", "kd_step", "vs_trl", "asha"]
     with pytest.raises(SystemExit):
         collect.benchmarks(["no_such_bench"])
