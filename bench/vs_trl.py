@@ -3,8 +3,11 @@
 Same teacher (SmolLM2-135M, 30 layers, fp32), same student (the 10-layer cut [0-3, 24-29],
 fp32, trained), same data (packed 256-token blocks of the State of the Union speeches, in
 the same order), same batch (4 x 256), same number of steps, same torch threads, same
-precision (fp32: TRL's default bf16=True is turned off), gradient checkpointing off,
-AdamW (torch, non-fused) at the same constant LR, grad-norm clipping at 1.0 everywhere.
+precision (fp32: TRL's default bf16=True is turned off), AdamW (torch, non-fused) at the same
+constant LR, grad-norm clipping at 1.0 everywhere. Gradient (activation) checkpointing is off in
+the three main arms and on in a second pair, raykd_ckpt vs trl_ckpt (raykd
+`train.activation_checkpointing=true`, TRL `gradient_checkpointing=True`, both HF's non-reentrant
+checkpointing of the student's decoder layers), run after the first three (`--no-ckpt` skips it).
 
 * raykd: what `raykd.train.train_loop_per_worker` does per step, without Ray: `teacher_forward`
   -> `raykd.parallel.Engine` (Distiller with CE 1 + forward KL 1, fused chunked LM-head loss)
@@ -17,14 +20,19 @@ AdamW (torch, non-fused) at the same constant LR, grad-norm clipping at 1.0 ever
   `log_softmax`, backward, clip, AdamW.
 
 Every arm runs in its own child process (peak RSS = that child's ru_maxrss, read by the
-parent with wait4); the three children run at once but take their steps strictly in turn
+parent with wait4); the children of a group run at once but take their steps strictly in turn
 (`_common.lockstep`), so every step has the cores to itself and a change in the machine's
 load (it is shared) hits all arms alike. `--warmup` steps are excluded; tokens/s = tokens per step / median time
-of the `--steps` timed steps. Figures: tokens_per_s_ratio = raykd / TRL (goal >= 2.0),
+of the `--steps` timed steps. Figures: tokens_per_s_ratio = raykd / TRL (goal >= 2.2),
 peak_memory_ratio = raykd / TRL peak RSS (goal <= 0.5), plain_loop_ratio = raykd / plain
-tokens/s (goal >= 1.1).
+tokens/s (goal >= 1.1), peak_memory_ratio_ckpt = raykd_ckpt / trl_ckpt peak RSS (goal <= 0.5),
+roofline = model FLOPs per token (`raykd plan`'s flops/tok: teacher forward 2·N_t + student
+forward+backward 6·N_s, attention scores included) x raykd tokens/s / this machine's fp32 GEMM
+rate (the best of a few 2048 x 2048 x 2048 `torch.matmul`s at the same threads, 2n³ FLOPs each,
+measured before and after the arms; goal >= 0.85). roofline_ckpt counts the same model FLOPs
+(not the recomputation) at raykd_ckpt's tokens/s.
 
-    .venv/bin/python bench/vs_trl.py [--steps 5] [--warmup 2] [--threads 2] [--reps 1]
+    .venv/bin/python bench/vs_trl.py [--steps 5] [--warmup 2] [--threads 2] [--reps 1] [--no-ckpt]
 """
 from __future__ import annotations
 
@@ -56,7 +64,7 @@ def _finish(times, a, extra=None):
     C.report({"step_s": C.median(timed), "times": timed, "tokens_per_step": a.batch * a.block, **(extra or {})})
 
 
-def arm_raykd(a) -> None:
+def arm_raykd(a, ckpt: bool = False) -> None:
     import torch
 
     from raykd.config import from_dict
@@ -71,7 +79,7 @@ def arm_raykd(a) -> None:
         "loss": {"kd": "forward_kl", "weights": {"ce": 1.0, "kd": 1.0}, "chunk_size": a.chunk},
         "data": {"block_size": a.block},
         "train": {"max_steps": a.warmup + a.steps, "batch_size": a.batch, "lr": LR, "warmup_steps": 0, "grad_clip": 1.0,
-                  "precision": a.precision},
+                  "precision": a.precision, "activation_checkpointing": ckpt},
     })
     depth = num_layers(teacher.config)
     pairs = layer_map("auto", depth, len(C.KEPT), C.KEPT, None, None)
@@ -90,7 +98,7 @@ def arm_raykd(a) -> None:
         engine.step()
         times.append(time.perf_counter() - t0)
         losses.append(float(terms["loss"]))
-        C.progress(f"raykd step {i + 1}: {times[-1]:.2f}s loss {losses[-1]:.4f}")
+        C.progress(f"{a.arm} step {i + 1}: {times[-1]:.2f}s loss {losses[-1]:.4f}")
     _finish(times, a, {"losses": losses})
 
 
@@ -124,7 +132,7 @@ def arm_plain(a) -> None:
     _finish(times, a, {"losses": losses})
 
 
-def arm_trl(a) -> None:
+def arm_trl(a, ckpt: bool = False) -> None:
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -149,13 +157,14 @@ def arm_trl(a) -> None:
 
         def on_step_end(self, args, state, control, **kw):
             times.append(time.perf_counter() - self.t0)
-            C.progress(f"trl step {len(times)}: {times[-1]:.2f}s")
+            C.progress(f"{a.arm} step {len(times)}: {times[-1]:.2f}s")
 
     with tempfile.TemporaryDirectory(prefix="bench-trl-") as out:
         args = GKDConfig(
             output_dir=out, per_device_train_batch_size=a.batch, max_steps=a.warmup + a.steps, max_length=a.block,
             lmbda=0.0, beta=0.0, temperature=1.0, seq_kd=False,
-            bf16=a.precision == "bf16", fp16=False, gradient_checkpointing=False, use_cpu=True,
+            bf16=a.precision == "bf16", fp16=False, gradient_checkpointing=ckpt, use_cpu=True,
+            gradient_checkpointing_kwargs={"use_reentrant": False} if ckpt else None,
             learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, optim="adamw_torch",
             weight_decay=0.0, train_sampling_strategy="sequential", dataloader_num_workers=0,
             logging_steps=10_000, save_strategy="no", report_to=[], disable_tqdm=True, seed=0,
@@ -167,7 +176,53 @@ def arm_trl(a) -> None:
     _finish(times, a, {"threads_seen": torch.get_num_threads()})
 
 
-ARMS = {"raykd": arm_raykd, "trl": arm_trl, "plain": arm_plain}
+ARMS = {"raykd": arm_raykd, "trl": arm_trl, "plain": arm_plain,
+        "raykd_ckpt": lambda a: arm_raykd(a, ckpt=True), "trl_ckpt": lambda a: arm_trl(a, ckpt=True)}
+MAIN, CKPT = ["raykd", "trl", "plain"], ["raykd_ckpt", "trl_ckpt"]
+
+
+def gemm_flops(threads: int, n: int = 2048, reps: int = 5) -> float:
+    """This machine's fp32 GEMM rate (FLOP/s): the best of `reps` n x n x n matmuls (2n³ FLOPs each)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    torch.matmul(x, y)  # warm-up
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.matmul(x, y)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def model_flops_per_token(a) -> dict[str, float]:
+    """`raykd plan`'s FLOPs per token of this comparison's teacher, student cut and block size."""
+    from raykd.config import from_dict
+    from raykd.plan import build_plan
+
+    cfg = from_dict({"teacher": {"model": "smollm2-135m"}, "student": {"init": "list", "layers": C.KEPT},
+                     "loss": {"weights": {"ce": 1.0, "kd": 1.0}}, "data": {"block_size": a.block}})
+    return build_plan(cfg, log=lambda m: None).flops_per_token
+
+
+def _run_group(script: str, arms: list[str], fwd: list[str], reps: int) -> dict[str, list[dict]]:
+    """`reps` lockstep rounds of `arms` (the order rotating per rep): each arm's results."""
+    runs = {k: [] for k in arms}
+    for rep in range(reps):
+        k = rep % len(arms)
+        got = C.lockstep(script, {arm: fwd for arm in arms[k:] + arms[:k]}, timeout=1500)
+        for arm in arms:
+            r = got[arm]
+            runs[arm].append(r)
+            print(f"rep {rep + 1}/{reps} {arm:10s}: {r['tokens_per_step'] / r['step_s']:.1f} tok/s (median step {r['step_s']:.2f} s), "
+                  f"peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
+    return runs
+
+
+def _same(x: float, y: float, rel: float) -> bool:
+    return abs(x - y) <= rel * abs(y)
 
 
 def main() -> int:
@@ -181,6 +236,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--chunk", type=int, default=None, help="raykd's loss.chunk_size (default: the project default)")
+    p.add_argument("--ckpt", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run the activation-checkpointing pair raykd_ckpt vs trl_ckpt (--no-ckpt: the three main arms only)")
     a = p.parse_args()
     if a.chunk is None:
         from raykd.config import LossConfig
@@ -192,41 +249,56 @@ def main() -> int:
     C.header("raykd step vs TRL GKDTrainer (logit-only) vs a plain PyTorch loop: SmolLM2-135M -> 10-layer cut",
              a.threads, a.precision, [
                  f"same teacher, same student init, same {a.batch} x {a.block} SOTU blocks in the same order, {a.warmup} warm-up + {a.steps} timed steps per arm",
-                 f"{a.precision} everywhere (TRL's bf16 default set to match), gradient checkpointing off, torch AdamW (weight decay 0) "
+                 f"{a.precision} everywhere (TRL's bf16 default set to match), torch AdamW (weight decay 0) "
                  "at lr 1e-5, grad-norm clip 1.0 in all arms (raykd: its warm-up-free cosine schedule; TRL and plain: constant LR; speed does not depend on it)",
+                 "gradient checkpointing off in raykd, trl and plain; on in both arms of the second pair, raykd_ckpt (train.activation_checkpointing=true) "
+                 "and trl_ckpt (gradient_checkpointing=True): HF's non-reentrant checkpointing of the student's decoder layers in both"
+                 + ("" if a.ckpt else " (not run: --no-ckpt)"),
                  f"raykd: the project's Engine step with its default fused chunked LM-head loss (loss.chunk_size={a.chunk}); "
-                 "plain: the same CE + forward KL on full logits (its step-1 loss is checked equal to raykd's)",
+                 "plain: the same CE + forward KL on full logits (its step-1 loss is checked equal to raykd's, and raykd_ckpt's to raykd's)",
                  "TRL: lmbda=0 (no generation), beta=0 = forward KL, KD loss only; raykd and plain: CE + forward KL (more work, not less); "
                  "TRL's step time runs from its on_step_begin to on_step_end callback (batch fetch and logging between steps not counted)",
-                 "each arm is its own child process; the three run side by side but take their steps strictly in turn (round-robin, "
-                 "order rotating), so each step has the cores to itself and all arms see the same machine load over time",
+                 "each arm is its own child process; the arms of a group (raykd, trl, plain; then raykd_ckpt, trl_ckpt) run side by side but "
+                 "take their steps strictly in turn (round-robin, order rotating), so each step has the cores to itself and all arms of a group "
+                 "see the same machine load over time",
                  "peak memory = each child's own peak RSS (wait4 ru_maxrss): everything it loaded (both models, optimizer, libraries) included",
                  f"tokens/s = {a.batch * a.block} tokens / median timed step; same torch threads ({a.threads}) in all arms",
+                 "roofline = raykd plan's model FLOPs per token (teacher fwd 2·N_t + student fwd+bwd 6·N_s + attention scores; recomputation "
+                 f"not counted) x tokens/s / the best fp32 GEMM rate measured here ({a.threads} threads, 2048³ torch.matmul, before and after the arms)",
              ])
+    flops = model_flops_per_token(a)
+    gemm = [gemm_flops(a.threads)]
+    print(f"fp32 GEMM before the arms: {gemm[0] / 1e9:.1f} GFLOP/s; model FLOPs/token {flops['total'] / 1e9:.3f} G "
+          f"(teacher fwd {flops['teacher_forward'] / 1e9:.3f} G + student step {flops['student_step'] / 1e9:.3f} G)", flush=True)
     fwd = [f"--{k}={getattr(a, k)}" for k in ("steps", "warmup", "batch", "block", "threads", "precision", "chunk")]
     script = os.path.abspath(__file__)
-    runs = {k: [] for k in ARMS}
-    names = list(ARMS)
-    for rep in range(a.reps):
-        got = C.lockstep(script, {arm: fwd for arm in names[rep % 3:] + names[:rep % 3]}, timeout=1500)
-        for arm in names:
-            r = got[arm]
-            runs[arm].append(r)
-            print(f"rep {rep + 1}/{a.reps} {arm:5s}: {r['tokens_per_step'] / r['step_s']:.1f} tok/s (median step {r['step_s']:.2f} s), "
-                  f"peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
+    runs = _run_group(script, MAIN, fwd, a.reps)
+    if a.ckpt:
+        runs.update(_run_group(script, CKPT, fwd, a.reps))
+    gemm.append(gemm_flops(a.threads))
+    print(f"fp32 GEMM after the arms: {gemm[1] / 1e9:.1f} GFLOP/s", flush=True)
     first = {k: v[0]["losses"][0] for k, v in runs.items() if "losses" in v[0]}
-    same_loss = abs(first["raykd"] - first["plain"]) <= 1e-3 * abs(first["plain"])
+    same_loss = _same(first["raykd"], first["plain"], 1e-3)
     print(f"step-1 loss (CE + forward KL, same init and batch): raykd {first['raykd']:.5f}, plain {first['plain']:.5f} -> "
           f"{'same' if same_loss else 'DIFFERENT'}", flush=True)
     tps = {k: C.median(r["tokens_per_step"] / r["step_s"] for r in v) for k, v in runs.items()}
     rss = {k: C.median(r["peak_rss_mib"] for r in v) for k, v in runs.items()}
-    C.figures({
+    peak = max(gemm)
+    figures = {
         "tokens_per_s_ratio": tps["raykd"] / tps["trl"], "peak_memory_ratio": rss["raykd"] / rss["trl"],
-        "plain_loop_ratio": tps["raykd"] / tps["plain"],
-        "raykd_tok_s": tps["raykd"], "trl_tok_s": tps["trl"], "plain_tok_s": tps["plain"],
-        "raykd_rss_mib": rss["raykd"], "trl_rss_mib": rss["trl"], "plain_rss_mib": rss["plain"],
-        "same_loss_raykd_plain": int(same_loss), "steps": a.steps, "threads": a.threads, "precision": a.precision, "chunk": a.chunk,
-    })
+        "plain_loop_ratio": tps["raykd"] / tps["plain"], "roofline": flops["total"] * tps["raykd"] / peak,
+    }
+    if a.ckpt:
+        figures["peak_memory_ratio_ckpt"] = rss["raykd_ckpt"] / rss["trl_ckpt"]
+        figures["roofline_ckpt"] = flops["total"] * tps["raykd_ckpt"] / peak
+        figures["tokens_per_s_ratio_ckpt"] = tps["raykd_ckpt"] / tps["trl_ckpt"]
+    figures.update({f"{k}_tok_s": v for k, v in tps.items()})
+    figures.update({f"{k}_rss_mib": v for k, v in rss.items()})
+    if a.ckpt:
+        figures["same_loss_raykd_ckpt"] = int(_same(first["raykd_ckpt"], first["raykd"], 1e-5))
+    figures.update({"same_loss_raykd_plain": int(same_loss), "gemm_gflops": peak / 1e9, "model_gflops_per_token": flops["total"] / 1e9,
+                    "steps": a.steps, "threads": a.threads, "precision": a.precision, "chunk": a.chunk})
+    C.figures(figures)
     return 0
 
 

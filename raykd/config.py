@@ -221,6 +221,7 @@ class TrainConfig:
     generation_eval: bool = True  # after training: ROUGE-L / BLEU of greedy student continuations vs the teacher's
     eval_every: int = 0  # steps between validation-loss checks reported as val_loss (0 = none during training; sweeps set it)
     eval_blocks: int = 8  # validation blocks per check, split across workers
+    activation_checkpointing: bool = False  # recompute the student's decoder layers in backward: less activation memory, ~1/3 more student compute
 
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "grad_accum", "report_every"):

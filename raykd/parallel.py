@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from raykd.capture import decoder_layers
+from raykd.models import checkpoint_activations
 
 OPTIM_FILE = "optimizer.pt"
 MODEL_FILE = "distiller.pt"
@@ -92,6 +93,8 @@ class Engine:
         self.cfg, self.device, self.world_size = cfg, device, world_size
         self.distiller = distiller.to(device)
         self.teacher = teacher
+        if cfg.train.activation_checkpointing:  # the student only (the teacher keeps no activations: no grad)
+            checkpoint_activations(self.distiller.student)  # before wrap(): FSDP2's layer hooks stay outside it
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
         self.place_teacher()
         self.model = self.wrap()

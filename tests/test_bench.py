@@ -34,7 +34,8 @@ def test_figures_line_round_trips(capsys):
 
 @pytest.mark.parametrize("name, figures, met", [
     ("chunked_loss", {"peak_memory_ratio": "0.25", "time_ratio": "1.21", "same_result": "1"}, ["yes", "**no**", "yes"]),
-    ("vs_trl", {"tokens_per_s_ratio": "1.99", "peak_memory_ratio": "0.4", "plain_loop_ratio": "1.1"}, ["**no**", "yes", "yes"]),
+    ("vs_trl", {"tokens_per_s_ratio": "2.19", "peak_memory_ratio": "0.4", "plain_loop_ratio": "1.1", "roofline": "0.85"},
+     ["**no**", "yes", "yes", "missing", "yes"]),
     ("asha", {"trial_steps_saved": "0.5", "same_best": "0"}, ["yes", "**no**"]),
     ("kd_step", {"overhead_ratio": "nan"}, ["**no**"]),
     ("kd_step", {"overhead_ratio": "n/a"}, ["?"]),
@@ -49,7 +50,8 @@ def test_goal_checks(name, figures, met):
 def test_goal_names_match_issue_7():
     assert set(collect.GOALS["chunked_loss"]) >= {"peak_memory_ratio", "time_ratio"}
     assert set(collect.GOALS["kd_step"]) == {"overhead_ratio"}
-    assert set(collect.GOALS["vs_trl"]) == {"tokens_per_s_ratio", "peak_memory_ratio", "plain_loop_ratio"}
+    assert set(collect.GOALS["vs_trl"]) == {"tokens_per_s_ratio", "peak_memory_ratio", "plain_loop_ratio",
+                                            "peak_memory_ratio_ckpt", "roofline"}  # the last two: issue 18
     assert set(collect.GOALS["asha"]) == {"trial_steps_saved", "same_best"}
     assert set(collect.GOALS["cache"]) >= {"sweep_time_ratio"}
     assert set(collect.GOALS["quality"]) == {"feature_beats_both", "feature_over_teacher", "ood_over_teacher_feature"}  # + issue 18

@@ -26,7 +26,7 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, strategy, port, teacher_dir, out, grad_accum, shard_teacher=False):
+def _worker(rank, world, strategy, port, teacher_dir, out, grad_accum, shard_teacher=False, ckpt=False):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
@@ -37,7 +37,7 @@ def _worker(rank, world, strategy, port, teacher_dir, out, grad_accum, shard_tea
     from raykd.parallel import make_engine
 
     cfg = from_dict({**CFG, "scale": {"strategy": strategy, "zero_stage": 3, "num_workers": world, "shard_teacher": shard_teacher},
-                     "train": {**CFG["train"], "grad_accum": grad_accum, "batch_size": 4 // world // grad_accum}})
+                     "train": {**CFG["train"], "grad_accum": grad_accum, "batch_size": 4 // world // grad_accum, "activation_checkpointing": ckpt}})
     torch.manual_seed(0)
     teacher = load_model(teacher_dir, frozen=True)
     student = cut_student(teacher, cfg.student.layers)
@@ -45,6 +45,8 @@ def _worker(rank, world, strategy, port, teacher_dir, out, grad_accum, shard_tea
     distiller = Distiller.build(student, cfg.loss, pairs, teacher.config.hidden_size, 6)
     needs = distiller.spec.teacher_needs()
     init = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    q_calls = []  # forwards of a student layer's q projection: twice per micro-step when recomputed in backward
+    student.model.layers[1].self_attn.q_proj.register_forward_hook(lambda *_: q_calls.append(1))
     engine = make_engine(distiller, teacher, cfg, torch.device("cpu"), world)
     data = torch.randint(0, 1024, (cfg.train.max_steps, 4, 32), generator=torch.Generator().manual_seed(1))
     per = 4 // world
@@ -59,13 +61,13 @@ def _worker(rank, world, strategy, port, teacher_dir, out, grad_accum, shard_tea
         engine.step()
     state = engine.student_state(rank)
     if rank == 0:
-        torch.save({"state": state, "init": init, "losses": losses}, out)
+        torch.save({"state": state, "init": init, "losses": losses, "q_calls": len(q_calls) / len(losses)}, out)
     dist.destroy_process_group()
 
 
-def _run(world, strategy, tiny_teacher_dir, tmp_path, grad_accum=1, shard_teacher=False):
+def _run(world, strategy, tiny_teacher_dir, tmp_path, grad_accum=1, shard_teacher=False, ckpt=False):
     out = tmp_path / f"{strategy}-{world}-{grad_accum}.pt"
-    args = (world, strategy, _port(), str(tiny_teacher_dir), str(out), grad_accum, shard_teacher)
+    args = (world, strategy, _port(), str(tiny_teacher_dir), str(out), grad_accum, shard_teacher, ckpt)
     mp.start_processes(_worker, args=args, nprocs=world, start_method="spawn")
     return torch.load(out, weights_only=True)
 
@@ -75,11 +77,15 @@ def reference(tiny_teacher_dir, tmp_path_factory):
     return _run(1, "ddp", tiny_teacher_dir, tmp_path_factory.mktemp("ref"))
 
 
-@pytest.mark.parametrize("strategy,grad_accum,shard_teacher", [
-    ("ddp", 1, False), ("ddp", 2, False), ("fsdp2", 1, False), ("fsdp2", 2, False), ("fsdp2", 1, True), ("deepspeed", 1, False),
+@pytest.mark.parametrize("strategy,grad_accum,shard_teacher,ckpt", [
+    ("ddp", 1, False, False), ("ddp", 2, False, False), ("fsdp2", 1, False, False), ("fsdp2", 2, False, False),
+    ("fsdp2", 1, True, False), ("deepspeed", 1, False, False),
+    # train.activation_checkpointing: the student's layers recomputed in backward, inside the strategy's wrapping
+    ("ddp", 2, False, True), ("fsdp2", 1, False, True), ("deepspeed", 1, False, True),
 ])
-def test_two_workers_match_one(strategy, grad_accum, shard_teacher, reference, tiny_teacher_dir, tmp_path):
-    got = _run(2, strategy, tiny_teacher_dir, tmp_path, grad_accum, shard_teacher)
+def test_two_workers_match_one(strategy, grad_accum, shard_teacher, ckpt, reference, tiny_teacher_dir, tmp_path):
+    got = _run(2, strategy, tiny_teacher_dir, tmp_path, grad_accum, shard_teacher, ckpt)
+    assert got["q_calls"] == (2 if ckpt else 1)
     ref = reference["state"]
     assert set(got["state"]) == set(ref)
     moved = max((ref[k] - reference["init"][k]).abs().max().item() for k in ref)
