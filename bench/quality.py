@@ -27,7 +27,8 @@ retained share of the teacher's lead over chance.
 
 With `--out DIR` (default runs/quality) it writes DIR/init, DIR/ce, DIR/logit, DIR/feature
 (HF model directories with tokenizer files), DIR/teacher, DIR/results.json, and each arm's
-run directory under DIR/runs/ (the seqkd arm's teacher text under DIR/gen). Goals (issues 7, 18): the
+run directory under DIR/runs/ (the seqkd arm's teacher text under DIR/gen). Rerun into the same DIR,
+it keeps every arm that finished there with the same config (DIR/runs/ARM.json) and trains the rest. Goals (issues 7, 18): the
 feature arm beats both others, its perplexity at most 2.5x the teacher's, out of domain at most 4x.
 
     .venv/bin/python bench/quality.py [--out DIR] [--steps 192] [--hidden 0.5] [--attention 0.1]
@@ -103,6 +104,26 @@ def run_cli(verb: str, path: Path, *extra: str) -> float:
     return time.perf_counter() - t
 
 
+def generate_settings(a) -> dict:
+    """What the seqkd arm's teacher text depends on besides the shared cut (the record's key)."""
+    return {"gen_prompts": a.gen_prompts, "gen_tokens": a.gen_tokens, "seed": a.seed}
+
+
+def record(path: Path, config: dict, result: dict) -> None:
+    """A finished step's result beside the config it ran with: a rerun with the same config keeps it."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"config": config, "result": result}, indent=1))
+    os.replace(tmp, path)
+
+
+def finished(path: Path, config: dict, fresh: bool) -> dict | None:
+    """The recorded result of a step that finished with this config (None: run it)."""
+    if fresh or not path.exists():
+        return None
+    rec = json.loads(path.read_text())
+    return rec["result"] if rec.get("config") == json.loads(json.dumps(config)) else None
+
+
 def teacher_text(resolved: dict, a, out: Path) -> tuple[Path, float, dict]:
     """The seqkd arm's teacher-written text (`raykd generate`, resumable): its directory, wall seconds, stats."""
     gen_dir = out / "gen"
@@ -176,6 +197,7 @@ def main() -> int:
     p.add_argument("--onpolicy-tokens", type=int, default=64, help="the onpolicy arm's loss.on_policy.max_new_tokens")
     p.add_argument("--gen-prompts", type=int, default=0, help="the seqkd arm's generate.num_prompts (0 = every training speech)")
     p.add_argument("--gen-tokens", type=int, default=128, help="the seqkd arm's generate.max_new_tokens")
+    p.add_argument("--fresh", action="store_true", help="train every arm again (by default an arm that finished in --out with the same config is kept)")
     p.add_argument("--task-limit", type=int, default=400, help="examples per task (sentiment sentences of 2,000, cloze passages)")
     a = p.parse_args()
     arms = [x for x in a.arms.split(",") if x]
@@ -216,11 +238,19 @@ def main() -> int:
 
     runs, gen_dir, gen = {}, out / "gen", None
     if "seqkd" in arms:
-        gen_dir, gen_s, stats = teacher_text(resolved.to_dict(), a, out)
-        gen = {"wall_s": gen_s, "tokens": stats["tokens"], "samples": stats["samples"], "tokens_per_s": stats["tokens_per_s"]}
-        print(f"== teacher text for seqkd: {gen_dir} ({gen_s:.0f} s, {stats['tokens']:,} tokens)", flush=True)
+        gen = finished(out / "runs" / "gen.json", generate_settings(a), a.fresh)
+        if gen is None:
+            gen_dir, gen_s, stats = teacher_text(resolved.to_dict(), a, out)
+            gen = {"wall_s": gen_s, "tokens": stats["tokens"], "samples": stats["samples"], "tokens_per_s": stats["tokens_per_s"]}
+            record(out / "runs" / "gen.json", generate_settings(a), gen)
+        print(f"== teacher text for seqkd: {gen_dir} ({gen['wall_s']:.0f} s, {gen['tokens']:,} tokens)", flush=True)
     for arm in arms:
         cfg = arm_config(arm, resolved.to_dict(), a, out, gen_dir)
+        done = finished(out / "runs" / f"{arm}.json", cfg, a.fresh)
+        if done is not None:  # this arm's run finished earlier with the same config: score it, don't train it again
+            runs[arm] = done
+            print(f"== arm {arm}: finished earlier ({done['wall_s']:.0f} s), kept", flush=True)
+            continue
         path = out / "runs" / f"{arm}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -235,6 +265,7 @@ def main() -> int:
             runs[arm].update(generate=gen, wall_with_generation_s=wall + gen["wall_s"])
         if arm == "onpolicy":
             runs[arm]["gen_s"] = sum(h.get("gen_s", 0.0) for h in metrics["history"])
+        record(out / "runs" / f"{arm}.json", cfg, runs[arm])
         print(f"   {arm}: {wall:.0f} s, {metrics['tokens_per_s']:.0f} tok/s, run's own val ppl {metrics.get('val_perplexity'):.2f}", flush=True)
 
     val = eval_blocks(["sotu"], tok, a.block, a.val_blocks)
