@@ -132,10 +132,18 @@ def _trainable(params: dict, base: dict, sweep_dict: dict, trials_root: str) -> 
     trainer.fit()
 
 
+def trial_scheduler(sw: SweepConfig, max_steps: int):
+    """Tune's trial scheduler for `sw.scheduler`: ASHA on `step` (rungs from grace_period to max_steps) or FIFO."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if sw.scheduler != "asha":
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="step", max_t=max_steps, grace_period=sw.grace_period, reduction_factor=sw.reduction_factor)
+
+
 def _tuner(cfg: Config, sw: SweepConfig, trainable, out: Path, resume: bool):
     """A new Tuner (ASHA or FIFO, the seeded search), or the one restored from `out` with --resume."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     path = out / EXPERIMENT
     if resume:
@@ -144,10 +152,7 @@ def _tuner(cfg: Config, sw: SweepConfig, trainable, out: Path, resume: bool):
         return tune.Tuner.restore(str(path), trainable=trainable, resume_errored=False, restart_errored=False)
     if path.exists():
         raise ConfigError(f"output_dir: {out} already holds a sweep; pass --resume to continue it or choose another output_dir")
-    scheduler = (
-        ASHAScheduler(time_attr="step", max_t=cfg.train.max_steps, grace_period=sw.grace_period, reduction_factor=sw.reduction_factor)
-        if sw.scheduler == "asha" else FIFOScheduler()
-    )
+    scheduler = trial_scheduler(sw, cfg.train.max_steps)
     search_alg, space = searcher(sw, cfg.seed)
     return tune.Tuner(
         trainable,
