@@ -8,7 +8,8 @@ config (the complete config dict). Missing/None fields are tolerated (a failed t
 The efficiency/accuracy trade-off is the Pareto front (both minimised) of validation perplexity
 against student parameters (`front=params`) and against measured student latency
 (`front=latency`); pareto.csv holds both, told apart by its `front` column. Early-stopped trials
-have no final perplexity: they appear in the learning curves and tables, not on the fronts.
+have no final perplexity or latency, so they are not on the fronts; the tables and trials.csv show
+the perplexity of their last evaluation (exp of its val_loss), marked with its step.
 """
 
 from __future__ import annotations
@@ -59,9 +60,9 @@ def asha_savings(trials: list[dict]) -> dict:
 
 
 def _norm(t: dict) -> dict:
-    """A trial dict with every field present and of the expected kind."""
+    """A trial dict with every field present and of the expected kind, plus `last_eval`."""
     m = t.get("metrics") or {}
-    return {
+    n = {
         "trial_id": str(t.get("trial_id", "?")), "status": str(t.get("status") or "UNKNOWN"),
         "error": " ".join(str(t["error"]).split()) if t.get("error") else None,
         "params": dict(t.get("params") or {}),
@@ -69,6 +70,21 @@ def _norm(t: dict) -> dict:
         "steps": int(_num(t.get("steps")) or 0), "max_steps": int(_num(t.get("max_steps")) or 0),
         "history": [h for h in t.get("history") or [] if isinstance(h, dict)], "config": t.get("config"),
     }
+    return {**n, "last_eval": _last_eval(n)}
+
+
+def _last_eval(t: dict) -> tuple[int, float] | None:
+    """(step, perplexity) at the last evaluation of a trial that did not finish: exp(val_loss) of its last
+    report, else of the last point of its history; None for finished trials (theirs is the final one)."""
+    loss, step = _num(t["metrics"]["val_loss"]), t["steps"]
+    if loss is None or not step:
+        points = [(_num(h.get("step")), _num(h.get("val_loss"))) for h in t["history"]]
+        step, loss = max((p for p in points if None not in p), default=(0, None))
+    return None if t["status"] == "TERMINATED" or loss is None else (int(step), math.exp(min(loss, 700.0)))
+
+
+def _last_ppl(t: dict) -> float:
+    return t["last_eval"][1] if t["last_eval"] else math.inf
 
 
 def _ppl(t: dict) -> float | None:
@@ -125,10 +141,10 @@ def _write_csvs(out: Path, trials: list[dict], params: list[str], fronts: dict) 
         return [*(t["params"].get(p) for p in params), *(t["metrics"].get(m) for m in (*METRIC_COLUMNS, *tasks)),
                 t["steps"], t["max_steps"]]
 
-    with (out / "trials.csv").open("w", newline="") as fh:
+    with (out / "trials.csv").open("w", newline="") as fh:  # last_val_*: the last evaluation of a trial that did not finish
         w = csv.writer(fh)
-        w.writerow(["trial_id", "status", *cols, "error"])
-        w.writerows([t["trial_id"], t["status"], *values(t), t["error"] or ""] for t in trials)
+        w.writerow(["trial_id", "status", *cols, "last_val_perplexity", "last_val_step", "error"])
+        w.writerows([t["trial_id"], t["status"], *values(t), *(t["last_eval"] or ("", ""))[::-1], t["error"] or ""] for t in trials)
     with (out / "pareto.csv").open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["front", "trial_id", "status", *cols])
@@ -272,9 +288,18 @@ def _row(t: dict, params: list[str], error: bool = False, tasks: tuple = ()) -> 
     m = t["metrics"]
     cells = [(t["trial_id"], None), (t["status"], None)]
     cells += [(_fmt(t["params"].get(p)), _num(t["params"].get(p))) for p in params]
-    cells += [(_fmt(m.get(k)), _num(m.get(k))) for k in (*METRIC_COLUMNS, *tasks)]
+    cells += [_ppl_cell(t) if k == "val_perplexity" else (_fmt(m.get(k)), _num(m.get(k))) for k in (*METRIC_COLUMNS, *tasks)]
     cells.append((f"{t['steps']}/{t['max_steps']}", t["steps"]))
     return cells + ([(t["error"] or "", None)] if error else [])
+
+
+def _ppl_cell(t: dict) -> tuple[str, float | None]:
+    """The final perplexity, or that of the last evaluation of a trial that did not finish, marked with its step
+    (and no sort key: sorting the column orders final perplexities, the marked ones after them)."""
+    if _ppl(t) is not None or not t["last_eval"]:
+        return _fmt(_ppl(t)), _ppl(t)
+    step, ppl = t["last_eval"]
+    return f"{_fmt(ppl)} ({'stopped' if t['status'] == 'EARLY_STOPPED' else 'last evaluation'} at step {step})", None
 
 
 def _sections(trials, params, fronts, meta, savings, best, best_note):
@@ -284,16 +309,18 @@ def _sections(trials, params, fronts, meta, savings, best, best_note):
             *(k[len("task_"):] for k in tasks), "steps"]
     scored = [t for t in trials if _ppl(t) is not None]
     tables = []
-    if DEPTH in params and scored:
-        depths = sorted({t["params"].get(DEPTH) for t in scored}, key=lambda d: (_num(d) is None, _num(d) or 0, str(d)))
-        picks = [_best_of([t for t in scored if t["params"].get(DEPTH) == d]) for d in depths]
+    seen = [t for t in trials if _ppl(t) is not None or t["last_eval"]]
+    if DEPTH in params and seen:  # a depth without a finished trial: its best stopped one, marked
+        depths = sorted({t["params"].get(DEPTH) for t in seen}, key=lambda d: (_num(d) is None, _num(d) or 0, str(d)))
+        picks = [_best_of([t for t in scored if t["params"].get(DEPTH) == d])
+                 or min((t for t in seen if t["params"].get(DEPTH) == d), key=_last_ppl) for d in depths]
         tables.append(("Best configuration per student depth", head, [_row(t, params, tasks=tasks) for t in picks], set()))
     elif best is not None:
         tables.append(("Best configuration", head, [_row(best, params, tasks=tasks)], set()))
     for name, idx in fronts.items():
         title = f"validation perplexity vs {AXIS[name]}" if name in AXIS else f"{name[len('task:'):]} vs student parameters"
         tables.append((f"Pareto front: {title}", head, [_row(trials[i], params, tasks=tasks) for i in idx], set()))
-    order = sorted(trials, key=lambda t: (t["status"] == "ERROR", _ppl(t) is None, _ppl(t) or 0.0))
+    order = sorted(trials, key=lambda t: (t["status"] == "ERROR", _ppl(t) is None, _ppl(t) or _last_ppl(t)))
     on_front = {trials[i]["trial_id"] for idx in fronts.values() for i in idx}
     tables.append(("All trials (by validation perplexity; failed trials last, with their error)", [*head, "error"],
                    [_row(t, params, error=True, tasks=tasks) for t in order], on_front))
@@ -304,10 +331,13 @@ def _sections(trials, params, fronts, meta, savings, best, best_note):
     other = sum(v for k, v in counts.items() if k not in ("TERMINATED", "EARLY_STOPPED", "ERROR"))
     wall = _num(meta.get("wall_s"))
     summary = [
-        f"Experiment `{meta.get('experiment', '?')}`: search {meta.get('search', '?')}, scheduler {meta.get('scheduler', '?')}, "
+        f"Experiment `{meta.get('experiment', '?')}`: search {meta.get('search', '?')}, scheduler {meta.get('scheduler', '?')}"
+        + {"depth": " (one ASHA bracket per student depth)", "one": " (one ASHA bracket)"}.get(meta.get("asha_brackets"), "") + ", "
         f"metric {meta.get('metric', 'val_loss')}" + (f", wall time {wall:.0f} s ({wall / 60:.1f} min)." if wall is not None else "."),
         f"{len(trials)} trials: {counts.get('TERMINATED', 0)} finished, {counts.get('EARLY_STOPPED', 0)} stopped early, "
         f"{counts.get('ERROR', 0)} failed" + (f", {other} unfinished." if other else "."),
+        *(["Trials that did not finish show the validation perplexity of their last evaluation, marked with its step; "
+           "the Pareto fronts and best_config.yaml take finished trials only."] if any(t["last_eval"] for t in trials) else []),
         (f"Early stopping: the trials ran {savings['trial_steps']} of {savings['full_steps']} trial-steps "
          f"({100 * savings['saved_fraction']:.0f}% saved; failed trials not counted)."),
     ]

@@ -13,6 +13,7 @@ from raykd.errors import check_positive as _positive
 
 SEARCHES = ("random", "grid", "optuna")
 SCHEDULERS = ("asha", "fifo")
+ASHA_BRACKETS = ("depth", "one")
 OBJECTIVES = ("val_loss", "student_params")
 DOMAINS = ("choice", "grid", "uniform", "loguniform", "randint")
 
@@ -25,6 +26,7 @@ class SweepConfig:
     scheduler: str = "asha"  # asha (stop poor trials early on val_loss) | fifo (run every trial to the end)
     grace_period: int = 4  # ASHA: steps every trial runs before it can be stopped
     reduction_factor: int = 2  # ASHA: keep 1 / reduction_factor of the trials at each rung
+    asha_brackets: str = "depth"  # ASHA: depth (a trial competes only with trials of its own student.num_layers, so every depth keeps a trial to the end) | one (all trials in one bracket)
     eval_every: int = 4  # steps between val_loss reports (ASHA's signal); sets train.eval_every and report_every
     max_concurrent: int = 2  # trials running at once (more where the cluster has room)
     trial_cpus: float = 0.1  # logical CPUs the Tune trial process itself reserves (its Train workers ask for their own)
@@ -46,6 +48,7 @@ class SweepConfig:
         _positive("sweep.num_samples", self.num_samples)
         _choice("sweep.search", self.search, SEARCHES)
         _choice("sweep.scheduler", self.scheduler, SCHEDULERS)
+        _choice("sweep.asha_brackets", self.asha_brackets, ASHA_BRACKETS)
         for name in ("grace_period", "reduction_factor", "eval_every", "max_concurrent"):
             _positive(f"sweep.{name}", getattr(self, name))
         _positive("sweep.trial_cpus", self.trial_cpus, allow_zero=True)

@@ -50,6 +50,7 @@ def test_teacher_shorthand():
         (["sweep={params: {train.lr: {loguniform: [0, 1]}}}"], "sweep.params.train.lr.loguniform", "> 0"),
         (["sweep={params: {train.lr: {uniform: [1, 2]}}, search: grid}"], "sweep.search", "choice/grid"),
         (["sweep={params: {train.lr: {choice: [1]}}, schedular: asha}"], "sweep.schedular", "did you mean 'scheduler'"),
+        (["sweep={params: {train.lr: {choice: [1]}}, asha_brackets: layer}"], "sweep.asha_brackets", "choose one of: depth, one"),
         (["nonsense"], "nonsense", "key=value"),
         (["train.lr=.nan"], "train.lr", "finite"),
         (["train.lr=.inf"], "train.lr", "finite"),

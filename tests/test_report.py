@@ -93,7 +93,7 @@ def trials():
     ]
 
 
-META = {"experiment": "runs/sweep/tune", "wall_s": 93.0, "scheduler": "asha", "search": "grid", "teacher_params": 4_000_000,
+META = {"experiment": "runs/sweep/tune", "wall_s": 93.0, "scheduler": "asha", "asha_brackets": "depth", "search": "grid", "teacher_params": 4_000_000,
         "teacher_val_perplexity": 300.0, "metric": "val_loss"}
 
 
@@ -117,6 +117,9 @@ def test_report_set(tmp_path, trials, capsys, tiny_teacher_dir):
     assert {"student.num_layers", "loss.weights.hidden", "loss.kd", "val_perplexity", "student_params", "student_latency_ms",
             "status", "steps", "max_steps", "error"} <= set(rows[0])
     assert rows[5]["status"] == "EARLY_STOPPED" and rows[5]["steps"] == "4" and rows[5]["val_perplexity"] == ""
+    # a stopped trial keeps the perplexity of its last evaluation (exp of its last val_loss), with the step
+    assert float(rows[5]["last_val_perplexity"]) == pytest.approx(math.exp(6.5)) and rows[5]["last_val_step"] == "4"
+    assert rows[6]["last_val_step"] == "8" and rows[0]["last_val_perplexity"] == rows[7]["last_val_perplexity"] == ""
     assert rows[7]["error"] == OOM and rows[7]["loss.kd"] == "jsd"
 
     pareto = list(csv.DictReader((tmp_path / "pareto.csv").open()))
@@ -138,6 +141,8 @@ def test_report_set(tmp_path, trials, capsys, tiny_teacher_dir):
     all_trials = md.split("## All trials")[1].split("##")[0]
     order = [line.split("|")[1].strip(" *") for line in all_trials.splitlines() if line.startswith("| ") and "|---" not in line][1:]
     assert order[:5] == ["t3", "t4", "t1", "t2", "t0"] and order[-1] == "t7"  # by perplexity, failed last
+    assert "| 665.1 (stopped at step 4) |" in all_trials and "| 665.1 (stopped at step 8) |" in all_trials
+    assert "show the validation perplexity of their last evaluation" in md and "scheduler asha (one ASHA bracket per student depth)," in md
 
     page = (tmp_path / "report.html").read_text()
     assert page.count("src='data:image/png;base64,") == 4
@@ -146,6 +151,24 @@ def test_report_set(tmp_path, trials, capsys, tiny_teacher_dir):
     assert "http://" not in page and "https://" not in page
     assert "@import" not in page and "url(" not in page
     assert "Failed trial t7: RuntimeError: CUDA out of memory | tried to allocate" in page and "<tr class='front TERMINATED'>" in page
+
+
+def _table(md: str, title: str) -> list[dict]:
+    lines = [ln for ln in md.split(f"## {title}")[1].split("##")[0].splitlines() if ln.startswith("| ")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(head, (c.strip(" *") for c in ln.strip("|").split("|")))) for ln in lines[1:]]
+
+
+def test_a_depth_without_a_finished_trial_shows_its_best_stopped_one(tmp_path, trials):
+    deep = [_trial(8, 4, 0.5, "jsd", "EARLY_STOPPED", steps=8), _trial(9, 4, 0.1, "jsd", "EARLY_STOPPED", steps=4)]
+    deep[0]["metrics"]["val_loss"] = 6.0  # the better of the two
+    write_report(tmp_path, [*trials, *deep], META)
+    best = _table((tmp_path / "report.md").read_text(), "Best configuration per student depth")
+    assert [(r["student.num_layers"], r["trial"], r["status"]) for r in best] == [
+        ("2", "t1", "TERMINATED"), ("3", "t3", "TERMINATED"), ("4", "t8", "EARLY_STOPPED")]
+    assert best[2]["val ppl"] == "403.4 (stopped at step 8)" and best[2]["latency ms"] == ""  # exp(6.0); no final metrics
+    pareto = list(csv.DictReader((tmp_path / "pareto.csv").open()))
+    assert not {"t8", "t9"} & {r["trial_id"] for r in pareto}  # the fronts take finished trials only
 
 
 def test_best_config_output_dir_relative_to_cwd(tmp_path, trials, monkeypatch):
