@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import pickle
 import time
 from pathlib import Path
 
@@ -185,12 +184,6 @@ class DepthASHA(FIFOScheduler):
 
     def debug_string(self) -> str:
         return "\n".join(f"{self._key}={d}: {s.debug_string()}" for d, s in self._by_depth.items()) or "ASHA per student depth"
-
-    def save(self, checkpoint_path: str):
-        Path(checkpoint_path).write_bytes(pickle.dumps(self.__dict__))
-
-    def restore(self, checkpoint_path: str):
-        self.__dict__.update(pickle.loads(Path(checkpoint_path).read_bytes()))
 
 
 def trial_scheduler(sw: SweepConfig, max_steps: int):
