@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -110,10 +109,10 @@ def generate_settings(a) -> dict:
 
 
 def record(path: Path, config: dict, result: dict) -> None:
-    """A finished step's result beside the config it ran with: a rerun with the same config keeps it."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"config": config, "result": result}, indent=1))
-    os.replace(tmp, path)
+    """A finished step's result beside the config it ran with (atomically): a rerun with the same config keeps it."""
+    from raykd import manifest
+
+    manifest.write_json(path, {"config": config, "result": result})
 
 
 def finished(path: Path, config: dict, fresh: bool) -> dict | None:
@@ -137,14 +136,6 @@ def teacher_text(resolved: dict, a, out: Path) -> tuple[Path, float, dict]:
     wall = run_cli("generate", path, "--out", str(gen_dir))
     stats = json.loads((gen_dir / "generate.json").read_text())["counts"]
     return gen_dir, wall, stats
-
-
-def copy_dir(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    shutil.rmtree(dst, ignore_errors=True)
-    os.replace(tmp, dst)
 
 
 def score_tasks(out: Path, names: list[str], teacher, tok, val, limit: int) -> dict:
@@ -216,7 +207,7 @@ def main() -> int:
              ])
     import torch
 
-    from raykd import models
+    from raykd import manifest, models
     from raykd.config import from_dict
     from raykd.evaluate import eval_blocks, perplexity
     from raykd.plan import resolve
@@ -234,7 +225,7 @@ def main() -> int:
     init = models.cut_student(teacher, kept, dtype=torch.float32)
     init.save_pretrained(out / "init")
     tok.save_pretrained(out / "init")
-    copy_dir(teacher_dir, out / "teacher")
+    manifest.publish(teacher_dir, out / "teacher")
 
     runs, gen_dir, gen = {}, out / "gen", None
     if "seqkd" in arms:
@@ -257,7 +248,7 @@ def main() -> int:
         print(f"== arm {arm}: weights {cfg['loss']['weights']}", flush=True)
         wall = run_cli("distill", path)
         metrics = json.loads((out / "runs" / arm / "metrics.json").read_text())
-        copy_dir(out / "runs" / arm / "student", out / arm)
+        manifest.publish(out / "runs" / arm / "student", out / arm)
         runs[arm] = {"wall_s": wall, "tokens_seen": metrics["tokens_seen"], "tokens_per_s": metrics["tokens_per_s"],
                      "top1_agreement": metrics.get("top1_agreement"), "run_val_perplexity": metrics.get("val_perplexity"),
                      "final_terms": {k: v for k, v in metrics["history"][-1].items() if k in ("ce", "kd", "hidden", "attention", "loss")}}
