@@ -239,11 +239,13 @@ class EvalConfig:
     limit: int = 200  # examples per task (sentiment sentences of 2,000, cloze passages, lm-eval documents)
     prompts: int = 16  # validation prompts the cer task continues greedily (32 tokens each; also gives ROUGE-L / BLEU)
     batch_size: int = 16  # sequences per forward when scoring tasks
+    final: str = "full"  # the end of a run: full (student and teacher: perplexity, agreement, speed, generation, the tasks) | light (the student's perplexity, speed and size only; a sweep's trials, scored fully later)
 
     def __post_init__(self):
         from raykd.tasks.names import check_names
 
         check_names(self.tasks, "eval.tasks")
+        _choice("eval.final", self.final, ("full", "light"))
         for name in ("limit", "prompts", "batch_size"):
             _positive(f"eval.{name}", getattr(self, name))
 

@@ -251,6 +251,16 @@ def _teacher_side(teacher, blocks: torch.Tensor, batch_size: int, speed_batches:
     return memo.get("val-stats", [digest, list(blocks.shape), batch_size, speed_batches], compute)
 
 
+def evaluate_student(student, blocks: torch.Tensor, batch_size: int = 8, speed_batches: int | None = 4) -> dict:
+    """The student's half of `evaluate_pair` on `blocks` LongTensor[N, T] (`eval.final: light`, a sweep's
+    trials): val_perplexity, student_tokens_per_s, student_params, val_tokens; no teacher is loaded."""
+    from raykd.models import count_params
+
+    return {"val_perplexity": perplexity(student, blocks, batch_size),
+            "student_tokens_per_s": tokens_per_s(student, blocks, batch_size, max_batches=speed_batches),
+            "student_params": count_params(student), "val_tokens": blocks.numel()}
+
+
 def evaluate_pair(student, teacher, tokenizer, blocks: torch.Tensor, batch_size: int = 8, generation: bool = True,
                   speed_batches: int | None = 4, memo=None) -> dict:
     """All metrics of `student` against `teacher` on validation `blocks` LongTensor[N, T].

@@ -92,6 +92,8 @@ def trial_config(base: dict, params: dict, sweep: SweepConfig, trial_dir: str) -
     d = rerun_config(base, params, trial_dir)
     # every report carries val_loss (Tune's metric); one checkpoint at the end; no generation metrics
     d["train"].update(eval_every=sweep.eval_every, report_every=sweep.eval_every, checkpoint_every=0, generation_eval=False)
+    if sweep.light_trials:  # the student alone at the end; raykd.front scores the trials that matter fully
+        d["eval"]["final"] = "light"
     return from_dict(d)
 
 
@@ -120,8 +122,9 @@ def _cache_config(cfg: Config, sw: SweepConfig, log):
     return resolved, plan
 
 
-def _trainable(params: dict, base: dict, sweep_dict: dict, trials_root: str) -> None:
-    """One Tune trial: a whole `raykd distill` run whose reports become Tune results."""
+def _trainable(params: dict, base: dict, sweep_dict: dict, trials_root: str, datasets: tuple | None = None) -> None:
+    """One Tune trial: a whole `raykd distill` run whose reports become Tune results (on the sweep's shared
+    `datasets` when it built them)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -132,7 +135,7 @@ def _trainable(params: dict, base: dict, sweep_dict: dict, trials_root: str) -> 
     trial_dir = os.path.join(trials_root, tune.get_context().get_trial_id())
     cfg = trial_config(base, params, sweep, trial_dir)
     resolved, plan = resolve(cfg, log=lambda m: None)
-    trainer = build_trainer(resolved, plan, callbacks=[TuneReportCallback()])
+    trainer = build_trainer(resolved, plan, callbacks=[TuneReportCallback()], datasets=datasets)
     trainer.fit()
 
 
@@ -212,7 +215,8 @@ def _tuner(cfg: Config, sw: SweepConfig, trainable, out: Path, resume: bool):
         trainable,
         param_space=space,
         tune_config=tune.TuneConfig(metric="val_loss", mode="min", scheduler=scheduler, search_alg=search_alg,
-                                    num_samples=sw.num_samples),  # the search algorithm carries max_concurrent
+                                    num_samples=sw.num_samples,  # the search algorithm carries max_concurrent
+                                    reuse_actors=True),  # a trial process is reused: its imports and loaded configs too
         run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out), verbose=1,
                                   failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
     )
@@ -244,8 +248,9 @@ def sweep(cfg: Config, resume: bool = False, log=print) -> dict:
     require_shared_storage(cfg, how)  # every trial's checkpoints
     if cache_run is not None:
         cache.ensure(*cache_run, log)  # built once for every trial
+    datasets = _shared_datasets(cfg, sw, log)
     trainable = tune.with_resources(
-        tune.with_parameters(_trainable, base=base, sweep_dict=cfg.sweep, trials_root=str(out / "trials")),
+        tune.with_parameters(_trainable, base=base, sweep_dict=cfg.sweep, trials_root=str(out / "trials"), datasets=datasets),
         {"CPU": sw.trial_cpus},
     )
     t0 = time.time()
@@ -264,9 +269,49 @@ def sweep(cfg: Config, resume: bool = False, log=print) -> dict:
     meta["interrupted"] = bool(unfinished)
     if unfinished:
         log(f"raykd: sweep interrupted with {unfinished} trial(s) unfinished; `raykd sweep CONFIG --resume` continues it")
+    if sw.light_trials:
+        _score_front(cfg, sw, trials, datasets, out, meta, log)
     record.write_text(json.dumps({"config": base, "meta": meta}, indent=1))
     paths = write_report(out, trials, meta)
     return {"trials": trials, "paths": paths, "meta": meta}
+
+
+def _shared_datasets(cfg: Config, sw: SweepConfig, log) -> tuple | None:
+    """(train, validation) tokenized, packed, checked and materialized in the object store once for every trial,
+    or None when the sweep changes what they are built from (data.*, seed, the teacher's tokenizer). With the
+    teacher cache the trials read train from it: only validation is shared."""
+    from raykd.data import pipeline
+
+    if any(k.startswith(("data.", "teacher.")) or k == "seed" for k in sw.params):
+        return None
+    from raykd.runtime import quiet_data_progress
+
+    quiet_data_progress()  # the datasets carry this context into the trials' workers
+    train, val = pipeline.build_datasets(cfg.data, cfg.teacher.model, cfg.seed, cfg.teacher.trust_remote_code)
+    if not cfg.teacher.cache:
+        pipeline.check_blocks(train, "data.train")
+    pipeline.check_blocks(val, "data.validation")
+    t0 = time.time()
+    shared = (None if cfg.teacher.cache else train.materialize(), val.materialize())
+    log(f"raykd: the sweep's data tokenized and packed once for every trial ({time.time() - t0:.0f} s)")
+    return shared
+
+
+def _score_front(cfg: Config, sw: SweepConfig, trials: list[dict], datasets: tuple | None, out: Path, meta: dict, log) -> None:
+    """`raykd.front.evaluate` on the sweep's trials: the validation blocks the trials scored, each trial's config and checkpoints."""
+    from raykd import front
+    from raykd.data import pipeline
+    from raykd.train import run_storage
+
+    val = datasets[1] if datasets else pipeline.build_datasets(cfg.data, cfg.teacher.model, cfg.seed, cfg.teacher.trust_remote_code)[1]
+    blocks = pipeline.take_blocks(val, max(cfg.data.max_val_blocks, cfg.train.eval_blocks))
+    runs = {}
+    for t in (t for t in trials if t["status"] == "TERMINATED"):
+        trial = from_dict(rerun_config(cfg.to_dict(), t["params"], str(out / "trials" / t["trial_id"])))  # as raykd distill scores
+        runs[t["trial_id"]] = (trial.to_dict(), *run_storage(trial))
+    saved = front.evaluate(trials, runs, blocks, out, log)
+    first = next(iter(saved.values()), {})
+    meta.update({k: first[k] for k in ("teacher_val_perplexity", "teacher_params") if k in first})
 
 
 def expected_trials(sweep: SweepConfig) -> int:
@@ -332,6 +377,7 @@ def rebuild_report(directory: str, log=print) -> dict:
     """`raykd report DIR`: the report again from the Tune experiment in DIR/tune."""
     from ray import tune
 
+    from raykd import front
     from raykd.report import write_report
 
     out = Path(directory).resolve()
@@ -343,5 +389,7 @@ def rebuild_report(directory: str, log=print) -> dict:
     sw = _build(SweepConfig, cfg.sweep, "sweep")
     results = tune.Tuner.restore(str(path), trainable=_trainable).get_results()
     trials = collect_trials(results, cfg.to_dict(), sw, cfg.train.max_steps)
+    if (out / front.FILE).is_file():  # the full scores of the front's trials
+        front.merge(trials, json.loads((out / front.FILE).read_text()))
     meta = {**saved.get("meta", {}), "experiment": str(path)}
     return {"trials": trials, "paths": write_report(out, trials, meta), "meta": meta}

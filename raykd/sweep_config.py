@@ -30,7 +30,13 @@ class SweepConfig:
     eval_every: int = 4  # steps between val_loss reports (ASHA's signal); sets train.eval_every and report_every
     max_concurrent: int = 2  # trials running at once (more where the cluster has room)
     trial_cpus: float = 0.1  # logical CPUs the Tune trial process itself reserves (its Train workers ask for their own)
+    evaluate: str = "front"  # front: trials end scoring the student alone (eval.final light); the trials on the report's fronts and each size's best are then scored fully (teacher, agreement, tasks) | all: every trial fully at its end (what a task objective implies)
     objectives: list[str] = field(default_factory=lambda: ["val_loss"])  # val_loss first; optuna takes several (multi-objective TPE): student_params (min), task:NAME_METRIC (e.g. task:sentiment_auc, max)
+
+    @property
+    def light_trials(self) -> bool:
+        """Trials end with `eval.final: light` (a task objective needs every trial's task scores)."""
+        return self.evaluate == "front" and not any(str(o).startswith("task:") for o in self.objectives)
 
     def __post_init__(self):
         if not self.params:
@@ -49,6 +55,7 @@ class SweepConfig:
         _choice("sweep.search", self.search, SEARCHES)
         _choice("sweep.scheduler", self.scheduler, SCHEDULERS)
         _choice("sweep.asha_brackets", self.asha_brackets, ASHA_BRACKETS)
+        _choice("sweep.evaluate", self.evaluate, ("front", "all"))
         for name in ("grace_period", "reduction_factor", "eval_every", "max_concurrent"):
             _positive(f"sweep.{name}", getattr(self, name))
         _positive("sweep.trial_cpus", self.trial_cpus, allow_zero=True)

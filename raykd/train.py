@@ -289,7 +289,7 @@ def export(w: Worker, state: RunState, wall: float, tokens_per_s: float, out: Pa
         return {}
     from transformers import AutoModelForCausalLM
 
-    from raykd.evaluate import evaluate_pair
+    from raykd.evaluate import evaluate_student
 
     cfg = w.cfg
     student = AutoModelForCausalLM.from_config(w.engine.distiller.student.config, dtype=torch.float32)
@@ -301,12 +301,11 @@ def export(w: Worker, state: RunState, wall: float, tokens_per_s: float, out: Pa
     student.save_pretrained(out / "student")
     tok.save_pretrained(out / "student")
     student = models.load_model(out / "student", frozen=True).to(w.device)  # evaluate what users load
-    teacher = w.engine.eval_teacher(lambda: models.load_model(w.teacher_dir, models.resolve_dtype(cfg.teacher.dtype), cfg.teacher.trust_remote_code, frozen=True))
-    generation = cfg.train.generation_eval and "cer" not in cfg.eval.tasks  # the cer task generates once for both
-    memo = tasks.teacher_memo(w.teacher_dir, teacher)  # the teacher's scores, once per teacher and validation set
-    metrics = evaluate_pair(student, teacher, tok, w.val.to(w.device), batch_size=cfg.train.batch_size, generation=generation, memo=memo)
-    if cfg.eval.tasks:
-        metrics.update(tasks.for_run(cfg, student, teacher, tok, w.val.to(w.device), w.teacher_dir, memo=memo))
+    if cfg.eval.final == "light":  # the student alone: no teacher load, no agreement, generation or tasks
+        metrics = evaluate_student(student, w.val.to(w.device), batch_size=cfg.train.batch_size)
+    else:
+        teacher = w.engine.eval_teacher(lambda: models.load_model(w.teacher_dir, models.resolve_dtype(cfg.teacher.dtype), cfg.teacher.trust_remote_code, frozen=True))
+        metrics = tasks.score_run(cfg, student, teacher, tok, w.val.to(w.device), w.teacher_dir)
     metrics["student_latency_ms"] = 1000.0 * w.val.shape[1] / metrics["student_tokens_per_s"]  # one block's forward
     metrics.update(
         init_val_perplexity=state.init_val_perplexity, tokens_seen=state.tokens_seen, tokens_per_s=tokens_per_s,
@@ -328,31 +327,32 @@ def run_name(output_dir: Path) -> str:
     return f"{output_dir.name}-{hashlib.sha1(str(output_dir.resolve()).encode()).hexdigest()[:8]}"
 
 
-def build_trainer(cfg: Config, plan, log=print, callbacks: list | None = None):
+def run_storage(cfg: Config) -> tuple[str, str]:
+    """(storage, name): where Ray Train keeps the run's checkpoints, `scale.storage_path`/run_name or OUTPUT/train."""
+    out = Path(cfg.output_dir).resolve()
+    return (cfg.scale.storage_path, run_name(out)) if cfg.scale.storage_path else (str(out), "train")
+
+
+def build_trainer(cfg: Config, plan, log=print, callbacks: list | None = None, datasets: tuple | None = None):
     """A `TorchTrainer` for a resolved config and its `raykd.plan.Plan`: Ray Data shards, scaling,
-    storage, failure policy."""
+    storage, failure policy. `datasets`: (train, validation) built and checked once by a sweep for all its trials."""
     import ray.train
-    from ray.train import (
-        CheckpointConfig,
-        FailureConfig,
-        LoggingConfig,
-        RunConfig,
-        ScalingConfig,
-    )
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     runtime.quiet_data_progress()
     sc = cfg.scale
-    train_ds, val_ds = pipeline.build_datasets(cfg.data, cfg.teacher.model, cfg.seed, cfg.teacher.trust_remote_code)
+    train_ds, val_ds = datasets or pipeline.build_datasets(cfg.data, cfg.teacher.model, cfg.seed, cfg.teacher.trust_remote_code)
     if cfg.teacher.cache:  # the cached blocks (with the teacher's targets) replace the train stream
         cache.require(cfg, plan)
         train_ds = cache.train_dataset(cfg, plan.objective)
-    else:
+    elif not datasets:
         pipeline.check_blocks(train_ds, "data.train")
-    pipeline.check_blocks(val_ds, "data.validation")
+    if not datasets:
+        pipeline.check_blocks(val_ds, "data.validation")
     resources = {"CPU": sc.cpus_per_worker, **({"GPU": 1} if sc.use_gpu else {})}
-    out = Path(cfg.output_dir).resolve()
-    storage, name = (sc.storage_path, run_name(out)) if sc.storage_path else (str(out), "train")
+    storage, name = run_storage(cfg)
+    split = ["train"] if sc.elastic or sc.worker_range[0] > 1 else []  # one worker reads the whole stream: no split coordinator actor
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg.to_dict(),
@@ -366,7 +366,7 @@ def build_trainer(cfg: Config, plan, log=print, callbacks: list | None = None):
         ),
         datasets={"train": train_ds, "validation": val_ds},
         # every worker streams its own shard of train; rank 0 reads validation whole; order is deterministic
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=pipeline.ingest_options()),
+        dataset_config=ray.train.DataConfig(datasets_to_split=split, execution_options=pipeline.ingest_options()),
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
     )
 

@@ -2,6 +2,7 @@
 the report set, best_config.yaml accepted by `raykd plan`, and resume after an interrupt."""
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -60,6 +61,15 @@ def test_smoke_sweep_asha_failed_trial_and_report(tmp_path):
     assert sum(int(r["steps"]) for r in finished + stopped) < 4 * 12
     # a stopped trial keeps the perplexity of its last evaluation, marked with the step, in trials.csv and the report
     assert all(float(r["last_val_perplexity"]) > 1 and r["last_val_step"] == r["steps"] and r["val_perplexity"] == "" for r in stopped)
+    # each trial ended scoring its student alone (no teacher, no tasks in its checkpoint's metrics); the finished
+    # trials (each depth's best, on the fronts) were then scored fully, once, and only they have agreement and tasks
+    light = [json.loads(p.read_text()) for p in out.glob("trials/*/train/checkpoint_*/metrics.json")]
+    assert len(light) == 2 and all("teacher_val_perplexity" not in m and "tasks" not in m and m["val_perplexity"] > 1 for m in light)
+    scored = json.loads((out / "front.json").read_text())
+    assert set(scored) == {r["trial_id"] for r in finished}, scored
+    assert all(float(r["top1_agreement"]) >= 0 and 0 <= float(r["task_sentiment_auc"]) <= 1 for r in finished), finished
+    assert all(r["top1_agreement"] == "" and r["task_sentiment_auc"] == "" for r in stopped), stopped
+    assert all(float(r["val_perplexity"]) == pytest.approx(scored[r["trial_id"]]["val_perplexity"]) for r in finished)
     md = (out / "report.md").read_text()
     marked = {r["trial"]: r["val ppl"] for r in _table(md, "All trials") if r["status"] == "EARLY_STOPPED"}
     assert len(marked) == len(stopped) and all(marked[r["trial_id"]].endswith(f"(stopped at step {r['steps']})") for r in stopped), marked
@@ -71,6 +81,7 @@ def test_smoke_sweep_asha_failed_trial_and_report(tmp_path):
     # the report rebuilds from the experiment directory alone
     (out / "report.md").unlink()
     assert main(["report", str(out)]) == 0 and "(stopped at step" in (out / "report.md").read_text()
+    assert all(r["task_sentiment_auc"] != "" for r in csv.DictReader((out / "trials.csv").open()) if r["status"] == "TERMINATED")
 
 
 def _files(directory: Path) -> dict:
@@ -101,7 +112,6 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
 
 def test_optuna_multi_objective_over_student_init_and_layer_map(tmp_path, tiny_teacher):
     """Multi-objective TPE (val_loss, student_params) over depth, the student cut and the layer map."""
-    import json
 
     from ray.tune.search.optuna import OptunaSearch
 

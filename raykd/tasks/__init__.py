@@ -144,6 +144,19 @@ def teacher_memo(teacher_dir, teacher):
     return memo.default(teacher_dir, teacher)
 
 
+def score_run(cfg, student, teacher, tokenizer, val_blocks, teacher_dir, log=print) -> dict:
+    """Everything a finished run is scored on (`eval.final: full`): `raykd.evaluate.evaluate_pair` on the
+    validation blocks LongTensor[N, T] and the `eval.tasks` (`for_run`); the teacher's side from this node's memo."""
+    from raykd.evaluate import evaluate_pair
+
+    generation = cfg.train.generation_eval and "cer" not in cfg.eval.tasks  # the cer task generates once for both
+    memo = teacher_memo(teacher_dir, teacher)  # the teacher's scores, once per teacher and validation set
+    metrics = evaluate_pair(student, teacher, tokenizer, val_blocks, batch_size=cfg.train.batch_size, generation=generation, memo=memo)
+    if cfg.eval.tasks:
+        metrics.update(for_run(cfg, student, teacher, tokenizer, val_blocks, teacher_dir, log=log, memo=memo))
+    return metrics
+
+
 def for_run(cfg, student, teacher, tokenizer, val_blocks, teacher_dir, log=print, memo=None) -> dict:
     """The `eval.tasks` of a finished run (rank 0, after export): {"tasks": run(...), "task_<name>_<metric>":
     the student's scores as flat keys (sweep objectives and report columns)}; with the cer task its
