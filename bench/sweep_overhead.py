@@ -57,8 +57,8 @@ def child(a) -> None:
     import numpy as np
 
     from raykd.config import load_config
-    from raykd.front import last_export
     from raykd.sweep import sweep
+    from raykd.sweep.front import last_export
     from raykd.train import run_storage
 
     cfg = load_config(a.config)

@@ -68,7 +68,7 @@ def _norm(t: dict) -> dict:
         "params": dict(t.get("params") or {}),
         "metrics": {**{k: m.get(k) for k in METRIC_COLUMNS}, **{k: v for k, v in m.items() if str(k).startswith("task_")}},
         "steps": int(_num(t.get("steps")) or 0), "max_steps": int(_num(t.get("max_steps")) or 0),
-        "history": [h for h in t.get("history") or [] if isinstance(h, dict)], "config": t.get("config"),
+        "history": [h for h in t.get("history") or [] if isinstance(h, dict)], "config": t.get("config"), "scored": t.get("scored"),
     }
     return {**n, "last_eval": _last_eval(n)}
 
@@ -341,6 +341,9 @@ def _sections(trials, params, fronts, meta, savings, best, best_note):
         (f"Early stopping: the trials ran {savings['trial_steps']} of {savings['full_steps']} trial-steps "
          f"({100 * savings['saved_fraction']:.0f}% saved; failed trials not counted)."),
     ]
+    if full := sum(t["scored"] == "full" for t in trials):
+        summary.append(f"Top-1 agreement and task scores: the {full} trial(s) on the fronts or best of their size, scored fully after "
+                       "the sweep (`sweep.evaluate: front`); the other trials were scored on the student alone.")
     tp, tppl = _num(meta.get("teacher_params")), _num(meta.get("teacher_val_perplexity"))
     if tp or tppl:
         summary.append(f"Teacher: {_fmt(int(tp)) if tp else '?'} parameters, validation perplexity {_fmt(tppl) or '?'}.")

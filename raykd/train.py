@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from raykd import manifest, models, runtime, tasks
+from raykd import cut, manifest, models, runtime, tasks
 from raykd.config import Config, from_dict
 from raykd.data import cache, pipeline
 from raykd.objective import Distiller, teacher_forward
@@ -85,18 +85,19 @@ class Worker:
 
 
 def _build_models(cfg: Config):
-    """(teacher_dir, frozen teacher or None, Distiller) on the CPU; the engine places them. With
-    `teacher.cache` the cache serves the teacher's targets: the teacher is loaded only to cut the
-    student from it (an HF student needs just its config) and is not kept while training."""
+    """(teacher_dir, frozen teacher or None, Distiller) on the CPU; the engine places them. With `teacher.cache`
+    the cache serves the teacher's targets: a cut student's layers are read from the teacher's files (`raykd.cut`;
+    the teacher is loaded only when they cannot give them by name) and no teacher is kept while training."""
     trc = cfg.teacher.trust_remote_code
     teacher_dir = models.resolve_model(cfg.teacher.model, "teacher.model", log=lambda m: None)
     t_config = models.load_config(teacher_dir, trc)
     cached = bool(cfg.teacher.cache)
-    teacher = None if (cached and cfg.student.model) else models.load_model(teacher_dir, models.resolve_dtype(cfg.teacher.dtype), trc, frozen=True)
     if cfg.student.model:
-        student = models.load_model(models.resolve_model(cfg.student.model, "student.model"), torch.float32, trc)
-        student.requires_grad_(True).train()
+        student = models.load_model(models.resolve_model(cfg.student.model, "student.model"), torch.float32, trc).requires_grad_(True).train()
     else:
+        student = cut.from_files(teacher_dir, cfg.student.layers, torch.float32, trc) if cached else None
+    teacher = None if (cached and student is not None) else models.load_model(teacher_dir, models.resolve_dtype(cfg.teacher.dtype), trc, frozen=True)
+    if student is None:
         student = models.cut_student(teacher, cfg.student.layers, dtype=torch.float32)
     pairs = [tuple(p) for p in cfg.layer_map.pairs]  # explicit: written by raykd.plan.resolve
     distiller = Distiller.build(student, cfg.loss, pairs, t_config.hidden_size, models.num_layers(t_config))

@@ -1,4 +1,4 @@
-"""A sweep's light trials and the full scoring of its front (raykd.front), without Ray: which trials are
+"""A sweep's light trials and the full scoring of its front (raykd.sweep.front), without Ray: which trials are
 chosen, where their exported students are found, what a light evaluation holds, and the config checks."""
 
 import json
@@ -6,10 +6,9 @@ import json
 import pytest
 import torch
 
-from raykd import front
 from raykd.config import ConfigError, from_dict, load_config
 from raykd.evaluate import evaluate_pair, evaluate_student
-from raykd.sweep import trial_config
+from raykd.sweep import front, trial_config
 from raykd.sweep_config import SweepConfig
 
 

@@ -70,6 +70,7 @@ def test_smoke_sweep_asha_failed_trial_and_report(tmp_path):
     assert all(float(r["top1_agreement"]) >= 0 and 0 <= float(r["task_sentiment_auc"]) <= 1 for r in finished), finished
     assert all(r["top1_agreement"] == "" and r["task_sentiment_auc"] == "" for r in stopped), stopped
     assert all(float(r["val_perplexity"]) == pytest.approx(scored[r["trial_id"]]["val_perplexity"]) for r in finished)
+    assert "the 2 trial(s) on the fronts or best of their size, scored fully after the sweep" in (out / "report.md").read_text()
     md = (out / "report.md").read_text()
     marked = {r["trial"]: r["val ppl"] for r in _table(md, "All trials") if r["status"] == "EARLY_STOPPED"}
     assert len(marked) == len(stopped) and all(marked[r["trial_id"]].endswith(f"(stopped at step {r['steps']})") for r in stopped), marked

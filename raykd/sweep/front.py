@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 
 from raykd import manifest
-from raykd.report import FRONTS, pareto_front
+from raykd.report import FRONTS, METRIC_COLUMNS, pareto_front
 
 FILE = "front.json"
 _SKIP = ("history", "tasks", "worker_phases", "worker_nodes")  # per-run details the sweep's tables do not show
@@ -115,10 +115,8 @@ def merge(trials: list[dict], saved: dict) -> None:
     """Put the full scores of `saved` (trial_id -> metrics) into the trial dicts, marked `scored: full`. What the
     light evaluation measured for every trial (perplexity, latency, size) stays as measured there: the fronts
     compare every trial on the same measurement."""
-    from raykd.sweep import METRICS
-
     for t in trials:
         if t["trial_id"] in saved:
             t["metrics"].update({k: v for k, v in saved[t["trial_id"]].items()
-                                 if (k in METRICS or k.startswith("task_")) and t["metrics"].get(k) is None})
+                                 if (k in METRIC_COLUMNS or k.startswith("task_")) and t["metrics"].get(k) is None})
             t["scored"] = "full"

@@ -92,7 +92,7 @@ def trial_config(base: dict, params: dict, sweep: SweepConfig, trial_dir: str) -
     d = rerun_config(base, params, trial_dir)
     # every report carries val_loss (Tune's metric); one checkpoint at the end; no generation metrics
     d["train"].update(eval_every=sweep.eval_every, report_every=sweep.eval_every, checkpoint_every=0, generation_eval=False)
-    if sweep.light_trials:  # the student alone at the end; raykd.front scores the trials that matter fully
+    if sweep.light_trials:  # the student alone at the end; raykd.sweep.front scores the trials that matter fully
         d["eval"]["final"] = "light"
     return from_dict(d)
 
@@ -215,8 +215,7 @@ def _tuner(cfg: Config, sw: SweepConfig, trainable, out: Path, resume: bool):
         trainable,
         param_space=space,
         tune_config=tune.TuneConfig(metric="val_loss", mode="min", scheduler=scheduler, search_alg=search_alg,
-                                    num_samples=sw.num_samples,  # the search algorithm carries max_concurrent
-                                    reuse_actors=True),  # a trial process is reused: its imports and loaded configs too
+                                    num_samples=sw.num_samples),  # the search algorithm carries max_concurrent
         run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out), verbose=1,
                                   failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
     )
@@ -269,7 +268,7 @@ def sweep(cfg: Config, resume: bool = False, log=print) -> dict:
     meta["interrupted"] = bool(unfinished)
     if unfinished:
         log(f"raykd: sweep interrupted with {unfinished} trial(s) unfinished; `raykd sweep CONFIG --resume` continues it")
-    if sw.light_trials:
+    if sw.light_trials and not unfinished:  # an interrupted sweep is scored when --resume finishes it
         _score_front(cfg, sw, trials, datasets, out, meta, log)
     record.write_text(json.dumps({"config": base, "meta": meta}, indent=1))
     paths = write_report(out, trials, meta)
@@ -298,9 +297,9 @@ def _shared_datasets(cfg: Config, sw: SweepConfig, log) -> tuple | None:
 
 
 def _score_front(cfg: Config, sw: SweepConfig, trials: list[dict], datasets: tuple | None, out: Path, meta: dict, log) -> None:
-    """`raykd.front.evaluate` on the sweep's trials: the validation blocks the trials scored, each trial's config and checkpoints."""
-    from raykd import front
+    """`raykd.sweep.front.evaluate` on the sweep's trials: the validation blocks the trials scored, each trial's config and checkpoints."""
     from raykd.data import pipeline
+    from raykd.sweep import front
     from raykd.train import run_storage
 
     val = datasets[1] if datasets else pipeline.build_datasets(cfg.data, cfg.teacher.model, cfg.seed, cfg.teacher.trust_remote_code)[1]
@@ -377,8 +376,8 @@ def rebuild_report(directory: str, log=print) -> dict:
     """`raykd report DIR`: the report again from the Tune experiment in DIR/tune."""
     from ray import tune
 
-    from raykd import front
     from raykd.report import write_report
+    from raykd.sweep import front
 
     out = Path(directory).resolve()
     path = out / EXPERIMENT
