@@ -26,6 +26,7 @@ class SweepConfig:
     scheduler: str = "asha"  # asha (stop poor trials early on val_loss) | fifo (run every trial to the end)
     grace_period: int = 4  # ASHA: steps every trial runs before it can be stopped
     reduction_factor: int = 2  # ASHA: keep 1 / reduction_factor of the trials at each rung
+    asha_order: str = "trial"  # ASHA: trial (a trial is judged against the trials before it in the search's order: the same sweep keeps the same trials whatever the machine's timing) | arrival (Tune's ASHA: against the trials that reached the rung first)
     asha_brackets: str = "depth"  # ASHA: depth (a trial competes only with trials of its own student.num_layers, so every depth keeps a trial to the end) | one (all trials in one bracket)
     eval_every: int = 4  # steps between val_loss reports (ASHA's signal); sets train.eval_every and report_every
     max_concurrent: int = 2  # trials running at once (more where the cluster has room)
@@ -55,6 +56,7 @@ class SweepConfig:
         _choice("sweep.search", self.search, SEARCHES)
         _choice("sweep.scheduler", self.scheduler, SCHEDULERS)
         _choice("sweep.asha_brackets", self.asha_brackets, ASHA_BRACKETS)
+        _choice("sweep.asha_order", self.asha_order, ("trial", "arrival"))
         _choice("sweep.evaluate", self.evaluate, ("front", "all"))
         for name in ("grace_period", "reduction_factor", "eval_every", "max_concurrent"):
             _positive(f"sweep.{name}", getattr(self, name))

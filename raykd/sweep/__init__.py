@@ -28,7 +28,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from raykd import models
 from raykd.config import Config, ConfigError, _build, from_dict, set_dotted
 from raykd.data import cache
-from raykd.report import DEPTH
+from raykd.sweep.asha import DepthASHA, OrderedASHA
 from raykd.sweep_config import SweepConfig
 
 EXPERIMENT = "tune"
@@ -139,79 +139,33 @@ def _trainable(params: dict, base: dict, sweep_dict: dict, trials_root: str, dat
     trainer.fit()
 
 
-class DepthASHA(FIFOScheduler):
-    """ASHA with one bracket per student depth: one `ASHAScheduler` per value of `key` in the trial's
-    config (made on that depth's first trial), and every call about a trial goes to its depth's.
-
-    A plain ASHA judges every trial at a rung against all trials that reached it, so deeper students,
-    which start slower, are stopped by shallower ones' early losses and the sweep's size/quality front
-    holds one depth. Here a trial competes only with trials of its own depth, so each depth keeps its
-    best trial running to the end. A sweep that does not vary the depth has one bracket: plain ASHA."""
-
-    def __init__(self, key: str = DEPTH, metric: str | None = None, mode: str | None = None, **asha):
-        super().__init__()
-        ASHAScheduler(**asha)  # checks the arguments now, not at the first trial
-        self._key, self._asha, self._metric, self._mode = key, asha, metric, mode
-        self._by_depth: dict = {}  # depth -> ASHAScheduler
-        self._depth: dict[str, object] = {}  # trial_id -> depth
-
-    def set_search_properties(self, metric, mode, **spec) -> bool:
-        if (self._metric and metric) or (self._mode and mode):
-            return False
-        self._metric, self._mode = metric or self._metric, mode or self._mode
-        return True
-
-    def _of(self, trial):
-        return self._by_depth[self._depth[trial.trial_id]]
-
-    def on_trial_add(self, tune_controller, trial):
-        depth = (trial.config or {}).get(self._key)
-        depth = depth.item() if hasattr(depth, "item") else depth  # numpy scalars from Tune's samplers
-        if depth not in self._by_depth:
-            self._by_depth[depth] = ASHAScheduler(**self._asha)
-            self._by_depth[depth].set_search_properties(self._metric, self._mode)  # as Tune sets them on a plain ASHA
-        self._depth[trial.trial_id] = depth
-        self._by_depth[depth].on_trial_add(tune_controller, trial)
-
-    def on_trial_error(self, tune_controller, trial):
-        self._of(trial).on_trial_error(tune_controller, trial)
-
-    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        return self._of(trial).on_trial_result(tune_controller, trial, result)
-
-    def on_trial_complete(self, tune_controller, trial, result: dict):
-        self._of(trial).on_trial_complete(tune_controller, trial, result)
-
-    def on_trial_remove(self, tune_controller, trial):
-        self._of(trial).on_trial_remove(tune_controller, trial)
-
-    def debug_string(self) -> str:
-        return "\n".join(f"{self._key}={d}: {s.debug_string()}" for d, s in self._by_depth.items()) or "ASHA per student depth"
-
-
 def trial_scheduler(sw: SweepConfig, max_steps: int):
-    """Tune's trial scheduler for `sw.scheduler`: ASHA on `step` (rungs from grace_period to max_steps), one
-    bracket per student depth unless `sw.asha_brackets` is `one`; or FIFO."""
+    """Tune's trial scheduler for `sw.scheduler`: ASHA on `step` (rungs from grace_period below max_steps), one
+    bracket per student depth unless `sw.asha_brackets` is `one`, deciding by trial order unless `sw.asha_order`
+    is `arrival` (raykd.sweep.asha); or FIFO."""
     if sw.scheduler != "asha":
         return FIFOScheduler()
     asha = dict(time_attr="step", max_t=max_steps, grace_period=sw.grace_period, reduction_factor=sw.reduction_factor)
-    return DepthASHA(**asha) if sw.asha_brackets == "depth" else ASHAScheduler(**asha)
+    ordered = sw.asha_order == "trial"
+    if sw.asha_brackets == "depth":
+        return DepthASHA(ordered=ordered, **asha)
+    return OrderedASHA(**asha) if ordered else ASHAScheduler(**asha)
 
 
 def _tuner(cfg: Config, sw: SweepConfig, trainable, out: Path, resume: bool):
-    """A new Tuner (ASHA or FIFO, the seeded search), or the one restored from `out` with --resume."""
+    """(A new Tuner (ASHA or FIFO, the seeded search), its scheduler), or (the one restored from `out` with --resume, None)."""
     from ray import tune
 
     path = out / EXPERIMENT
     if resume:
         if not tune.Tuner.can_restore(str(path)):
             raise ConfigError(f"--resume: no sweep to resume in {path}; run without --resume to start one")
-        return tune.Tuner.restore(str(path), trainable=trainable, resume_errored=False, restart_errored=False)
+        return tune.Tuner.restore(str(path), trainable=trainable, resume_errored=False, restart_errored=False), None
     if path.exists():
         raise ConfigError(f"output_dir: {out} already holds a sweep; pass --resume to continue it or choose another output_dir")
     scheduler = trial_scheduler(sw, cfg.train.max_steps)
     search_alg, space = searcher(sw, cfg.seed)
-    return tune.Tuner(
+    tuner = tune.Tuner(
         trainable,
         param_space=space,
         tune_config=tune.TuneConfig(metric="val_loss", mode="min", scheduler=scheduler, search_alg=search_alg,
@@ -219,6 +173,7 @@ def _tuner(cfg: Config, sw: SweepConfig, trainable, out: Path, resume: bool):
         run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out), verbose=1,
                                   failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
     )
+    return tuner, scheduler
 
 
 def sweep(cfg: Config, resume: bool = False, log=print) -> dict:
@@ -255,7 +210,7 @@ def sweep(cfg: Config, resume: bool = False, log=print) -> dict:
     t0 = time.time()
     path = out / EXPERIMENT
     record = out / "sweep.json"  # what `raykd report DIR` needs to rebuild the report later
-    tuner = _tuner(cfg, sw, trainable, out, resume)
+    tuner, scheduler = _tuner(cfg, sw, trainable, out, resume)
     meta = {"experiment": str(path), "scheduler": sw.scheduler, "search": sw.search, "metric": "val_loss", "objectives": list(sw.objectives)}
     if sw.scheduler == "asha":
         meta["asha_brackets"] = sw.asha_brackets
@@ -263,6 +218,9 @@ def sweep(cfg: Config, resume: bool = False, log=print) -> dict:
         record.write_text(json.dumps({"config": base, "meta": meta}, indent=1))
     results = tuner.fit()
     trials = collect_trials(results, base, sw, cfg.train.max_steps)
+    judged = scheduler.verdicts() if hasattr(scheduler, "verdicts") else {}
+    for t in trials:  # judged stopped by trial order only after it had reached its last step: stopped, as in any other run
+        t["status"] = "EARLY_STOPPED" if t["status"] == "TERMINATED" and t["trial_id"] in judged else t["status"]
     meta["wall_s"] = time.time() - t0
     unfinished = max(_unfinished(results), expected_trials(sw) - len(trials))
     meta["interrupted"] = bool(unfinished)
