@@ -1,12 +1,13 @@
 """ASHA vs FIFO on the same raykd sweep: trial-steps saved and whether the best trial is the same.
 
 The sweep is jobs/sweep-smoke.yaml (the seeded tiny random teacher, the stdlib pydoc corpus,
-6 random trials over student depth, hidden-state weight, logit loss and LR, 16 steps each,
-`val_loss` every 4 steps), loaded with `raykd.config.load_config` and run with
+random trials over student depth, hidden-state weight, logit loss and LR), shaped like a real
+sweep by the defaults below: 12 trials of 32 steps, `val_loss` every 4 steps, reduction factor 3,
+grace period 8 steps (two evaluations); loaded with `raykd.config.load_config` and run with
 `raykd.sweep.sweep(cfg)` twice, each in its own child process with its own local Ray:
 
-* `sweep.scheduler=asha` (grace period 4, reduction factor 2, as in the YAML): poor trials
-  stop early;
+* `sweep.scheduler=asha` (one bracket per depth, verdicts by trial order: raykd's defaults): poor
+  trials stop early;
 * `sweep.scheduler=fifo`: every trial runs all its steps.
 
 Same seed: raykd seeds Tune's search from the config's `seed` (`raykd.sweep.searcher`), so
@@ -34,9 +35,7 @@ def child(a) -> None:
     from raykd.config import load_config
     from raykd.sweep import sweep
 
-    overrides = [f"output_dir={a.out}", f"sweep.scheduler={a.arm}"]
-    if a.samples:
-        overrides.append(f"sweep.num_samples={a.samples}")
+    overrides = [f"output_dir={a.out}", f"sweep.scheduler={a.arm}", *shape(a)]
     cfg = load_config(a.config, overrides)
     t0 = time.perf_counter()
     res = sweep(cfg, log=lambda m: C.progress(m))
@@ -45,6 +44,14 @@ def child(a) -> None:
                "val_perplexity": t["metrics"].get("val_perplexity"), "val_loss": t["metrics"].get("val_loss"),
                "error": t["error"]} for t in res["trials"]]
     C.report({"trials": trials, "sweep_wall_s": wall, "tune_fit_s": res["meta"].get("wall_s")})
+
+
+def shape(a) -> list[str]:
+    """The overrides that size the sweep (empty values keep the YAML's)."""
+    out = [f"sweep.num_samples={a.samples}"] if a.samples else []
+    out += [f"sweep.reduction_factor={a.rf}", f"sweep.grace_period={a.grace}", f"sweep.eval_every={a.eval_every}",
+            f"train.max_steps={a.steps}"] if a.steps else []
+    return out
 
 
 def best(trials: list[dict]) -> dict | None:
@@ -56,7 +63,11 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arm", choices=["asha", "fifo"])
     p.add_argument("--config", default=str(C.ROOT / "jobs" / "sweep-smoke.yaml"))
-    p.add_argument("--samples", type=int, default=0, help="override sweep.num_samples (0: the YAML's)")
+    p.add_argument("--samples", type=int, default=12, help="sweep.num_samples (0: the YAML's)")
+    p.add_argument("--steps", type=int, default=32, help="train.max_steps (0: the YAML's shape: steps, rf, grace, eval_every)")
+    p.add_argument("--rf", type=int, default=3, help="sweep.reduction_factor")
+    p.add_argument("--grace", type=int, default=8, help="sweep.grace_period (steps)")
+    p.add_argument("--eval-every", type=int, default=4, help="sweep.eval_every (steps)")
     p.add_argument("--out", default="")
     a = p.parse_args()
     if a.arm:
@@ -65,7 +76,7 @@ def main() -> int:
     from raykd.config import load_config
     from raykd.models import bf16_is_fast
 
-    cfg = load_config(a.config)
+    cfg = load_config(a.config, shape(a))
     sw = cfg.sweep
     precision = cfg.train.precision
     if precision == "auto":
@@ -73,6 +84,7 @@ def main() -> int:
     threads = cfg.scale.torch_threads or max(1, (os.cpu_count() or 1) // cfg.scale.num_workers)
     C.header(f"raykd sweep with ASHA vs FIFO: {os.path.relpath(a.config, C.ROOT)} "
              f"({a.samples or sw['num_samples']} trials x {cfg.train.max_steps} steps, max {sw['max_concurrent']} at once, "
+             f"reduction factor {sw['reduction_factor']}, grace {sw['grace_period']} steps, "
              f"teacher {cfg.teacher.model})",
              threads, f"{precision}; threads are per trial, {sw['max_concurrent']} trials share the cores", [
                  "the same config, search space and seed in both runs; only sweep.scheduler differs (asha vs fifo)",
@@ -87,8 +99,9 @@ def main() -> int:
     runs = {}
     with tempfile.TemporaryDirectory(prefix="bench-asha-") as tmp:
         for arm in ("asha", "fifo"):
-            extra = [f"--config={a.config}", f"--out={os.path.join(tmp, arm)}", f"--samples={a.samples}"]
-            r = C.run_arm(script, arm, extra, timeout=1200)
+            extra = [f"--config={a.config}", f"--out={os.path.join(tmp, arm)}", f"--samples={a.samples}", f"--steps={a.steps}",
+                     f"--rf={a.rf}", f"--grace={a.grace}", f"--eval-every={a.eval_every}"]
+            r = C.run_arm(script, arm, extra, timeout=2400)
             runs[arm] = r
             print(f"{arm}: {len(r['trials'])} trials, {sum(t['steps'] for t in r['trials'])} trial-steps, wall {r['wall_s']:.0f} s", flush=True)
             for t in r["trials"]:

@@ -52,7 +52,7 @@ def test_goal_names_match_issue_7():
     assert set(collect.GOALS["kd_step"]) == {"overhead_ratio"}
     assert set(collect.GOALS["vs_trl"]) == {"tokens_per_s_ratio", "peak_memory_ratio", "plain_loop_ratio",
                                             "peak_memory_ratio_ckpt", "roofline"}  # the last two: issue 18
-    assert set(collect.GOALS["asha"]) == {"trial_steps_saved", "same_best"}
+    assert set(collect.GOALS["asha"]) == {"trial_steps_saved", "same_best", "wall_time_saved"}  # the last: issue 18
     assert set(collect.GOALS["cache"]) >= {"sweep_time_ratio"}
     assert set(collect.GOALS["sweep_overhead"]) == {"fixed_s_per_trial", "max_ppl_deviation"}  # issue 18 item 1
     assert set(collect.GOALS["quality"]) == {"feature_beats_both", "feature_over_teacher", "ood_over_teacher_feature"}  # + issue 18
