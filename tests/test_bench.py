@@ -36,7 +36,7 @@ def test_figures_line_round_trips(capsys):
     ("chunked_loss", {"peak_memory_ratio": "0.25", "time_ratio": "1.21", "same_result": "1"}, ["yes", "**no**", "yes"]),
     ("vs_trl", {"tokens_per_s_ratio": "2.19", "peak_memory_ratio": "0.4", "plain_loop_ratio": "1.1", "roofline": "0.85"},
      ["**no**", "yes", "yes", "missing", "yes"]),
-    ("asha", {"trial_steps_saved": "0.5", "same_best": "0"}, ["yes", "**no**"]),
+    ("asha", {"trial_steps_saved": "0.5", "same_best": "0", "wall_time_saved": "0.41"}, ["yes", "**no**", "yes"]),
     ("kd_step", {"overhead_ratio": "nan"}, ["**no**"]),
     ("kd_step", {"overhead_ratio": "n/a"}, ["?"]),
     ("kd_step", {}, ["missing"]),
