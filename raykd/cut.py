@@ -43,12 +43,9 @@ def from_files(model_dir, keep: list[int], dtype: torch.dtype = torch.float32, t
     for path in files:
         with safe_open(str(path), framework="pt") as fh:
             for key in fh.keys():
-                name = key
-                if key.startswith(prefix):
-                    idx, rest = key[len(prefix):].split(".", 1)
-                    if not idx.isdigit() or int(idx) not in new_index:
-                        continue
-                    name = f"{prefix}{new_index[int(idx)]}.{rest}"
+                name = models.student_key(key, prefix, new_index)
+                if name is None:
+                    continue  # a dropped layer
                 if name not in wanted:
                     return None  # a name the model does not use: an older layout, renamed at load
                 state[name] = fh.get_tensor(key).to(dtype)

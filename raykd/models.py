@@ -323,12 +323,8 @@ def cut_student(teacher, keep: list[int], dtype: torch.dtype | None = None):
     new_index = {old: new for new, old in enumerate(keep)}
     state = {}
     for key, value in teacher.state_dict().items():
-        if key.startswith(prefix):
-            idx, rest = key[len(prefix):].split(".", 1)
-            if int(idx) not in new_index:
-                continue
-            key = f"{prefix}{new_index[int(idx)]}.{rest}"
-        state[key] = value.detach().clone().to(dtype)
+        if (name := student_key(key, prefix, new_index)) is not None:
+            state[name] = value.detach().clone().to(dtype)
     student.load_state_dict(state, strict=False)  # tied head weights may be absent from state
     missing = {k for k in student.state_dict() if k not in state} - _tied_keys(student)
     if missing:
@@ -352,6 +348,15 @@ def checkpoint_activations(model) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def student_key(key: str, prefix: str, new_index: dict[int, int]) -> str | None:
+    """A teacher weight's name in the student cut with `new_index` (teacher layer -> student layer), or None for a
+    weight of a dropped layer; names outside the decoder layers (`prefix`) stay as they are."""
+    if not key.startswith(prefix):
+        return key
+    idx, rest = key[len(prefix):].split(".", 1)
+    return f"{prefix}{new_index[int(idx)]}.{rest}" if idx.isdigit() and int(idx) in new_index else None
 
 
 def _layers_prefix(model) -> str:
