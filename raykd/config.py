@@ -27,7 +27,7 @@ from raykd.generate_config import GenerateConfig, OnPolicyConfig
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 INITS = ("uniform", "first", "last", "ends", "list", "importance")
 IMPORTANCE_METRICS = ("block_ppl", "block_influence")
-MAP_STRATEGIES = ("auto", "kept", "uniform", "last", "list")
+MAP_STRATEGIES = ("auto", "kept", "bridge", "uniform", "last", "list")
 HIDDEN_LOSS_NAMES = ("mse", "cosine", "nmse")
 STRATEGIES = ("ddp", "fsdp2", "deepspeed")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -87,7 +87,7 @@ class StudentConfig:
 
 @dataclass
 class LayerMapConfig:
-    strategy: str = "auto"  # (teacher, student) layer pairs: auto (kept for cut students, else uniform) | kept | uniform | last | list
+    strategy: str = "auto"  # (teacher, student) layer pairs: auto (kept for cut students, else uniform) | kept | bridge (cut students: the layer before a dropped block <-> the teacher layer ending it) | uniform | last | list
     pairs: list[list[int]] | None = None  # strategy=list: explicit [[teacher_layer, student_layer], ...]
     num_pairs: int | None = None  # map only this many student layers, evenly spread, last included (default: every student layer)
 

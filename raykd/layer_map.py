@@ -63,17 +63,20 @@ def layer_map(strategy: str, teacher_depth: int, student_depth: int, kept: list[
     """(teacher_layer, student_layer) pairs, sorted by student layer.
 
     kept: student layer j <-> the teacher layer it was copied from (cut students; `auto` picks
-    it then); uniform: j <-> the last layer of the j-th of `student_depth` equal teacher blocks
+    it then); bridge (cut students): j <-> the teacher layer whose output the teacher's next kept
+    layer reads, kept[j+1] - 1 (the last student layer <-> the teacher's last), so the student layer
+    just before a dropped block is asked for the state at the end of that block; uniform: j <-> the last layer of the j-th of `student_depth` equal teacher blocks
     (TinyBERT's uniform mapping); last: j <-> teacher layer L - S + j; list: `pairs` as given.
     `num_pairs` keeps that many pairs, evenly spread over the student, the last one included.
     """
     L, S = teacher_depth, student_depth
     if strategy == "auto":
         strategy = "kept" if kept is not None else "uniform"
-    if strategy == "kept":
+    if strategy in ("kept", "bridge"):
         if kept is None:
-            raise ConfigError("layer_map.strategy: 'kept' needs a student cut from the teacher; use uniform, last or list for student.model")
-        out = [(t, j) for j, t in enumerate(kept)]
+            raise ConfigError(f"layer_map.strategy: {strategy!r} needs a student cut from the teacher; use uniform, last or list for student.model")
+        out = [(t, j) for j, t in enumerate(kept)] if strategy == "kept" else \
+            [((kept[j + 1] - 1) if j + 1 < len(kept) else L - 1, j) for j in range(len(kept))]
     elif strategy == "uniform":
         out = [(round((j + 1) * L / S) - 1, j) for j in range(S)]
     elif strategy == "last":

@@ -46,6 +46,17 @@ def test_known_values():
     assert evenly_spaced(5, 1) == [4]
 
 
+def test_bridge_asks_the_layer_before_a_dropped_block_for_the_state_after_it():
+    kept = select_layers("ends", 30, 10)  # [0..4] + [25..29]: teacher layers 5..24 dropped
+    pairs = layer_map("bridge", 30, 10, kept=kept)
+    assert pairs[4] == (24, 4)  # student layer 4 (teacher 4) <-> teacher 24, the input teacher layer 25 expects
+    assert [t for t, _ in pairs] == [0, 1, 2, 3, 24, 25, 26, 27, 28, 29]
+    assert layer_map("bridge", 12, 3, kept=[0, 5, 11]) == [(4, 0), (10, 1), (11, 2)]
+    assert layer_map("bridge", 12, 3, kept=[9, 10, 11]) == layer_map("kept", 12, 3, kept=[9, 10, 11])  # no gap: same as kept
+    with pytest.raises(ConfigError, match="layer_map.strategy"):
+        layer_map("bridge", 12, 4)
+
+
 def test_contiguous_drops_cover_first_and_last():
     cuts = contiguous_drops(30, 10)
     assert len(cuts) == 11

@@ -129,3 +129,10 @@ def test_corpus_too_short_for_one_block_is_one_line_before_ray(tmp_path, tiny_te
                      rf"{fix}.* or lower data\.block_size", lines[0])
     assert m and 10 < int(m.group(1)) < 256, lines[0]
     assert not out.exists()
+
+
+def test_bridge_map_of_an_ends_cut(tiny_teacher_dir):
+    cfg = load_config("jobs/smoke.yaml", ["student.num_layers=3", "student.init=ends", "layer_map.strategy=bridge"])
+    plan = build_plan(cfg, log=lambda m: None)
+    assert plan.kept == [0, 1, 5]  # 6 teacher layers, 2..4 dropped
+    assert plan.pairs == [(0, 0), (4, 1), (5, 2)]  # student layer 1 <-> teacher 4, the state teacher layer 5 reads
