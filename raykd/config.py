@@ -221,6 +221,7 @@ class TrainConfig:
     generation_eval: bool = True  # after training: ROUGE-L / BLEU of greedy student continuations vs the teacher's
     eval_every: int = 0  # steps between validation-loss checks reported as val_loss (0 = none during training; sweeps set it)
     eval_blocks: int = 8  # validation blocks per check, split across workers
+    final_training_state: bool = True  # the final checkpoint keeps the training state (student + projections, AdamW, schedule) so the run can go on past max_steps; false (sweep trials): the exported student, metrics and run state only
     activation_checkpointing: bool = False  # recompute the student's decoder layers in backward: less activation memory, ~1/3 more student compute
 
     def __post_init__(self):

@@ -15,19 +15,19 @@ starts). It reads top to bottom in phases around a `RunState`:
                (one all-reduce and one host sync per report), tokens/s, val_loss every `train.eval_every`
     checkpoint every `train.checkpoint_every` steps and at the end: the engine's training state plus
                one `worker{rank}.pt` per worker (run state, data position, RNG states)
-    export     at the end, rank 0 saves the student as a plain HF model and evaluates it against the
-               teacher; both travel in the final checkpoint, copied to OUTPUT/student and metrics.json
+    export     at the end, rank 0 saves the student as a plain HF model and evaluates it against the teacher;
+               both travel in the final checkpoint (the training state too unless train.final_training_state=false)
 
-Ray registers a checkpoint only once every worker has uploaded its part; each part carries a
-manifest (`raykd.manifest`: sizes and SHA-256 of its files), so a checkpoint damaged later (a
-truncated file) is skipped for the newest intact one. Running the same command again (same
-`output_dir`) resumes from the latest checkpoint; a killed worker restarts the group from it
-(`scale.max_failures`).
+Ray registers a checkpoint only once every worker has uploaded its part; each part carries a manifest
+(`raykd.manifest`: sizes and SHA-256 of its files), so a checkpoint damaged later (a truncated file) is
+skipped for the newest intact one. Running the same command again (same `output_dir`) resumes from the
+latest checkpoint; a killed worker restarts the group from it (`scale.max_failures`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from raykd import cut, manifest, models, runtime, tasks
-from raykd.config import Config, from_dict
+from raykd.config import Config, ConfigError, from_dict
 from raykd.data import cache, pipeline
 from raykd.objective import Distiller, teacher_forward
 from raykd.onpolicy import OnPolicy
@@ -139,8 +139,7 @@ def setup(config: dict) -> tuple[Worker, RunState]:
 
 
 def _resume_point(rank: int):
-    """Ray's latest checkpoint when it verifies against its manifests, else the newest intact older one
-    of the run (rank 0 says which in one line); None for a fresh run."""
+    """Ray's latest checkpoint if it verifies against its manifests, else the run's newest intact one; None if fresh."""
     import ray.train
 
     latest = ray.train.get_checkpoint()
@@ -153,15 +152,17 @@ def _resume_point(rank: int):
 
 
 def restore(w: Worker, d: Path) -> RunState:
-    """The engine's training state and this worker's RunState (run fields from rank 0's file; data
-    position and RNG from its own, or rank 0's when the group grew). A group of another size (a worker
-    range) splits the data anew: every worker takes rank 0's position, rescaled to its larger or smaller
-    shard (the epoch's share already seen is kept; which blocks fill it is not)."""
+    """The engine's training state and this worker's RunState (run fields from rank 0's file; data position and RNG
+    from its own, or rank 0's when the group grew). A group of another size (a worker range) splits the data anew:
+    every worker takes rank 0's position, rescaled to its shard (the epoch's share seen is kept, not which blocks)."""
     run = torch.load(d / WORKER_FILE.format(0), map_location="cpu", weights_only=True)
     own = d / WORKER_FILE.format(w.rank)
     mine = torch.load(own, map_location="cpu", weights_only=True) if own.exists() else None
-    w.engine.load(d, run["state"]["step"])
     state = RunState(**run["state"])
+    if run.get("engine", True):
+        w.engine.load(d, state.step)
+    elif state.step < w.cfg.train.max_steps:  # a finished run's export alone: nothing to train on from
+        raise ConfigError(f"train.max_steps: this output_dir's run ended at step {state.step} without its training state (train.final_training_state=false); keep max_steps {state.step} or use a new output_dir")
     before = state.phases[-1][1] if state.phases else w.world
     if before != w.world:
         state.batch_index = state.batch_index * before // w.world
@@ -267,19 +268,20 @@ def report(w: Worker, state: RunState, window: torch.Tensor, meter: dict, grad_n
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory(prefix="raykd-ckpt-") as d:
-        checkpoint(w, state, Path(d), state.train_wall_s + elapsed)
+        checkpoint(w, state, Path(d), state.train_wall_s + elapsed, engine=not final or t.final_training_state)
         if final:
             metrics.update(export(w, state, state.train_wall_s + elapsed, metrics["tokens_per_s"], Path(d)))
         manifest.write(Path(d), w.rank, w.world, step)  # last: what this worker's part must hold
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
-def checkpoint(w: Worker, state: RunState, d: Path, wall: float) -> None:
-    """The engine's training state and this worker's `worker{rank}.pt` into `d` (every rank calls)."""
-    w.engine.save(d, w.rank, state.step)
+def checkpoint(w: Worker, state: RunState, d: Path, wall: float, engine: bool = True) -> None:
+    """The engine's training state (if `engine`) and this worker's `worker{rank}.pt` into `d` (every rank calls)."""
+    if engine:
+        w.engine.save(d, w.rank, state.step)
     cuda_rng = torch.cuda.get_rng_state(w.device) if w.device.type == "cuda" else None
     run = dataclasses.replace(state, train_wall_s=wall)
-    torch.save({"state": dataclasses.asdict(run), "rng": torch.get_rng_state(), "cuda_rng": cuda_rng}, d / WORKER_FILE.format(w.rank))
+    torch.save({"state": dataclasses.asdict(run), "rng": torch.get_rng_state(), "cuda_rng": cuda_rng, "engine": engine}, d / WORKER_FILE.format(w.rank))
 
 
 def export(w: Worker, state: RunState, wall: float, tokens_per_s: float, out: Path) -> dict:
@@ -323,8 +325,6 @@ def export(w: Worker, state: RunState, wall: float, tokens_per_s: float, out: Pa
 def run_name(output_dir: Path) -> str:
     """The run's name under a shared `scale.storage_path`: the output directory's name plus a hash of its
     full path, so two runs whose output dirs share a basename never resume each other's checkpoints."""
-    import hashlib
-
     return f"{output_dir.name}-{hashlib.sha1(str(output_dir.resolve()).encode()).hexdigest()[:8]}"
 
 

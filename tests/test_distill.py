@@ -76,6 +76,26 @@ def test_ce_only_run_trains_without_teacher_terms(local_ray, tmp_path):
     _check_output(tmp_path / "out", 6)
 
 
+
+def test_final_checkpoint_without_training_state(local_ray, tmp_path):
+    """train.final_training_state=false (what sweep trials set): the last checkpoint holds the student and the
+    run state but no Distiller/AdamW state; the finished run reruns as finished, and asking it for more steps
+    is refused naming the field."""
+    import ray.train
+
+    from raykd.train import distill
+
+    light = ["train.max_steps=4", "train.report_every=2", "scale.num_workers=1", "eval.final=light", "train.final_training_state=false"]
+    metrics = distill(_cfg(tmp_path, *light))
+    (ckpt,) = [d for d in (tmp_path / "out" / "train").glob("checkpoint_*") if d.is_dir()]
+    names = {p.name for p in ckpt.iterdir()}
+    assert {"student", "metrics.json", "worker0.pt"} <= names and not names & {"distiller.pt", "optimizer.pt"}, names
+    assert metrics["steps"] == 4 and metrics["val_perplexity"] < metrics["init_val_perplexity"]
+    again = distill(_cfg(tmp_path, *light))  # finished: nothing to train, the export is the same
+    assert again["steps"] == 4 and again["val_perplexity"] == metrics["val_perplexity"]
+    with pytest.raises(ray.train.TrainingFailedError, match=r"train.max_steps: .*train.final_training_state=false"):
+        distill(_cfg(tmp_path, *light[1:], "train.max_steps=6"))
+
 def _ray_workers(since: float):
     """Ray Train worker processes started after `since` (older ones belong to earlier runs)."""
     import psutil

@@ -65,6 +65,8 @@ def test_smoke_sweep_asha_failed_trial_and_report(tmp_path):
     # trials (each depth's best, on the fronts) were then scored fully, once, and only they have agreement and tasks
     light = [json.loads(p.read_text()) for p in out.glob("trials/*/train/checkpoint_*/metrics.json")]
     assert len(light) == 2 and all("teacher_val_perplexity" not in m and "tasks" not in m and m["val_perplexity"] > 1 for m in light)
+    # and its one checkpoint holds the student, not the training state (train.final_training_state=false)
+    assert not list(out.glob("trials/*/train/checkpoint_*/distiller.pt")) and not list(out.glob("trials/*/train/checkpoint_*/optimizer.pt"))
     scored = json.loads((out / "front.json").read_text())
     assert set(scored) == {r["trial_id"] for r in finished}, scored
     assert all(float(r["top1_agreement"]) >= 0 and 0 <= float(r["task_sentiment_auc"]) <= 1 for r in finished), finished

@@ -90,8 +90,10 @@ def rerun_config(base: dict, params: dict, output_dir: str) -> dict:
 def trial_config(base: dict, params: dict, sweep: SweepConfig, trial_dir: str) -> Config:
     """The complete config of one trial: base + sampled params, evaluating every `eval_every` steps."""
     d = rerun_config(base, params, trial_dir)
-    # every report carries val_loss (Tune's metric); one checkpoint at the end; no generation metrics
-    d["train"].update(eval_every=sweep.eval_every, report_every=sweep.eval_every, checkpoint_every=0, generation_eval=False)
+    # every report carries val_loss (Tune's metric); one checkpoint at the end, the student without the
+    # training state (a trial is never continued; AdamW's moments would double its bytes); no generation metrics
+    d["train"].update(eval_every=sweep.eval_every, report_every=sweep.eval_every, checkpoint_every=0, generation_eval=False,
+                      final_training_state=False)
     if sweep.light_trials:  # the student alone at the end; raykd.sweep.front scores the trials that matter fully
         d["eval"]["final"] = "light"
     return from_dict(d)
