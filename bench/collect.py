@@ -28,7 +28,7 @@ import _common as C  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 NOT_BENCHMARKS = {"collect.py"}
-ORDER = ["chunked_loss", "kd_step", "vs_trl", "asha", "cache", "sweep_overhead", "quality"]  # others follow, sorted
+ORDER = ["chunked_loss", "kd_step", "vs_trl", "asha", "cache", "topk", "sweep_overhead", "quality"]  # others follow, sorted
 OPS = {"<=": operator.le, ">=": operator.ge, "==": operator.eq}
 GOALS = {  # script -> figure -> (op, value, what it means)
     "chunked_loss": {"peak_memory_ratio": ("<=", 0.25, "raykd / naive peak memory increase"),
@@ -45,6 +45,7 @@ GOALS = {  # script -> figure -> (op, value, what it means)
              "wall_time_saved": (">=", 0.4, "1 - ASHA sweep wall / FIFO sweep wall")},
     "cache": {"sweep_time_ratio": ("<=", 0.5, "cached sweep wall (build included) / online sweep wall"),
               "max_ppl_deviation": ("<=", 0.02, "max over trials of abs(cached / online val ppl - 1)")},
+    "topk": {"ppl_ratio_default": ("<=", 1.02, "val ppl from the cache at the default teacher.cache_topk / from the dense teacher")},
     "sweep_overhead": {"fixed_s_per_trial": ("<=", 10.0, "a real-teacher trial's wall minus its training loop, seconds (sweep.evaluate: front)"),
                        "max_ppl_deviation": ("<=", 0.01, "max over trials of abs(front-arm / all-arm val ppl - 1): light scoring measures the same")},
     "quality": {"feature_beats_both": ("==", 1, "feature arm ppl below the ce and logit arms'"),
