@@ -9,11 +9,18 @@ Two scores on a small calibration sample of training text:
 * ``block_influence``: ShortGPT's Block Influence BI_i = 1 - E[cos(h_in_i, h_out_i)]
   (Men et al. 2024); the k most influential layers are kept. One forward pass, cheap,
   usually worse than block_ppl on small models.
+
+A cut once scored is kept as a small JSON memo (`memo_path`: teacher files, k, metric and the
+calibration tokens hashed), so the trials of a sweep and reruns of a job do not score it again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import os
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -92,3 +99,36 @@ def importance_cut(model, k: int, ids: torch.Tensor, metric: str = "block_ppl") 
         return keep, {"metric": metric, "block_influence": bi}
     finally:
         model.train(was_training)
+
+
+MEMO_VERSION = 1  # bump when the scoring changes: older memos are then never read
+
+
+def memo_path(root: Path, teacher_dir: Path, k: int, ids: torch.Tensor, metric: str) -> Path:
+    """Where the importance cut of `k` layers of the teacher in `teacher_dir`, scored by `metric` on the
+    calibration blocks `ids` [N, T], is kept: a name hashing the teacher's weight files (path, size,
+    mtime), k, the metric and the token ids, so a changed teacher or corpus never reads an old cut."""
+    h = hashlib.sha256(f"v{MEMO_VERSION}|{Path(teacher_dir).resolve()}|{k}|{metric}|{tuple(ids.shape)}".encode())
+    for f in sorted(Path(teacher_dir).glob("*.safetensors")) + sorted(Path(teacher_dir).glob("*.bin")):
+        st = f.stat()
+        h.update(f"|{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(ids.to(torch.int64).numpy().tobytes())
+    return root / "importance" / f"{h.hexdigest()[:32]}.json"
+
+
+def memo_load(path: Path) -> tuple[list[int], dict] | None:
+    """(kept, scores) from a memo written by `memo_save`, None if absent or unreadable (then scored anew)."""
+    try:
+        d = json.loads(path.read_text())
+        return [int(i) for i in d["kept"]], d["scores"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def memo_save(path: Path, kept: list[int], scores: dict) -> None:
+    """Written whole or not at all (a temporary file renamed), so a reader never sees half a memo."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"kept": kept, "scores": scores}))
+    os.replace(tmp, path)
+

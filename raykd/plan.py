@@ -89,16 +89,21 @@ def _choose_kept(cfg: Config, teacher_dir: Path, depth: int, log) -> tuple[list[
     if s.init != "importance":
         return select_layers(s.init, depth, s.num_layers, s.layers, s.ends_first), None
     select_layers("first", depth, s.num_layers)  # the depth check, before loading anything
+    from raykd import importance as imp
     from raykd.data.reader import calibration_text
-    from raykd.importance import calibration_ids, importance_cut
 
-    log(f"raykd: scoring {s.importance_metric} cuts of the teacher on {s.calibration_tokens} calibration tokens")
-    teacher = models.load_model(teacher_dir, models.DTYPE["float32"], cfg.teacher.trust_remote_code, frozen=True)
     tok = models.load_tokenizer(teacher_dir, cfg.teacher.trust_remote_code)
     text = calibration_text(cfg.data, n_chars=8 * s.calibration_tokens)
-    ids = calibration_ids(tok, text, s.calibration_tokens, cfg.data.block_size)
-    kept, scores = importance_cut(teacher, s.num_layers, ids, s.importance_metric)
+    ids = imp.calibration_ids(tok, text, s.calibration_tokens, cfg.data.block_size)
+    memo = imp.memo_path(models.cache_root(), teacher_dir, s.num_layers, ids, s.importance_metric)
+    if (found := imp.memo_load(memo)) is not None:
+        log(f"raykd: the {s.importance_metric} cut of {s.num_layers} layers, scored before on the same teacher and tokens ({memo})")
+        return found
+    log(f"raykd: scoring {s.importance_metric} cuts of the teacher on {s.calibration_tokens} calibration tokens")
+    teacher = models.load_model(teacher_dir, models.DTYPE["float32"], cfg.teacher.trust_remote_code, frozen=True)
+    kept, scores = imp.importance_cut(teacher, s.num_layers, ids, s.importance_metric)
     scores["calibration_tokens"] = int(ids.numel())
+    imp.memo_save(memo, kept, scores)
     return kept, scores
 
 

@@ -136,3 +136,25 @@ def test_bridge_map_of_an_ends_cut(tiny_teacher_dir):
     plan = build_plan(cfg, log=lambda m: None)
     assert plan.kept == [0, 1, 5]  # 6 teacher layers, 2..4 dropped
     assert plan.pairs == [(0, 0), (4, 1), (5, 2)]  # student layer 1 <-> teacher 4, the state teacher layer 5 reads
+
+
+def test_importance_cut_is_scored_once_then_read_from_its_memo(tmp_path, monkeypatch, tiny_teacher_dir):
+    import raykd.importance as imp
+
+    monkeypatch.setenv("RAYKD_CACHE", str(tmp_path / "cache"))  # a fresh memo store (the tiny teacher is rebuilt there)
+    overrides = ["student.init=importance", "student.calibration_tokens=256"]
+    lines = []
+    first = build_plan(load_config("jobs/smoke.yaml", overrides), log=lines.append)
+    assert any("scoring block_ppl cuts" in m for m in lines)
+    assert len(list((tmp_path / "cache" / "importance").glob("*.json"))) == 1
+
+    def never(*a, **k):
+        raise AssertionError("scored again")
+
+    monkeypatch.setattr(imp, "importance_cut", never)
+    lines.clear()
+    again = build_plan(load_config("jobs/smoke.yaml", overrides), log=lines.append)
+    assert again.kept == first.kept and again.importance == first.importance
+    assert any("scored before" in m for m in lines) and not any("scoring" in m for m in lines)
+    with pytest.raises(AssertionError, match="scored again"):  # other calibration tokens: another memo
+        build_plan(load_config("jobs/smoke.yaml", ["student.init=importance", "student.calibration_tokens=128"]), log=lambda m: None)
