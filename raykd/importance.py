@@ -131,4 +131,3 @@ def memo_save(path: Path, kept: list[int], scores: dict) -> None:
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"kept": kept, "scores": scores}))
     os.replace(tmp, path)
-

@@ -65,8 +65,8 @@ def layer_map(strategy: str, teacher_depth: int, student_depth: int, kept: list[
     kept: student layer j <-> the teacher layer it was copied from (cut students; `auto` picks
     it then); bridge (cut students): j <-> the teacher layer whose output the teacher's next kept
     layer reads, kept[j+1] - 1 (the last student layer <-> the teacher's last), so the student layer
-    just before a dropped block is asked for the state at the end of that block; uniform: j <-> the last layer of the j-th of `student_depth` equal teacher blocks
-    (TinyBERT's uniform mapping); last: j <-> teacher layer L - S + j; list: `pairs` as given.
+    just before a dropped block is asked for the state at the end of that block; uniform: j <-> the
+    last layer of the j-th of `student_depth` equal teacher blocks (TinyBERT's uniform mapping); last: j <-> teacher layer L - S + j; list: `pairs` as given.
     `num_pairs` keeps that many pairs, evenly spread over the student, the last one included.
     """
     L, S = teacher_depth, student_depth
