@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from raykd import models
 from raykd.capture import Capture, decoder_layers
 from raykd.evaluate import perplexity
 from raykd.layer_map import contiguous_drops, evenly_spaced
@@ -109,9 +110,7 @@ def memo_path(root: Path, teacher_dir: Path, k: int, ids: torch.Tensor, metric: 
     calibration blocks `ids` [N, T], is kept: a name hashing the teacher's weight files (path, size,
     mtime), k, the metric and the token ids, so a changed teacher or corpus never reads an old cut."""
     h = hashlib.sha256(f"v{MEMO_VERSION}|{Path(teacher_dir).resolve()}|{k}|{metric}|{tuple(ids.shape)}".encode())
-    for f in sorted(Path(teacher_dir).glob("*.safetensors")) + sorted(Path(teacher_dir).glob("*.bin")):
-        st = f.stat()
-        h.update(f"|{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(repr(models.file_stats(teacher_dir)).encode())
     h.update(ids.to(torch.int64).numpy().tobytes())
     return root / "importance" / f"{h.hexdigest()[:32]}.json"
 

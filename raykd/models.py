@@ -59,6 +59,13 @@ def _commit(tmp: Path, target: Path) -> Path:
     return target
 
 
+def file_stats(directory: Path, patterns: tuple[str, ...] = ("*.safetensors", "*.bin")) -> tuple[tuple[str, int, int], ...]:
+    """(path, size, mtime_ns) of the files in `directory` matching `patterns` (default: a model's weights),
+    sorted: a cheap identity of a model directory's files (a content sha256 of a 540 MB teacher costs ~1.5 s)."""
+    files = sorted({p for pat in patterns for p in Path(directory).glob(pat) if p.is_file()})
+    return tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+
+
 def _is_model_dir(path: Path) -> bool:
     return (path / "config.json").is_file() and any(path.glob("*.safetensors")) or (path / "pytorch_model.bin").is_file()
 

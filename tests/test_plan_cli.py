@@ -158,3 +158,26 @@ def test_importance_cut_is_scored_once_then_read_from_its_memo(tmp_path, monkeyp
     assert any("scored before" in m for m in lines) and not any("scoring" in m for m in lines)
     with pytest.raises(AssertionError, match="scored again"):  # other calibration tokens: another memo
         build_plan(load_config("jobs/smoke.yaml", ["student.init=importance", "student.calibration_tokens=128"]), log=lambda m: None)
+
+
+def test_importance_memo_is_keyed_by_the_teachers_weight_files(tmp_path):
+    """A rewritten teacher (same path, new weights file) never reads the cut scored on the old one."""
+    import os
+
+    import torch
+
+    from raykd.importance import memo_path
+
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "model.safetensors").write_bytes(b"x" * 64)
+    (teacher / "config.json").write_text("{}")
+    ids = torch.arange(32).reshape(2, 16)
+    first = memo_path(tmp_path, teacher, 4, ids, "block_ppl")
+    assert memo_path(tmp_path, teacher, 4, ids, "block_ppl") == first  # stable
+    (teacher / "config.json").write_text('{"a": 1}')  # not a weight file: same memo
+    assert memo_path(tmp_path, teacher, 4, ids, "block_ppl") == first
+    st = (teacher / "model.safetensors").stat()
+    os.utime(teacher / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert memo_path(tmp_path, teacher, 4, ids, "block_ppl") != first
+    assert memo_path(tmp_path, teacher, 5, ids, "block_ppl") != memo_path(tmp_path, teacher, 4, ids, "block_ppl")

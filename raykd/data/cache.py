@@ -61,8 +61,8 @@ def _sha_files(files: tuple[tuple[str, int, int], ...]) -> str:
 
 
 def _files_sha(directory: Path, patterns: tuple[str, ...]) -> str:
-    files = sorted({p for pat in patterns for p in directory.glob(pat) if p.is_file()})
-    return _sha_files(tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)) if files else "none"
+    files = models.file_stats(directory, patterns)
+    return _sha_files(files) if files else "none"
 
 
 def stored_layers(cfg: Config, depth: int) -> list[int]:
