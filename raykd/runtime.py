@@ -6,6 +6,7 @@ device's name for reports. Only this module, `raykd.data`, `raykd.train` and `ra
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 import time
@@ -208,3 +209,54 @@ def wait_for_workers(cfg: Config, how: str, log=print, poll_s: float = 10.0) -> 
     finally:
         if reservation:
             reservation[1]()
+
+
+def run_name(output_dir: Path) -> str:
+    """The run's name under a shared `scale.storage_path`: the output directory's name plus a hash of its
+    full path, so two runs whose output dirs share a basename never resume each other's checkpoints."""
+    return f"{output_dir.name}-{hashlib.sha1(str(output_dir.resolve()).encode()).hexdigest()[:8]}"
+
+
+def run_storage(cfg: Config) -> tuple[str, str]:
+    """(storage, name): where Ray Train keeps the run's checkpoints, `scale.storage_path`/run_name or OUTPUT/train."""
+    out = Path(cfg.output_dir).resolve()
+    return (cfg.scale.storage_path, run_name(out)) if cfg.scale.storage_path else (str(out), "train")
+
+
+class RayTrainSession:
+    """The Ray Train calls the loop makes (`raykd.train`, `raykd.data.pipeline`), in a Ray Train worker."""
+
+    def get_context(self):
+        import ray.train
+
+        return ray.train.get_context()
+
+    def get_device(self):
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+
+    def get_dataset_shard(self, name: str):
+        import ray.train
+
+        return ray.train.get_dataset_shard(name)
+
+    def get_checkpoint(self):
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def report(self, metrics: dict, checkpoint=None) -> None:
+        import ray.train
+
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+_SESSION: list = []  # the stand-in an in-process sweep trial installed (raykd.sweep.inproc), while it trains
+
+
+def session():
+    """What the loop reports to and takes its context, device, data and checkpoint from: Ray Train in a Train
+    worker; in a sweep trial training in its own process, the trial's stand-in (Ray refuses `ray.train` calls
+    inside a Tune trial, so the loop never calls them directly)."""
+    return _SESSION[-1] if _SESSION else RayTrainSession()

@@ -27,7 +27,6 @@ latest checkpoint; a killed worker restarts the group from it (`scale.max_failur
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import tempfile
@@ -106,18 +105,15 @@ def _build_models(cfg: Config):
 
 def setup(config: dict) -> tuple[Worker, RunState]:
     """Build this worker and its state: fresh, or restored from Ray's latest checkpoint."""
-    import ray.train
-    import ray.train.torch
-
     from raykd.evaluate import perplexity
     from raykd.parallel import make_engine
 
     cfg = from_dict(config)
-    ctx = ray.train.get_context()
+    ctx = runtime.session().get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cfg = runtime.for_world(cfg, world)  # a worker range: fewer workers accumulate more (same global batch)
     torch.set_num_threads(runtime.threads(cfg, ctx.get_local_world_size()))
-    device = ray.train.torch.get_device()
+    device = runtime.session().get_device()
     precision = runtime.precision(cfg)
     torch.manual_seed(cfg.seed)  # identical model init on every rank
     teacher_dir, teacher, distiller = _build_models(cfg)
@@ -142,7 +138,7 @@ def _resume_point(rank: int):
     """Ray's latest checkpoint if it verifies against its manifests, else the run's newest intact one; None if fresh."""
     import ray.train
 
-    latest = ray.train.get_checkpoint()
+    latest = runtime.session().get_checkpoint()
     if latest is None:
         return None
     path, note = manifest.choose(latest.filesystem, latest.path)
@@ -183,8 +179,6 @@ def restore(w: Worker, d: Path) -> RunState:
 
 def train_loop_per_worker(config: dict) -> None:
     """One worker of a distillation run; `config` is `Config.to_dict()` of the resolved config."""
-    import ray.train
-
     w, state = setup(config)
     t, spec, engine = w.cfg.train, w.spec, w.engine
     cached = bool(w.cfg.teacher.cache)  # the teacher's targets come from the cache instead of a forward
@@ -206,7 +200,7 @@ def train_loop_per_worker(config: dict) -> None:
         state.epoch, state.batch_index = batches.epoch, batches.index
         report(w, state, window, meter, grad_norm)
     if meter["first_step"] >= t.max_steps:  # finished before: nothing to redo, the last checkpoint holds the export
-        ray.train.report({"step": state.step, "tokens_seen": state.tokens_seen})
+        runtime.session().report({"step": state.step, "tokens_seen": state.tokens_seen})
 
 
 def micro_step(w: Worker, batch, cached: bool, at: tuple[int, int] = (0, 0)):
@@ -265,14 +259,14 @@ def report(w: Worker, state: RunState, window: torch.Tensor, meter: dict, grad_n
         terms_txt = " ".join(f"{k} {metrics[k]:.4g}" for k in (*w.spec.report_terms, "val_loss") if k in metrics)
         print(f"raykd: step {step}/{t.max_steps}  {terms_txt}  {metrics['tokens_per_s']:.1f} tok/s  eta {runtime.fmt_eta(eta)}", flush=True)
     if not save:
-        ray.train.report(metrics)
+        runtime.session().report(metrics)
         return
     with tempfile.TemporaryDirectory(prefix="raykd-ckpt-") as d:
         checkpoint(w, state, Path(d), state.train_wall_s + elapsed, engine=not final or t.final_training_state)
         if final:
             metrics.update(export(w, state, state.train_wall_s + elapsed, metrics["tokens_per_s"], Path(d)))
         manifest.write(Path(d), w.rank, w.world, step)  # last: what this worker's part must hold
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        runtime.session().report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
 def checkpoint(w: Worker, state: RunState, d: Path, wall: float, engine: bool = True) -> None:
@@ -322,37 +316,31 @@ def export(w: Worker, state: RunState, wall: float, tokens_per_s: float, out: Pa
 # --- the driver ----------------------------------------------------------------------------
 
 
-def run_name(output_dir: Path) -> str:
-    """The run's name under a shared `scale.storage_path`: the output directory's name plus a hash of its
-    full path, so two runs whose output dirs share a basename never resume each other's checkpoints."""
-    return f"{output_dir.name}-{hashlib.sha1(str(output_dir.resolve()).encode()).hexdigest()[:8]}"
-
-
-def run_storage(cfg: Config) -> tuple[str, str]:
-    """(storage, name): where Ray Train keeps the run's checkpoints, `scale.storage_path`/run_name or OUTPUT/train."""
-    out = Path(cfg.output_dir).resolve()
-    return (cfg.scale.storage_path, run_name(out)) if cfg.scale.storage_path else (str(out), "train")
-
-
-def build_trainer(cfg: Config, plan, log=print, callbacks: list | None = None, datasets: tuple | None = None):
-    """A `TorchTrainer` for a resolved config and its `raykd.plan.Plan`: Ray Data shards, scaling,
-    storage, failure policy. `datasets`: (train, validation) built and checked once by a sweep for all its trials."""
-    import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
+def run_datasets(cfg: Config, plan, datasets: tuple | None = None) -> dict:
+    """{"train", "validation"} Ray Datasets of a resolved run (`datasets`: the pair a sweep built and checked
+    once for all its trials); with `teacher.cache` the cached blocks, with the teacher's targets, are the train stream."""
     runtime.quiet_data_progress()
-    sc = cfg.scale
     train_ds, val_ds = datasets or pipeline.build_datasets(cfg.data, cfg.teacher.model, cfg.seed, cfg.teacher.trust_remote_code)
-    if cfg.teacher.cache:  # the cached blocks (with the teacher's targets) replace the train stream
+    if cfg.teacher.cache:
         cache.require(cfg, plan)
         train_ds = cache.train_dataset(cfg, plan.objective)
     elif not datasets:
         pipeline.check_blocks(train_ds, "data.train")
     if not datasets:
         pipeline.check_blocks(val_ds, "data.validation")
+    return {"train": train_ds, "validation": val_ds}
+
+
+def build_trainer(cfg: Config, plan, log=print, callbacks: list | None = None, datasets: tuple | None = None):
+    """A `TorchTrainer` for a resolved config and its `raykd.plan.Plan`: Ray Data shards (`run_datasets`), scaling,
+    storage, failure policy."""
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    sc = cfg.scale
     resources = {"CPU": sc.cpus_per_worker, **({"GPU": 1} if sc.use_gpu else {})}
-    storage, name = run_storage(cfg)
+    storage, name = runtime.run_storage(cfg)
     split = ["train"] if sc.elastic or sc.worker_range[0] > 1 else []  # one worker reads the whole stream: no split coordinator actor
     return TorchTrainer(
         train_loop_per_worker,
@@ -365,7 +353,7 @@ def build_trainer(cfg: Config, plan, log=print, callbacks: list | None = None, d
             logging_config=LoggingConfig(log_level="WARNING"),  # raykd prints one progress line per report
             callbacks=callbacks,  # a sweep forwards the reports to Tune
         ),
-        datasets={"train": train_ds, "validation": val_ds},
+        datasets=run_datasets(cfg, plan, datasets),
         # every worker streams its own shard of train; rank 0 reads validation whole; order is deterministic
         dataset_config=ray.train.DataConfig(datasets_to_split=split, execution_options=pipeline.ingest_options()),
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),

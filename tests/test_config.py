@@ -109,7 +109,7 @@ def test_sweep_objectives_validated():
 
 
 def test_runs_sharing_a_basename_get_their_own_checkpoint_storage(tmp_path):
-    from raykd.train import run_name
+    from raykd.runtime import run_name
 
     a, b = run_name(tmp_path / "x" / "run"), run_name(tmp_path / "y" / "run")
     assert a != b and a.startswith("run-") and b.startswith("run-")

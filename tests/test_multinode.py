@@ -121,7 +121,7 @@ def test_smoke_job_runs_on_the_worker_nodes(cluster, tmp_path):
     in the run's own directory, and the named teacher and corpus were found in each reading node's cache."""
     from transformers import AutoModelForCausalLM
 
-    from raykd.train import run_name
+    from raykd.runtime import run_name
 
     out, storage = tmp_path / "out", tmp_path / "storage"
     run = _submit(cluster, "distill", "jobs/smoke.yaml", f"output_dir={out}", f"scale.storage_path={storage}",
@@ -175,7 +175,7 @@ def test_losing_a_node_the_worker_range_goes_on_with_one_worker(cluster, tmp_pat
     student is exported."""
     from transformers import AutoModelForCausalLM
 
-    from raykd.train import run_name
+    from raykd.runtime import run_name
 
     out, storage, steps = tmp_path / "out", tmp_path / "storage", 16
     run = _submit(cluster, "distill", "jobs/smoke.yaml", f"output_dir={out}", f"scale.storage_path={storage}", f"train.max_steps={steps}",

@@ -67,6 +67,9 @@ def test_smoke_sweep_asha_failed_trial_and_report(tmp_path):
     assert len(light) == 2 and all("teacher_val_perplexity" not in m and "tasks" not in m and m["val_perplexity"] > 1 for m in light)
     # and its one checkpoint holds the student, not the training state (train.final_training_state=false)
     assert not list(out.glob("trials/*/train/checkpoint_*/distiller.pt")) and not list(out.glob("trials/*/train/checkpoint_*/optimizer.pt"))
+    # one-worker trials trained in the Tune trial's own process (sweep.in_process): no Ray Train controller kept their
+    # checkpoints (it writes checkpoint_manager_snapshot.json beside them), raykd.sweep.inproc copied them there
+    assert not list(out.glob("trials/*/train/checkpoint_manager_snapshot.json")) and not list(out.glob("trials/*/train/.*"))
     scored = json.loads((out / "front.json").read_text())
     assert set(scored) == {r["trial_id"] for r in finished}, scored
     assert all(float(r["top1_agreement"]) >= 0 and 0 <= float(r["task_sentiment_auc"]) <= 1 for r in finished), finished
@@ -114,20 +117,22 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
 
 
 def test_optuna_multi_objective_over_student_init_and_layer_map(tmp_path, tiny_teacher):
-    """Multi-objective TPE (val_loss, student_params) over depth, the student cut and the layer map."""
+    """Multi-objective TPE (val_loss, student_params) over depth, the student cut and the layer map; each trial
+    fits its own TorchTrainer (`sweep.in_process: false`: the path of multi-worker trials)."""
 
     from ray.tune.search.optuna import OptunaSearch
 
     from raykd.models import count_params, cut_student
 
     out = tmp_path / "sweep"
-    space = ("sweep={search: optuna, objectives: [val_loss, student_params, task:sentiment_auc], num_samples: 3, scheduler: fifo, eval_every: 4, "
+    space = ("sweep={search: optuna, objectives: [val_loss, student_params, task:sentiment_auc], num_samples: 3, scheduler: fifo, eval_every: 4, in_process: false, "
              "max_concurrent: 1, params: {student.num_layers: {choice: [2, 3]}, student.init: {choice: [uniform, first, last]}, "
              "layer_map.strategy: {choice: [auto, uniform]}}}")
     proc = subprocess.run(_sweep_cmd(out, space, "train.max_steps=4"), env=ENV, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     rows = list(csv.DictReader((out / "trials.csv").open()))
     assert len(rows) == 3 and all(r["status"] == "TERMINATED" for r in rows), rows
+    assert len(list(out.glob("trials/*/train/checkpoint_manager_snapshot.json"))) == 3  # each trial's own Train controller
     assert all(r["student.init"] in ("uniform", "first", "last") and r["layer_map.strategy"] in ("auto", "uniform") for r in rows)
     # both objectives reported by every trial: student_params is the size of the student of that depth
     expected = {d: count_params(cut_student(tiny_teacher, list(range(d)))) for d in (2, 3)}

@@ -1,6 +1,8 @@
 """The sweep's search algorithm is seeded from the run's `seed` (no Ray cluster needed: the
 searcher is driven directly, as Tune's controller would)."""
 
+from pathlib import Path
+
 import pytest
 
 from raykd.config import _build
@@ -38,3 +40,40 @@ def test_max_concurrent_reaches_the_generator(search):
     alg, _ = searcher(sw, 0)
     assert alg.max_concurrent == 3  # Tune ignores TuneConfig.max_concurrent_trials for a generator it is given
     # (Optuna: a ConcurrencyLimiter around the searcher, as Tune would have made)
+
+
+@pytest.mark.parametrize("scale, params, expected", [
+    ({}, {}, True),  # one DDP worker: the trial trains in its own process
+    ({"num_workers": 2}, {}, False),  # several workers: a TorchTrainer (a process group, Ray Train's placement)
+    ({"num_workers": [1, 2], "max_failures": 3}, {}, False),  # elastic
+    ({"strategy": "fsdp2"}, {}, False),  # FSDP2 / DeepSpeed want a process group even for one rank
+    ({}, {"scale.num_workers": {"choice": [1, 2]}}, False),  # the base config must decide it for every trial
+    ({}, {"in_process": False}, False),  # turned off
+])
+def test_which_trials_train_in_their_own_process(scale, params, expected):
+    from raykd.config import from_dict
+    from raykd.sweep import in_process
+
+    flags = {k: v for k, v in params.items() if "." not in k}
+    searched = {k: v for k, v in params.items() if "." in k}
+    sw = _build(SweepConfig, {"params": {**PARAMS, **searched}, **flags}, "sweep")
+    assert in_process(from_dict({"teacher": {"model": "tiny-random"}, "scale": scale}), sw) is expected
+
+
+def test_a_persisted_checkpoint_is_whole_and_named_as_ray_train_names_it(tmp_path):
+    """`raykd.sweep.inproc.persist`: an in-process trial's checkpoint lands in storage/name/checkpoint_<time>, with
+    every file, no staging directory left, and a newer checkpoint sorting after an older one."""
+    from raykd.sweep.inproc import persist
+
+    src = tmp_path / "src"
+    (src / "student").mkdir(parents=True)
+    (src / "metrics.json").write_text('{"val_perplexity": 3.5}')
+    (src / "student" / "model.safetensors").write_bytes(b"w" * 1000)
+    first = persist(str(src), str(tmp_path / "out"), "train")
+    second = persist(str(src), str(tmp_path / "out"), "train")
+    run = tmp_path / "out" / "train"
+    assert sorted(p.name for p in run.iterdir()) == sorted([first.path.rsplit("/", 1)[1], second.path.rsplit("/", 1)[1]])
+    assert first.path < second.path and all(p.name.startswith("checkpoint_") for p in run.iterdir())
+    with first.as_directory() as d:
+        assert Path(d, "student", "model.safetensors").read_bytes() == b"w" * 1000
+        assert '"val_perplexity": 3.5' in Path(d, "metrics.json").read_text()

@@ -302,11 +302,12 @@ def take_blocks(ds, max_blocks: int):
 
 def val_blocks(max_blocks: int):
     """In a Ray Train worker: the first `max_blocks` validation blocks as a LongTensor [n, T]."""
-    import ray.train
     import torch
 
+    from raykd.runtime import session
+
     out, n = [], 0
-    for batch in ray.train.get_dataset_shard("validation").iter_torch_batches(batch_size=min(32, max_blocks), dtypes=torch.long):
+    for batch in session().get_dataset_shard("validation").iter_torch_batches(batch_size=min(32, max_blocks), dtypes=torch.long):
         out.append(batch["input_ids"])
         n += len(out[-1])
         if n >= max_blocks:
@@ -319,9 +320,9 @@ class ShardBatches:
     Yields input_ids [B, T] long, or with `cached` the numpy batch of teacher-cache rows."""
 
     def __init__(self, batch_size: int, epoch: int = 0, skip: int = 0, cached: bool = False):
-        import ray.train
+        from raykd.runtime import session
 
-        self.shard = ray.train.get_dataset_shard("train")
+        self.shard = session().get_dataset_shard("train")
         self.batch_size, self.epoch, self.index, self._skip, self.cached = batch_size, epoch, 0, skip, cached
         self._it = None
 

@@ -2,7 +2,9 @@
 
 Train V2 pattern: a Tune *function trainable* builds and fits one `TorchTrainer` per trial
 (`raykd.train.build_trainer`, the same code as `raykd distill`) and forwards every report
-of rank 0 to Tune with `TuneReportCallback`. Every report of a sweep trial carries
+of rank 0 to Tune with `TuneReportCallback`; a one-worker trial instead runs the same
+`train_loop_per_worker` in its own process (`sweep.in_process`, raykd.sweep.inproc), with no
+Train controller or worker process to start. Every report of a sweep trial carries
 `val_loss` (student CE on held-out blocks, `sweep.eval_every` steps apart), which ASHA
 (Li et al. 2020, "A System for Massively Parallel Hyperparameter Tuning") uses to stop
 poor trials early, one bracket per student depth (`DepthASHA`: a deeper, slower-starting
@@ -130,15 +132,27 @@ def _trainable(params: dict, base: dict, sweep_dict: dict, trials_root: str, dat
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from raykd import runtime, train
     from raykd.plan import resolve
-    from raykd.train import build_trainer
 
     sweep = _build(SweepConfig, sweep_dict, "sweep")
     trial_dir = os.path.join(trials_root, tune.get_context().get_trial_id())
     cfg = trial_config(base, params, sweep, trial_dir)
     resolved, plan = resolve(cfg, log=lambda m: None)
-    trainer = build_trainer(resolved, plan, callbacks=[TuneReportCallback()], datasets=datasets)
-    trainer.fit()
+    if in_process(resolved, sweep):  # no Train controller or worker process to start (raykd.sweep.inproc)
+        from raykd.sweep.inproc import run_trial
+
+        run_trial(train.train_loop_per_worker, resolved.to_dict(), train.run_datasets(resolved, plan, datasets), *runtime.run_storage(resolved))
+        return
+    train.build_trainer(resolved, plan, callbacks=[TuneReportCallback()], datasets=datasets).fit()
+
+
+def in_process(cfg: Config, sw: SweepConfig) -> bool:
+    """Whether a trial of `cfg` trains in the Tune trial's own process: `sweep.in_process`, one worker, not elastic,
+    DDP (FSDP2 / DeepSpeed want a process group even for one rank), and no `scale.*` among the searched keys (so the
+    base config decides it for every trial, and their resources)."""
+    fixed = not any(k.startswith("scale.") for k in sw.params)
+    return sw.in_process and fixed and cfg.scale.strategy == "ddp" and cfg.scale.worker_range == (1, 1)
 
 
 def trial_scheduler(sw: SweepConfig, max_steps: int):
@@ -205,10 +219,10 @@ def sweep(cfg: Config, resume: bool = False, log=print) -> dict:
     if cache_run is not None:
         cache.ensure(*cache_run, log)  # built once for every trial
     datasets = _shared_datasets(cfg, sw, log)
+    sc = cfg.scale  # an in-process trial holds its worker's resources itself; otherwise its Train worker asks for them
+    here = {"CPU": sc.cpus_per_worker, **({"GPU": 1} if sc.use_gpu else {})} if in_process(cfg, sw) else {"CPU": sw.trial_cpus}
     trainable = tune.with_resources(
-        tune.with_parameters(_trainable, base=base, sweep_dict=cfg.sweep, trials_root=str(out / "trials"), datasets=datasets),
-        {"CPU": sw.trial_cpus},
-    )
+        tune.with_parameters(_trainable, base=base, sweep_dict=cfg.sweep, trials_root=str(out / "trials"), datasets=datasets), here)
     t0 = time.time()
     path = out / EXPERIMENT
     record = out / "sweep.json"  # what `raykd report DIR` needs to rebuild the report later
@@ -259,8 +273,8 @@ def _shared_datasets(cfg: Config, sw: SweepConfig, log) -> tuple | None:
 def _score_front(cfg: Config, sw: SweepConfig, trials: list[dict], datasets: tuple | None, out: Path, meta: dict, log) -> None:
     """`raykd.sweep.front.evaluate` on the sweep's trials: the validation blocks the trials scored, each trial's config and checkpoints."""
     from raykd.data import pipeline
+    from raykd.runtime import run_storage
     from raykd.sweep import front
-    from raykd.train import run_storage
 
     val = datasets[1] if datasets else pipeline.build_datasets(cfg.data, cfg.teacher.model, cfg.seed, cfg.teacher.trust_remote_code)[1]
     blocks = pipeline.take_blocks(val, max(cfg.data.max_val_blocks, cfg.train.eval_blocks))
