@@ -39,7 +39,7 @@ class TeacherConfig:
     dtype: str = "float32"  # weights dtype of the frozen teacher: float32 | bfloat16 | float16 | auto
     trust_remote_code: bool = False  # run modelling code shipped with the model dir; off unless you trust its source
     cache: str | None = None  # teacher cache dir (`raykd cache-teacher`): training reads top-k log-probs + hidden states from it instead of running the teacher each step
-    cache_topk: int = 64  # building the cache: teacher log-probs kept per token (the rest pooled into one tail bin)
+    cache_topk: int = 256  # building the cache: teacher log-probs kept per token (the rest pooled into one tail bin); 256 by bench/topk.py (docs/cache.md)
     cache_layers: str | list[int] = "mapped"  # building the cache: teacher layers whose hidden states are stored: mapped | all | none | [ids]
     cache_dtype: str = "float16"  # building the cache: dtype of stored log-probs and hidden states: float16 | bfloat16
     cache_shard_blocks: int = 256  # building the cache: packed blocks per Parquet shard (the unit of resume)
