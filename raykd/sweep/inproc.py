@@ -65,16 +65,16 @@ class TrialSession:
         tune.report(metrics)
 
 
-def persist(local_dir: str, storage: str, name: str, dir_name: str | None = None):
-    """Copy the checkpoint in `local_dir` to `storage`/`name`/`dir_name` (default checkpoint_<UTC time>, Ray Train's
-    naming, so the newest sorts last) on `storage`'s filesystem (a local path or a pyarrow URI); a
+def persist(local_dir: str, storage: str, name: str):
+    """Copy the checkpoint in `local_dir` to `storage`/`name`/checkpoint_<UTC time> (Ray Train's naming, so the newest
+    sorts last) on `storage`'s filesystem (a local path or a pyarrow URI); a
     `ray.train.Checkpoint` of the copy. Copied under a temporary name and renamed where the filesystem
     can, so a reader never finds half a checkpoint."""
     import pyarrow.fs as pafs
     import ray.train
 
     fs, root = pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), os.path.abspath(storage))
-    dir_name = dir_name or f"checkpoint_{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d_%H-%M-%S.%f}"
+    dir_name = f"checkpoint_{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d_%H-%M-%S.%f}"
     final = f"{root.rstrip('/')}/{name}/{dir_name}"
     staged = final if "://" in storage else f"{root.rstrip('/')}/{name}/.{dir_name}.tmp"
     fs.create_dir(staged, recursive=True)
