@@ -211,6 +211,11 @@ def wait_for_workers(cfg: Config, how: str, log=print, poll_s: float = 10.0) -> 
             reservation[1]()
 
 
+def worker_resources(scale) -> dict:
+    """The Ray resources one train worker of `scale` (a `ScaleConfig`) holds: its CPUs, and a GPU with `use_gpu`."""
+    return {"CPU": scale.cpus_per_worker, **({"GPU": 1} if scale.use_gpu else {})}
+
+
 def run_name(output_dir: Path) -> str:
     """The run's name under a shared `scale.storage_path`: the output directory's name plus a hash of its
     full path, so two runs whose output dirs share a basename never resume each other's checkpoints."""

@@ -339,7 +339,7 @@ def build_trainer(cfg: Config, plan, log=print, callbacks: list | None = None, d
     from ray.train.torch import TorchConfig, TorchTrainer
 
     sc = cfg.scale
-    resources = {"CPU": sc.cpus_per_worker, **({"GPU": 1} if sc.use_gpu else {})}
+    resources = runtime.worker_resources(sc)
     storage, name = runtime.run_storage(cfg)
     split = ["train"] if sc.elastic or sc.worker_range[0] > 1 else []  # one worker reads the whole stream: no split coordinator actor
     return TorchTrainer(

@@ -196,6 +196,7 @@ def sweep(cfg: Config, resume: bool = False, log=print) -> dict:
     """Run (or resume) the sweep in `cfg.sweep`; write the report into `cfg.output_dir`."""
     from ray import tune
 
+    from raykd import runtime
     from raykd.data import pipeline
     from raykd.report import write_report
     from raykd.runtime import init_ray, require_shared_storage
@@ -219,8 +220,8 @@ def sweep(cfg: Config, resume: bool = False, log=print) -> dict:
     if cache_run is not None:
         cache.ensure(*cache_run, log)  # built once for every trial
     datasets = _shared_datasets(cfg, sw, log)
-    sc = cfg.scale  # an in-process trial holds its worker's resources itself; otherwise its Train worker asks for them
-    here = {"CPU": sc.cpus_per_worker, **({"GPU": 1} if sc.use_gpu else {})} if in_process(cfg, sw) else {"CPU": sw.trial_cpus}
+    # an in-process trial holds its worker's resources itself; otherwise its Train worker asks for them
+    here = runtime.worker_resources(cfg.scale) if in_process(cfg, sw) else {"CPU": sw.trial_cpus}
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, base=base, sweep_dict=cfg.sweep, trials_root=str(out / "trials"), datasets=datasets), here)
     t0 = time.time()
