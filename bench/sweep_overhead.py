@@ -8,14 +8,18 @@ FIFO (every trial runs to the end), one trial at a time, so a trial's wall is al
 
 * `front` (the defaults): the sweep tokenizes the corpus once and hands the blocks to every trial
   through the object store; each one-worker trial trains in the Tune trial's own process
-  (`sweep.in_process`); a trial ends scoring its student alone (`eval.final: light`); the trials
-  on the report's fronts are then scored fully (teacher, agreement, tasks) once, after the sweep;
-* `trainer`: the same with `sweep.in_process: false`: each trial fits its own TorchTrainer (a Train
+  (`sweep.in_process`), and a process whose trial ended takes the next one (`sweep.reuse_processes`);
+  a trial ends scoring its student alone (`eval.final: light`); the trials on the report's fronts
+  are then scored fully (teacher, agreement, tasks) once, after the sweep;
+* `fresh`: the same with `sweep.reuse_processes: false`: a new trial process (importing torch and
+  transformers) for every trial;
+* `trainer`: `fresh` with `sweep.in_process: false`: each trial fits its own TorchTrainer (a Train
   controller actor and a worker actor to start, what every trial did before);
 * `all`: the front arm with `sweep.evaluate: all`: every trial scores student, teacher and tasks at its end.
 
 Figures: fixed_s_per_trial = (Tune's wall for the sweep - the trials' training loops) / trials for the
-`front` arm (goal <= 10 s), the same for `trainer` and `all`, in_process_saved_s (trainer - front),
+`front` arm (goal <= 10 s), the same for `fresh`, `trainer` and `all`, reuse_saved_s (fresh - front),
+in_process_saved_s (trainer - fresh),
 max_ppl_deviation (the same trials' perplexities across arms: 0 expected), and front_scoring_s (the full scoring of
 the front's trials after the sweep, paid once per sweep, not per trial). Each sweep runs in its own
 child process with its own local Ray instance, one after the other (Ray's start is not counted).
@@ -36,10 +40,11 @@ import yaml
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
-ARMS = {"front": ("front", True), "trainer": ("front", False), "all": ("all", True)}  # arm: (sweep.evaluate, sweep.in_process)
+ARMS = {"front": ("front", True, True), "fresh": ("front", True, False), "trainer": ("front", False, False),
+        "all": ("all", True, True)}  # arm: (sweep.evaluate, sweep.in_process, sweep.reuse_processes)
 
 
-def sweep_config(a, out: str, evaluate: str, in_process: bool = True) -> dict:
+def sweep_config(a, out: str, evaluate: str, in_process: bool = True, reuse: bool = True) -> dict:
     return {
         "teacher": {"model": "smollm2-135m", "dtype": "float32"},
         "student": {"num_layers": 10, "init": "ends"},
@@ -51,7 +56,7 @@ def sweep_config(a, out: str, evaluate: str, in_process: bool = True) -> dict:
         "output_dir": out,
         "seed": 0,
         "sweep": {"search": "random", "num_samples": a.trials, "scheduler": "fifo", "eval_every": max(1, a.steps // 2), "max_concurrent": 1,
-                  "evaluate": evaluate, "in_process": in_process,
+                  "evaluate": evaluate, "in_process": in_process, "reuse_processes": reuse,
                   "params": {"loss.weights.kd": {"uniform": [0.25, 2.0]}, "loss.weights.hidden": {"uniform": [0.0, 1.0]},
                              "train.lr": {"loguniform": [1e-4, 1e-3]}}},
     }
@@ -98,7 +103,8 @@ def main() -> int:
     C.header(f"raykd sweep, per-trial fixed cost: SmolLM2-135M -> 10-layer student, {a.trials} trials x {a.steps} steps x 4 x 128 tokens",
              os.cpu_count(), "fp32", [
                  "one config, search space and seed for every arm (numpy/random seeded: the same trials); front and all differ in",
-                 "  sweep.evaluate only, front and trainer in sweep.in_process only (trainer: each trial fits its own TorchTrainer)",
+                 "  sweep.evaluate only, fresh and trainer in sweep.in_process only (trainer: each trial fits its own TorchTrainer),",
+                 "  front and fresh in sweep.reuse_processes only (fresh: a new trial process per trial)",
                  "FIFO scheduler and one trial at a time: a trial's wall is its own; Ray's start is outside both walls",
                  "fixed cost per trial = (Tune's wall for the sweep - the trials' own training loops) / trials",
                  "the front arm's full scoring of its front trials runs after Tune's wall and is printed apart (once per sweep)",
@@ -108,10 +114,10 @@ def main() -> int:
     script = os.path.abspath(__file__)
     runs, fixed = {}, {}
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
-        for arm, (evaluate, in_process) in ARMS.items():
+        for arm, (evaluate, in_process, reuse) in ARMS.items():
             cfg_path = os.path.join(tmp, f"{arm}.yaml")
             with open(cfg_path, "w") as f:
-                yaml.safe_dump(sweep_config(a, os.path.join(tmp, f"sweep-{arm}"), evaluate, in_process), f)
+                yaml.safe_dump(sweep_config(a, os.path.join(tmp, f"sweep-{arm}"), evaluate, in_process, reuse), f)
             r = runs[arm] = C.run_arm(script, arm, [f"--config={cfg_path}"], timeout=5400)
             train = sum(t["train_wall_s"] or 0.0 for t in r["trials"])
             fixed[arm] = (r["tune_wall_s"] - train) / max(1, len(r["trials"]))
@@ -122,14 +128,15 @@ def main() -> int:
                       f"val_ppl {t['val_perplexity']}  sentiment_auc {t['task_sentiment_auc']}", flush=True)
     front_s = runs["front"]["total_s"] - runs["front"]["tune_wall_s"]
     devs = []  # the same trials in every arm: their perplexities must agree
-    for other in ("all", "trainer"):
+    for other in ("all", "fresh", "trainer"):
         same = {t["trial_id"][-5:]: t["val_perplexity"] for t in runs[other]["trials"]}
         devs += [abs(t["val_perplexity"] / same[t["trial_id"][-5:]] - 1) for t in runs["front"]["trials"]
                  if t["val_perplexity"] and same.get(t["trial_id"][-5:])]
     print(f"machine: load average at end {C.loadavg()}", flush=True)
     C.figures({
         "fixed_s_per_trial": fixed["front"], "fixed_s_per_trial_all": fixed["all"], "fixed_s_per_trial_trainer": fixed["trainer"],
-        "in_process_saved_s": fixed["trainer"] - fixed["front"],
+        "fixed_s_per_trial_fresh": fixed["fresh"], "reuse_saved_s": fixed["fresh"] - fixed["front"],
+        "in_process_saved_s": fixed["trainer"] - fixed["fresh"],
         "fixed_ratio": fixed["front"] / fixed["all"] if fixed["all"] else float("nan"),
         "front_scoring_s": front_s, "front_trials": sum(t["scored"] == "full" for t in runs["front"]["trials"]),
         "max_ppl_deviation": max(devs) if devs else float("nan"), "trials": len(runs["front"]["trials"]),

@@ -32,6 +32,7 @@ class SweepConfig:
     max_concurrent: int = 2  # trials running at once (more where the cluster has room)
     trial_cpus: float = 0.1  # logical CPUs the Tune trial process itself reserves (its Train workers ask for their own)
     in_process: bool = True  # a one-worker trial trains in the Tune trial's own process (raykd.sweep.inproc: no Train controller or worker process to start); false: every trial fits its own TorchTrainer
+    reuse_processes: bool = True  # in-process trials: a trial's process, once the trial ends or is stopped, takes a later trial (Tune's actor reuse: torch and transformers imported once per process); false: a new process per trial
     evaluate: str = "front"  # front: trials end scoring the student alone (eval.final light); the trials on the report's fronts and each size's best are then scored fully (teacher, agreement, tasks) | all: every trial fully at its end (what a task objective implies)
     objectives: list[str] = field(default_factory=lambda: ["val_loss"])  # val_loss first; optuna takes several (multi-objective TPE): student_params (min), task:NAME_METRIC (e.g. task:sentiment_auc, max)
 

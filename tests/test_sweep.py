@@ -70,6 +70,11 @@ def test_smoke_sweep_asha_failed_trial_and_report(tmp_path):
     # one-worker trials trained in the Tune trial's own process (sweep.in_process): no Ray Train controller kept their
     # checkpoints (it writes checkpoint_manager_snapshot.json beside them), raykd.sweep.inproc copied them there
     assert not list(out.glob("trials/*/train/checkpoint_manager_snapshot.json")) and not list(out.glob("trials/*/train/.*"))
+    # and a finished or stopped trial's process took a later trial (Tune's actor reuse: torch and transformers
+    # imported once per process, not once per trial); Tune records each result's process id
+    pids = {p.parent.name: {json.loads(ln)["pid"] for ln in p.read_text().splitlines() if ln} for p in out.glob("*/*/result.json")}
+    pids = {trial: ids for trial, ids in pids.items() if ids}  # the 2 failed trials reported nothing
+    assert len(pids) == 4 and all(len(v) == 1 for v in pids.values()) and len(set().union(*pids.values())) < 4, pids
     scored = json.loads((out / "front.json").read_text())
     assert set(scored) == {r["trial_id"] for r in finished}, scored
     assert all(float(r["top1_agreement"]) >= 0 and 0 <= float(r["task_sentiment_auc"]) <= 1 for r in finished), finished
@@ -96,7 +101,8 @@ def _files(directory: Path) -> dict:
 
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     out = tmp_path / "sweep"
-    extra = ["sweep.max_concurrent=1", "sweep.num_samples=3", "sweep.scheduler=fifo", "train.max_steps=8"]
+    # trials long enough (seconds each, in a process that outlives its trial) that the interrupt lands mid-sweep
+    extra = ["sweep.max_concurrent=1", "sweep.num_samples=3", "sweep.scheduler=fifo", "train.max_steps=300", "sweep.eval_every=100"]
     first = subprocess.Popen(_sweep_cmd(out, *extra), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, start_new_session=True)
     deadline = time.time() + 400

@@ -185,7 +185,8 @@ def _tuner(cfg: Config, sw: SweepConfig, trainable, out: Path, resume: bool):
         trainable,
         param_space=space,
         tune_config=tune.TuneConfig(metric="val_loss", mode="min", scheduler=scheduler, search_alg=search_alg,
-                                    num_samples=sw.num_samples),  # the search algorithm carries max_concurrent
+                                    num_samples=sw.num_samples,  # the search algorithm carries max_concurrent
+                                    reuse_actors=sw.reuse_processes and in_process(cfg, sw)),
         run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out), verbose=1,
                                   failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
     )
