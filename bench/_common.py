@@ -268,6 +268,18 @@ def params_key(params: dict) -> str:
     return json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in sorted(params.items())})
 
 
+def trial_export(config_path: str, sweep_dir: str, trial_id: str) -> dict:
+    """The metrics.json of a sweep trial's last checkpoint (train_wall_s, tokens_per_s, ...: what the report's
+    trial rows leave out), found where `raykd.sweep.front` finds it; {} if the trial wrote none."""
+    from raykd.config import load_config
+    from raykd.runtime import run_storage
+    from raykd.sweep.front import last_export
+
+    tcfg = load_config(config_path, [f"output_dir={os.path.join(sweep_dir, 'trials', trial_id)}"])
+    found = last_export(*run_storage(tcfg))
+    return json.loads(found[0].open_input_stream(found[1] + "/metrics.json").read()) if found else {}
+
+
 def median(xs) -> float:
     return float(statistics.median(xs))
 

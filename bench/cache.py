@@ -8,11 +8,10 @@ the temperature and the LR; FIFO (every trial runs all its steps), one trial at 
 
 * `online`: `raykd.sweep.sweep(cfg)`: every trial runs the teacher each step;
 * `cached`: the same config with `teacher.cache` (a fresh directory): the sweep builds the
-  cache once (top-64 log-probs + the mapped layers' hidden states, fp16) and every trial
+  cache once (top-k log-probs at the default `teacher.cache_topk` + the mapped layers' hidden states, fp16) and every trial
   reads it through Ray Data instead of running the teacher. Its wall time includes the build.
 
-Same seed (numpy/random global RNGs seeded before the sweep: raykd gives Tune's random search
-no seed), so both arms train the same 8 configurations; quality is compared trial by trial:
+Same seed (raykd seeds Tune's search from the config's `seed`), so both arms train the same 8 configurations; quality is compared trial by trial:
 val perplexity of the cached trial over the online one at equal steps (goal: within 2%).
 Figures: sweep_time_ratio = cached wall (build included) / online wall (goal <= 0.5),
 max_ppl_deviation = max over trials of |ppl_cached / ppl_online - 1|, both walls, build wall.
@@ -69,9 +68,11 @@ def child(a) -> None:
     build = None
     if a.arm == "cached":
         build = json.load(open(os.path.join(a.cache, "raykd_cache.json"))).get("build_wall_s")
-    trials = [{"params": t["params"], "status": t["status"], "steps": t["steps"], "val_perplexity": t["metrics"].get("val_perplexity"),
-               "train_wall_s": t["metrics"].get("train_wall_s"), "tokens_per_s": t["metrics"].get("tokens_per_s"),
-               "error": t["error"]} for t in res["trials"]]
+    trials = []
+    for t in res["trials"]:
+        m = C.trial_export(a.config, cfg.output_dir, t["trial_id"])  # the trial's training wall and speed
+        trials.append({"params": t["params"], "status": t["status"], "steps": t["steps"], "val_perplexity": t["metrics"].get("val_perplexity"),
+                       "train_wall_s": m.get("train_wall_s"), "tokens_per_s": m.get("tokens_per_s"), "error": t["error"]})
     C.report({"trials": trials, "wall_s": wall, "build_wall_s": build})
 
 
@@ -124,7 +125,7 @@ def main() -> int:
     tps = {k: C.median([t["tokens_per_s"] for t in r["trials"] if t.get("tokens_per_s")] or [float("nan")]) for k, r in runs.items()}
     print(f"training loops only (sum of trials' train_wall_s): online {train['online']:.0f} s, cached {train['cached']:.0f} s; "
           f"median trial tokens/s: online {tps['online']:.0f}, cached {tps['cached']:.0f}; the rest of each trial's wall time is "
-          "Ray Train start-up, model loading, data set-up and the final export/evaluation, which a cache cannot remove", flush=True)
+          "the trial's start, model loading, data set-up and the final export/evaluation, which a cache cannot remove", flush=True)
     C.figures({
         "sweep_time_ratio": runs["cached"]["wall_s"] / runs["online"]["wall_s"],
         "train_time_ratio": train["cached"] / train["online"] if train["online"] else float("nan"),

@@ -29,7 +29,6 @@ child process with its own local Ray instance, one after the other (Ray's start 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -68,9 +67,7 @@ def child(a) -> None:
     import numpy as np
 
     from raykd.config import load_config
-    from raykd.runtime import run_storage
     from raykd.sweep import sweep
-    from raykd.sweep.front import last_export
 
     cfg = load_config(a.config)
     random.seed(cfg.seed)
@@ -80,9 +77,7 @@ def child(a) -> None:
     total = time.perf_counter() - t0
     trials = []
     for t in res["trials"]:
-        tcfg = load_config(a.config, [f"output_dir={os.path.join(cfg.output_dir, 'trials', t['trial_id'])}"])
-        found = last_export(*run_storage(tcfg))
-        m = json.loads(found[0].open_input_stream(found[1] + "/metrics.json").read()) if found else {}
+        m = C.trial_export(a.config, cfg.output_dir, t["trial_id"])
         trials.append({"trial_id": t["trial_id"], "status": t["status"], "scored": t.get("scored", "light" if cfg.sweep.get("evaluate") == "front" else "full"),
                        "train_wall_s": m.get("train_wall_s"), "val_perplexity": t["metrics"].get("val_perplexity"),
                        "task_sentiment_auc": t["metrics"].get("task_sentiment_auc")})
