@@ -2,7 +2,8 @@
 
 The sweep is jobs/sweep-smoke.yaml (the seeded tiny random teacher, the stdlib pydoc corpus,
 random trials over student depth, hidden-state weight, logit loss and LR), shaped like a real
-sweep by the defaults below: 12 trials of 72 steps, `val_loss` every 4 steps, reduction factor 3,
+sweep by the defaults below: 24 trials (about 8 per student depth: one ASHA bracket per depth
+needs several trials to stop any) of 72 steps, `val_loss` every 4 steps, reduction factor 3,
 grace period 8 steps (two evaluations): rungs at 8 and 24 steps and the end at 72 = grace x rf^2,
 ASHA's usual geometric shape (with 32 steps the rung at 24 saved 8 steps a trial at most); loaded
 with `raykd.config.load_config` and run with `raykd.sweep.sweep(cfg)` twice, each in its own child
@@ -67,7 +68,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arm", choices=["asha", "fifo"])
     p.add_argument("--config", default=str(C.ROOT / "jobs" / "sweep-smoke.yaml"))
-    p.add_argument("--samples", type=int, default=12, help="sweep.num_samples (0: the YAML's)")
+    p.add_argument("--samples", type=int, default=24, help="sweep.num_samples (0: the YAML's)")
     p.add_argument("--steps", type=int, default=72, help="train.max_steps (0: the YAML's shape: steps, rf, grace, eval_every)")
     p.add_argument("--rf", type=int, default=3, help="sweep.reduction_factor")
     p.add_argument("--grace", type=int, default=8, help="sweep.grace_period (steps)")
