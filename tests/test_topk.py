@@ -82,3 +82,55 @@ def test_fused_head_on_cached_targets_matches_the_plain_sparse_loss(temperature)
     ref.backward()
     assert torch.allclose(total, ref, rtol=1e-6) and torch.allclose(terms["kd"], kd.detach(), rtol=1e-6)
     assert torch.allclose(g_h, hidden.grad, rtol=1e-5, atol=1e-8) and torch.allclose(g_w, weight.grad, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("kd", ["forward_kl", "reverse_kl"])
+@pytest.mark.parametrize("temperature,ce_weight,k", [(1.0, 0.5, 12), (2.0, 0.5, 12), (1.0, 0.0, 12), (1.5, 1.0, 120)])
+def test_written_out_sparse_gradient_matches_autograd_on_the_bins(kd, temperature, ce_weight, k):
+    # forward/reverse KL on cached targets skip autograd (raykd.losses.topk.closed_form_kd); the reference is
+    # autograd through sparse_bins on full logits, with a token mask, CE row weights and k = V (empty tail)
+    g = torch.Generator().manual_seed(5)
+    n, h, v = 40, 16, 120
+    hidden = torch.randn(n, h, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(v, h, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, v, (n,), generator=g)
+    mask, ce_mask = torch.rand(n, generator=g) > 0.25, torch.rand(n, generator=g) > 0.3
+    top = teacher_topk(torch.randn(n, v, generator=g, dtype=torch.float64) * 3, k)
+    top = TopK(top.idx, top.logp.half(), top.tail, v)
+    total, terms = fused_head_losses(hidden, weight, top, None, targets, mask, kd=kd, temperature=temperature,
+                                     ce_weight=ce_weight, kd_weight=2.0, chunk_size=7, ce_mask=ce_mask)
+    total.backward()
+    g_h, g_w = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    logits = hidden @ weight.t()
+    kd_ref = sparse_logit_loss(kd, logits, top, mask, temperature=temperature)
+    ref = 2.0 * kd_ref
+    if ce_weight:
+        ref = ref + ce_weight * torch.nn.functional.cross_entropy(logits[mask & ce_mask], targets[mask & ce_mask])
+    ref.backward()
+    assert torch.allclose(total, ref, rtol=1e-6) and torch.allclose(terms["kd"], kd_ref.detach(), rtol=1e-6)
+    assert torch.allclose(g_h, hidden.grad, rtol=1e-5, atol=1e-8) and torch.allclose(g_w, weight.grad, rtol=1e-5, atol=1e-8)
+    with torch.no_grad():  # evaluation (no gradient wanted) gives the same value
+        again, _ = fused_head_losses(hidden, weight, top, None, targets, mask, kd=kd, temperature=temperature,
+                                     ce_weight=ce_weight, kd_weight=2.0, chunk_size=7, ce_mask=ce_mask)
+    assert torch.allclose(again, ref.detach(), rtol=1e-6)
+
+
+def test_written_out_sparse_gradient_in_fp32_stays_close_to_fp64():
+    # the cached-target path as training runs it (fp32 logits, fp16 stored log-probs, a confident student)
+    g = torch.Generator().manual_seed(6)
+    n, h, v = 64, 32, 4000
+    hidden = torch.randn(n, h, generator=g, dtype=torch.float64) * 3
+    weight = torch.randn(v, h, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, v, (n,), generator=g)
+    top = teacher_topk(torch.randn(n, v, generator=g, dtype=torch.float64) * 4, 64)
+    top = TopK(top.idx, top.logp.half(), top.tail, v)
+    out = {}
+    for dt in (torch.float64, torch.float32):
+        hd, wt = hidden.to(dt).clone().requires_grad_(True), weight.to(dt).clone().requires_grad_(True)
+        total, _ = fused_head_losses(hd, wt, top, None, targets, None, kd="forward_kl", temperature=2.0, chunk_size=16)
+        total.backward()
+        out[dt] = (total.double(), hd.grad.double())
+    assert torch.isfinite(out[torch.float32][1]).all()
+    assert torch.allclose(out[torch.float32][0], out[torch.float64][0], rtol=1e-4)
+    assert torch.allclose(out[torch.float32][1], out[torch.float64][1], rtol=1e-3, atol=1e-6)

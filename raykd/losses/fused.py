@@ -14,66 +14,39 @@ from torch import Tensor
 
 from raykd.losses.classwise import class_kl_chunked
 from raykd.losses.divergences import (
-    _FLOOR,
     NEEDS_TARGETS,
     SPARSE_UNSUPPORTED,
     TOKEN_LOSSES,
     _upcast,
     check_logit_loss,
 )
-from raykd.losses.topk import TopK, sparse_bins
+from raykd.losses.topk import TopK, closed_form_kd, sparse_bins
+from raykd.losses.workspace import HeadWorkspace, _exp_lse, _logits_into, _scaled_
 
 # ----------------------------------------------------------------------------- fused LM head
 CLOSED_FORM = frozenset({"forward_kl", "reverse_kl"})  # KD losses whose chunk gradient is written out (no autograd)
 
 
-class HeadWorkspace:
-    """Reusable [chunk, V] buffers for the closed-form path of `fused_head_losses`.
-
-    Every fresh [chunk, V] tensor costs the kernel a page fault per 4 KiB and the zeroing of its
-    memory; on this project's 2-core CPU that was about a third of the LM head's time (≈400 k
-    faults, 1.6 GB, per 1,020-token KD step at V = 49,152). A training loop that keeps one
-    workspace (`Distiller` does) pays that once. Holds at most 4 × chunk × V floats (plus two in
-    the logits dtype under autocast); `fused_head_losses` makes a throw-away one when given none.
-    """
-
-    def __init__(self) -> None:
-        self._bufs: dict[str, Tensor] = {}
-
-    def take(self, name: str, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """A [rows, cols] view of buffer `name` (contents undefined), grown or re-made as needed."""
-        b = self._bufs.get(name)
-        if b is None or b.dtype != dtype or b.device != device or b.shape[1] != cols or b.shape[0] < rows:
-            self._bufs.pop(name, None)
-            b = self._bufs[name] = torch.empty(rows, cols, dtype=dtype, device=device)
-        return b[:rows]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self._bufs.values())
-
-
-def _logits_into(ws: HeadWorkspace, name: str, h: Tensor, w: Tensor, b: Tensor | None, cdt: torch.dtype, f: torch.dtype) -> Tensor:
-    """h [C, H] @ w[V, H]^T (+ b) computed in `cdt` into buffer `name`; returned as [C, V] in `f` (a buffer too)."""
-    out = ws.take(name, h.shape[0], w.shape[0], cdt, h.device)
-    torch.mm(h.to(cdt), w.t(), out=out)
-    if b is not None:
-        out.add_(b)
-    return out if cdt == f else ws.take(name + "32", h.shape[0], w.shape[0], f, h.device).copy_(out)
-
-
-def _exp_lse(x: Tensor, ws: HeadWorkspace, name: str) -> tuple[Tensor, Tensor]:
-    """x [C, V] -> (logsumexp [C, 1], softmax(x) [C, V] in buffer `name`); one exp pass, no fresh [C, V]."""
-    m = x.amax(-1, keepdim=True)
-    m.masked_fill_(~torch.isfinite(m), 0.0)  # a row of -inf stays -inf, not NaN
-    e = torch.sub(x, m, out=ws.take(name, *x.shape, x.dtype, x.device)).exp_()
-    ssum = e.sum(-1, keepdim=True)
-    return ssum.log().add_(m), e.div_(ssum)
-
-
-def _scaled_(x: Tensor, temperature: float) -> Tensor:
-    """raykd.losses' scaling (÷T, clamp to ±_FLOOR) in place, on a buffer that is ours to overwrite."""
-    return (x.div_(temperature) if temperature != 1.0 else x).clamp_(-_FLOOR, _FLOOR)
+def _dense_kd(logq: Tensor, logp: Tensor, kd: str, a: float, c, need_grad: bool, ws: HeadWorkspace, tgt: Tensor | None):
+    """Forward / reverse KL of one chunk from the student's and teacher's logits over T (buffers it overwrites):
+    (kd_sum, g = a · dKL/du + c · q in a buffer or None, −log q at tgt [C, 1] or None), as `closed_form_kd`."""
+    logq.sub_(_exp_lse(logq, ws, "w")[0])
+    lse_p, p = _exp_lse(logp, ws, "w")
+    logp.sub_(lse_p)
+    nll = None if tgt is None else -logq.gather(1, tgt[:, None])
+    g = None
+    if kd == "forward_kl":
+        kd_sum = logp.sub_(logq).mul_(p).sum()  # Σ p·(log p − log q); logp's buffer is spent
+        if need_grad:  # a·(q − p) [+ c·q]
+            g = logq.exp_().mul_(a + c).sub_(p, alpha=a)
+    else:  # reverse_kl
+        q = torch.exp(logq, out=p)  # p is not needed by reverse KL
+        diff = logq.sub_(logp)  # log q − log p
+        rows = torch.mul(q, diff, out=logp).sum(-1, keepdim=True)
+        kd_sum = rows.sum()
+        if need_grad:  # q ⊙ (a·(diff − KL) [+ c])
+            g = diff.sub_(rows).mul_(a).add_(c).mul_(q)
+    return kd_sum, g, nll
 
 
 def _closed_form_chunk(h, th, sw, sb, tw, tb, tgt, kd, temperature, ce_w, kd_w, scale, need_grad, ws, cdt, keep=None):
@@ -81,7 +54,8 @@ def _closed_form_chunk(h, th, sw, sb, tw, tb, tgt, kd, temperature, ce_w, kd_w, 
     buffers, so that a chunk costs a few passes over [C, V] and no autograd graph (the same
     derivatives Liger Kernel's fused kernels use; own implementation).
 
-    h [C, Hs], th [C, Ht] or None (CE only), tgt [C] valid ids; logits are computed in `cdt`.
+    h [C, Hs], th [C, Ht], a `TopK` [C, k] of cached targets (raykd.losses.topk.closed_form_kd) or None
+    (CE only), tgt [C] valid ids; logits are computed in `cdt`.
     Returns (ce_sum, kd_sum, g): sums over the chunk ([], None when the term is off; kd_sum without
     T²) and g [C, V] in `cdt` = scale · d(ce_w·ce_sum + kd_w·T²·kd_sum)/d logits, or None. With z
     the student logits, q = softmax(z/T), p = softmax(t/T): d CE/dz = softmax(z) − onehot(tgt);
@@ -101,27 +75,16 @@ def _closed_form_chunk(h, th, sw, sb, tw, tb, tgt, kd, temperature, ce_w, kd_w, 
         ce_sum = kept(lse - z.gather(1, tgt[:, None]))
         if need_grad:
             ce_g.mul_(cs)
+    a = kd_w * T * scale  # T² · (1/T) from the chain rule through z/T
+    c = cs if shared else 0.0
     if kd is not None:
-        logq = _scaled_(z, T)
-        logq.sub_(_exp_lse(logq, ws, "w")[0])
-        logp = _scaled_(_logits_into(ws, "t", th, tw, tb, cdt, f), T)
-        lse_p, p = _exp_lse(logp, ws, "w")
-        logp.sub_(lse_p)
+        u = _scaled_(z, T)
+        if isinstance(th, TopK):  # cached top-k targets: the (k+1)-bin KL (raykd.losses.topk)
+            kd_sum, g, nll = closed_form_kd(u, th, kd, T, a, c, need_grad, tgt if shared else None)
+        else:
+            kd_sum, g, nll = _dense_kd(u, _scaled_(_logits_into(ws, "t", th, tw, tb, cdt, f), T), kd, a, c, need_grad, ws, tgt if shared else None)
         if shared:
-            ce_sum = -kept(logq.gather(1, tgt[:, None]))
-        a = kd_w * T * scale  # T² · (1/T) from the chain rule through z/T
-        c = cs if shared else 0.0
-        if kd == "forward_kl":
-            kd_sum = logp.sub_(logq).mul_(p).sum()  # Σ p·(log p − log q); logp's buffer is spent
-            if need_grad:  # a·(q − p) [+ c·q]
-                g = logq.exp_().mul_(a + c).sub_(p, alpha=a)
-        else:  # reverse_kl
-            q = torch.exp(logq, out=p)  # p is not needed by reverse KL
-            diff = logq.sub_(logp)  # log q − log p
-            rows = torch.mul(q, diff, out=logp).sum(-1, keepdim=True)
-            kd_sum = rows.sum()
-            if need_grad:  # q ⊙ (a·(diff − KL) [+ c])
-                g = diff.sub_(rows).mul_(a).add_(c).mul_(q)
+            ce_sum = kept(nll)
         if ce_g is not None and need_grad:
             g.add_(ce_g)
     elif need_grad:
@@ -166,7 +129,7 @@ def _fused_pass(sh, sw, sb, th, tw, tb, targets, mask, keep, cfg: HeadLoss, ws, 
     kd_fn = TOKEN_LOSSES[kd] if kd is not None else None
     sparse = isinstance(th, TopK)  # cached top-k teacher targets instead of teacher hidden + head
     # written-out gradients for CE and forward/reverse KL; other losses (and ignore-index targets) use autograd
-    closed = not sparse and (kd_fn is None or kd in CLOSED_FORM) and not bool(((targets if idx is None else targets[idx]) < 0).any())
+    closed = (kd_fn is None or kd in CLOSED_FORM) and not bool(((targets if idx is None else targets[idx]) < 0).any())
     dev = sh.device.type
     # the dtype F.linear would give the logits (autocast's, else the input's); the closed form calls torch.mm itself
     cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) and sh.dtype != torch.float64 else sh.dtype
@@ -176,7 +139,7 @@ def _fused_pass(sh, sw, sb, th, tw, tb, targets, mask, keep, cfg: HeadLoss, ws, 
     for rows in chunks if ce_w != 0 or kd_fn is not None else ():  # the token terms
         h, tgt = sh[rows], targets[rows]
         if closed:
-            ce_c, kd_c, g = _closed_form_chunk(h, None if th is None else th[rows], sw_c, sb, tw_c, tb, tgt,
+            ce_c, kd_c, g = _closed_form_chunk(h, None if th is None else th.rows(rows) if sparse else th[rows], sw_c, sb, tw_c, tb, tgt,
                                                kd if kd_fn is not None else None, temperature, ce_w, kd_w,
                                                1.0 / denom, need_any, ws, cdt, None if keep is None else keep[rows])
             for key, val in (("ce", ce_c), ("kd", kd_c)):

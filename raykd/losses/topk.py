@@ -130,3 +130,53 @@ def sparse_logit_loss(name: str, student_logits: Tensor, teacher: TopK, mask: Te
         return student_logits.sum() * 0.0
     s, t = sparse_bins(student_logits, teacher, temperature)
     return TOKEN_LOSSES[name](s, t, 1.0, **params).mean() * temperature ** 2
+
+
+
+@torch.no_grad()
+def closed_form_kd(u: Tensor, teacher: TopK, kd: str, temperature: float, a: float, c, need_grad: bool, tgt: Tensor | None = None):
+    """Forward or reverse KL on the (k+1)-bin distributions with the gradient written out, in place in `u`
+    (what `sparse_bins` + autograd computes, at a fraction of its passes over [C, V]).
+
+    u [C, V]: the student's logits over the temperature (fp32 / fp64, a buffer this function
+    overwrites), teacher [C, k] top-k targets, tgt [C] or None. With q = softmax(u), Q its bins
+    (Q_i = q at the teacher's i-th token, Q_tail = the rest's mass) and P the teacher's bins at
+    `temperature`, the derivative of KL(P‖Q) with respect to u_j is q_j − P_i at the i-th kept token
+    and q_j − P_tail · q_j / Q_tail elsewhere; of KL(Q‖P) it is q_j · (D_b − KL), D_b = log Q_b − log P_b
+    of j's bin b. Returns (kd_sum [] without T², g [C, V] = a · dKL/du + c · q in u's buffer or None,
+    −log q at tgt [C, 1] or None); `c` a number or [C, 1] (a CE sharing q, at T = 1)."""
+    f = u.dtype
+    idx = teacher.idx.long()
+    m = u.amax(-1, keepdim=True)
+    m.masked_fill_(~torch.isfinite(m), 0.0)
+    u_top = u.gather(1, idx)  # [C, k]
+    u_tgt = None if tgt is None else u.gather(1, tgt[:, None])
+    e = u.sub_(m).exp_()  # exp(u − m): q times the row's sum
+    ssum = e.sum(-1, keepdim=True)
+    lse = ssum.log().add_(m)
+    e.scatter_(1, idx, 0.0)  # the tail's exps only
+    tail = e.sum(-1, keepdim=True)
+    logq = torch.cat([u_top - lse, (tail.log() - ssum.log()).clamp_min(_NEG)], dim=-1)  # [C, k+1]
+    logp = torch.log_softmax(_teacher_bins(teacher, temperature, f), dim=-1)
+    nll = None if u_tgt is None else lse - u_tgt
+    if kd == "forward_kl":
+        p = logp.exp()
+        kd_sum = (p * (logp - logq)).sum()
+    elif kd == "reverse_kl":
+        q = logq.exp()
+        diff = logq - logp  # D_b
+        rows = (q * diff).sum(-1, keepdim=True)  # KL(Q‖P) per row
+        kd_sum = rows.sum()
+    else:
+        raise ValueError(f"closed_form_kd: {kd} has no written-out sparse gradient (forward_kl and reverse_kl do)")
+    if not need_grad:
+        return kd_sum, None, nll
+    q_top = logq[:, :-1].exp()
+    if kd == "forward_kl":  # tail: q_j·(a + c) − a·P_tail·e_j / tail; kept: q·(a + c) − a·P_i
+        coef = (a + c) / ssum - a * p[:, -1:] / tail.clamp_min(1e-30)
+        top = q_top * (a + c) - a * p[:, :-1]
+    else:  # q_j·(a·(D_b − KL) + c)
+        coef = (a * (diff[:, -1:] - rows) + c) / ssum
+        top = q_top * (a * (diff[:, :-1] - rows) + c)
+    return kd_sum, e.mul_(coef).scatter_(1, idx, top), nll
+
