@@ -323,7 +323,7 @@ def run_datasets(cfg: Config, plan, datasets: tuple | None = None) -> dict:
     train_ds, val_ds = datasets or pipeline.build_datasets(cfg.data, cfg.teacher.model, cfg.seed, cfg.teacher.trust_remote_code)
     if cfg.teacher.cache:
         cache.require(cfg, plan)
-        train_ds = cache.train_dataset(cfg, plan.objective)
+        train_ds = cache.train_dataset(cfg, plan.objective, train_ds if datasets else None)
     elif not datasets:
         pipeline.check_blocks(train_ds, "data.train")
     if not datasets:

@@ -96,6 +96,22 @@ def test_resume_rebuilds_only_missing_shards(built, tmp_path):
     assert _table(d / "shard-00001.parquet").equals(_table(src / "shard-00001.parquet"))
 
 
+def test_a_sweep_reads_the_cache_once_and_each_trial_takes_its_columns(built):
+    from raykd.data import cache
+
+    d, meta = built
+    cfg, plan = _cfg(d)
+    lines = []
+    assert cache.shared_rows(cfg, lines.append, share=0.0) is None and "each trial reads its shards" in lines[-1]
+    rows = cache.shared_rows(cfg, lines.append)  # every column, materialized once
+    assert rows.count() == meta["blocks"] and "hidden_5" in rows.columns() and "read once for every trial" in lines[-1]
+    cols = plan.objective.cache_columns
+    shared, own = cache.train_dataset(cfg, plan.objective, rows), cache.train_dataset(cfg, plan.objective)
+    assert shared.columns() == own.columns() == cols and cols[:4] == ["input_ids", "topk_idx", "topk_logp", "tail"]
+    key = lambda r: r["input_ids"]  # noqa: E731  (row order is the executor's; the rows must be the same)
+    assert sorted(shared.take_all(), key=key) == sorted(own.take_all(), key=key)
+
+
 @pytest.mark.parametrize("override, match", [
     ("data.block_size=32", "data.block_size"),
     ("teacher.model=tiny-random:seed=1", "another teacher"),

@@ -31,6 +31,7 @@ def test_smoke_sweep_runs_from_a_cache(tmp_path):
         tail = (e.stderr or b"")[-3000:]
         pytest.fail(f"raykd sweep from a cache ran past {e.timeout} s; its stderr ended: {tail.decode(errors='replace') if isinstance(tail, bytes) else tail}")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "read once for every trial" in proc.stdout + proc.stderr  # the trials took their columns from shared rows
     meta = json.loads((cache_dir / "raykd_cache.json").read_text())
     assert meta["complete"] and meta["layers"] == list(range(6))  # trials vary the depth: every layer stored
     import csv

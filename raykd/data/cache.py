@@ -345,13 +345,40 @@ def ensure(cfg: Config, plan, log=print) -> dict:
 # --- reading --------------------------------------------------------------------------------
 
 
-def train_dataset(cfg: Config, objective):
+def _shard_files(cfg: Config) -> list[str]:
+    return [str(f) for f in sorted(Path(cfg.teacher.cache).resolve().glob("shard-*.parquet"))]
+
+
+def train_dataset(cfg: Config, objective, rows=None):
     """The cached train blocks as a Ray Dataset (one row per block, binary cells): only the
-    columns the run's objective (`raykd.spec.ObjectiveSpec`) reads."""
+    columns the run's objective (`raykd.spec.ObjectiveSpec`) reads, selected from `rows` (the
+    cache materialized once for a sweep, `shared_rows`) or read from the shards."""
     import ray.data
 
-    files = sorted(Path(cfg.teacher.cache).resolve().glob("shard-*.parquet"))
-    return ray.data.read_parquet([str(f) for f in files], columns=objective.cache_columns, num_cpus=cfg.data.task_cpus)
+    if rows is not None:
+        return rows.select_columns(objective.cache_columns)
+    return ray.data.read_parquet(_shard_files(cfg), columns=objective.cache_columns, num_cpus=cfg.data.task_cpus)
+
+
+def shared_rows(cfg: Config, log=print, share: float = 0.5):
+    """Every column of the cache read and materialized once in the object store, for all the trials of a
+    sweep to take their columns from (each trial otherwise reads and decodes the shards itself, on the
+    cores it trains on); None when the cache's decoded size is over `share` of the cluster's object store."""
+    import pyarrow.parquet as pq
+    import ray
+    import ray.data
+
+    files = _shard_files(cfg)
+    size = sum(pq.ParquetFile(f).metadata.row_group(i).total_byte_size for f in files for i in range(pq.ParquetFile(f).metadata.num_row_groups))
+    room = ray.cluster_resources().get("object_store_memory", 0.0)
+    if size > share * room:
+        log(f"raykd: the teacher cache ({size / 2**30:.1f} GiB decoded) is over {share:.0%} of the object store "
+            f"({room / 2**30:.1f} GiB): each trial reads its shards")
+        return None
+    t0 = time.time()
+    rows = ray.data.read_parquet(files, num_cpus=cfg.data.task_cpus).materialize()
+    log(f"raykd: the teacher cache ({size / 2**20:.0f} MiB) read once for every trial ({time.time() - t0:.0f} s)")
+    return rows
 
 
 def _cells(col, dtype, shape: tuple[int, ...]) -> torch.Tensor:

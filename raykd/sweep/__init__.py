@@ -220,7 +220,7 @@ def sweep(cfg: Config, resume: bool = False, log=print) -> dict:
     require_shared_storage(cfg, how)  # every trial's checkpoints
     if cache_run is not None:
         cache.ensure(*cache_run, log)  # built once for every trial
-    datasets = _shared_datasets(cfg, sw, log)
+    datasets = _shared_datasets(cfg, sw, cache_run[0] if cache_run else None, log)
     # an in-process trial holds its worker's resources itself; otherwise its Train worker asks for them
     here = runtime.worker_resources(cfg.scale) if in_process(cfg, sw) else {"CPU": sw.trial_cpus}
     trainable = tune.with_resources(
@@ -251,10 +251,11 @@ def sweep(cfg: Config, resume: bool = False, log=print) -> dict:
     return {"trials": trials, "paths": paths, "meta": meta}
 
 
-def _shared_datasets(cfg: Config, sw: SweepConfig, log) -> tuple | None:
+def _shared_datasets(cfg: Config, sw: SweepConfig, cache_cfg: Config | None, log) -> tuple | None:
     """(train, validation) tokenized, packed, checked and materialized in the object store once for every trial,
     or None when the sweep changes what they are built from (data.*, seed, the teacher's tokenizer). With the
-    teacher cache the trials read train from it: only validation is shared."""
+    teacher cache (`cache_cfg`: the config it was built from) train is the cache's rows read once
+    (`raykd.data.cache.shared_rows`; None when too big: each trial reads the shards)."""
     from raykd.data import pipeline
 
     if any(k.startswith(("data.", "teacher.")) or k == "seed" for k in sw.params):
@@ -263,11 +264,11 @@ def _shared_datasets(cfg: Config, sw: SweepConfig, log) -> tuple | None:
 
     quiet_data_progress()  # the datasets carry this context into the trials' workers
     train, val = pipeline.build_datasets(cfg.data, cfg.teacher.model, cfg.seed, cfg.teacher.trust_remote_code)
-    if not cfg.teacher.cache:
+    if not cache_cfg:
         pipeline.check_blocks(train, "data.train")
     pipeline.check_blocks(val, "data.validation")
     t0 = time.time()
-    shared = (None if cfg.teacher.cache else train.materialize(), val.materialize())
+    shared = (cache.shared_rows(cache_cfg, log) if cache_cfg else train.materialize(), val.materialize())
     log(f"raykd: the sweep's data tokenized and packed once for every trial ({time.time() - t0:.0f} s)")
     return shared
 
