@@ -30,14 +30,12 @@ def from_files(model_dir, keep: list[int], dtype: torch.dtype = torch.float32, t
     """A trainable student holding copies of teacher layers `keep` (in order), read from `model_dir`'s
     safetensors files; None when they cannot give every parameter by name (load the teacher instead)."""
     from safetensors import safe_open
-    from transformers import AutoModelForCausalLM
-
     model_dir = Path(model_dir)
     files = _files(model_dir)
     if not files:
         return None
     config = models.student_config(models.load_config(model_dir, trust_remote_code), keep)
-    student = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    student = models.empty_model(config, dtype, trust_remote_code)
     prefix, new_index = models._layers_prefix(student), {old: new for new, old in enumerate(keep)}
     wanted, state = student.state_dict(), {}
     for path in files:

@@ -41,11 +41,28 @@ import torch
 import torch.distributed as dist
 
 from raykd.capture import decoder_layers
-from raykd.models import checkpoint_activations
+from raykd.config import ConfigError
 
 OPTIM_FILE = "optimizer.pt"
 MODEL_FILE = "distiller.pt"
 DS_DIR = "deepspeed"
+
+
+def checkpoint_activations(model) -> None:
+    """Recompute `model`'s decoder layers in backward instead of keeping their activations
+    (`train.activation_checkpointing`): HF's non-reentrant checkpointing, which wraps each layer's
+    `forward` (not `__call__`), so module hooks on the layer (raykd's captures, FSDP2's gathers) stay
+    outside it and run once. Non-reentrant keeps grad mode inside the layer: the q/k/v that
+    `raykd.capture` takes from a checkpointed layer's projections carry their gradients. Active only
+    while the model is in training mode with grad enabled (validation and sampling run as before)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"train.activation_checkpointing: {type(model).__name__} does not support activation checkpointing; "
+                          "set train.activation_checkpointing=false")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24; the old name warns there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def lr_lambda(warmup: int, total: int, floor: float = 0.1):

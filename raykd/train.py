@@ -284,12 +284,10 @@ def export(w: Worker, state: RunState, wall: float, tokens_per_s: float, out: Pa
     nodes = runtime.worker_nodes(w.rank, w.world, w.engine.all_reduce, w.device)  # where the workers ran at the end
     if w.rank != 0:
         return {}
-    from transformers import AutoModelForCausalLM
-
     from raykd.evaluate import evaluate_student
 
     cfg = w.cfg
-    student = AutoModelForCausalLM.from_config(w.engine.distiller.student.config, dtype=torch.float32)
+    student = models.empty_model(w.engine.distiller.student.config, torch.float32)  # every weight is loaded next
     missing, unexpected = student.load_state_dict(sd, strict=False)
     if unexpected or set(missing) - models._tied_keys(student):
         raise RuntimeError(f"export: state dict mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})")

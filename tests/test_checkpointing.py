@@ -7,9 +7,9 @@ import torch
 
 from raykd.config import ConfigError, from_dict
 from raykd.layer_map import layer_map
-from raykd.models import checkpoint_activations, cut_student
+from raykd.models import cut_student
 from raykd.objective import Distiller, teacher_forward
-from raykd.parallel import make_engine
+from raykd.parallel import checkpoint_activations, make_engine
 
 KEPT = [0, 3, 5]
 WEIGHTS = {"ce": 1.0, "kd": 1.0, "class_kd": 0.5, "hidden": 0.5, "attention": 0.2, "relation": 0.2, "blockwise": 0.3}

@@ -43,3 +43,29 @@ def test_sharded_files_and_a_foreign_layout(tiny_teacher_dir, tmp_path):
     save_file({k.replace("model.", "transformer.", 1): v for k, v in state.items()}, str(foreign / "model.safetensors"))
     assert cut.from_files(foreign, [0, 1]) is None
     assert cut.from_files(tmp_path, [0]) is None  # no safetensors files at all
+
+
+def _tied_copy(model_dir, out):
+    """The tiny teacher with its head tied to its embeddings (as SmolLM2's is), saved to `out`."""
+    teacher = models.load_model(model_dir, torch.float32)
+    teacher.config.tie_word_embeddings = True
+    teacher.tie_weights()
+    teacher.save_pretrained(out)
+    return out
+
+
+def test_a_student_keeping_every_layer_computes_what_the_teacher_does(tiny_teacher_dir, tmp_path):
+    """Students are built without transformers' random init (models.empty_model) and then loaded: any parameter or
+    buffer left unloaded (or a head left untied) would be garbage memory. Keeping every layer, both ways of cutting
+    must give the teacher's logits, for an untied and a tied head."""
+    for model_dir in (tiny_teacher_dir, _tied_copy(tiny_teacher_dir, tmp_path / "tied")):
+        teacher = models.load_model(model_dir, torch.float32, frozen=True)
+        ids = torch.randint(0, teacher.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+        every = list(range(teacher.config.num_hidden_layers))
+        with torch.no_grad():
+            want = teacher(ids).logits
+            for student in (cut.from_files(model_dir, every), models.cut_student(teacher, every, dtype=torch.float32)):
+                torch.testing.assert_close(student(ids).logits, want)
+                assert {n for n, _ in student.named_buffers()} == {n for n, _ in teacher.named_buffers()}
+                shared = student.get_output_embeddings().weight.data_ptr() == student.get_input_embeddings().weight.data_ptr()
+                assert shared == teacher.config.tie_word_embeddings  # a tied head stays one parameter

@@ -350,9 +350,8 @@ def _shard_files(cfg: Config) -> list[str]:
 
 
 def train_dataset(cfg: Config, objective, rows=None):
-    """The cached train blocks as a Ray Dataset (one row per block, binary cells): only the
-    columns the run's objective (`raykd.spec.ObjectiveSpec`) reads, selected from `rows` (the
-    cache materialized once for a sweep, `shared_rows`) or read from the shards."""
+    """The cached train blocks as a Ray Dataset (one row per block, binary cells): only the columns the run's objective
+    (`raykd.spec.ObjectiveSpec`) reads, selected from `rows` (the cache materialized once for a sweep) or read from the shards."""
     import ray.data
 
     if rows is not None:
@@ -365,11 +364,10 @@ def shared_rows(cfg: Config, log=print, share: float = 0.5):
     sweep to take their columns from (each trial otherwise reads and decodes the shards itself, on the
     cores it trains on); None when the cache's decoded size is over `share` of the cluster's object store."""
     import pyarrow.parquet as pq
-    import ray
     import ray.data
 
     files = _shard_files(cfg)
-    size = sum(pq.ParquetFile(f).metadata.row_group(i).total_byte_size for f in files for i in range(pq.ParquetFile(f).metadata.num_row_groups))
+    size = sum(md.row_group(i).total_byte_size for md in (pq.ParquetFile(f).metadata for f in files) for i in range(md.num_row_groups))
     room = ray.cluster_resources().get("object_store_memory", 0.0)
     if size > share * room:
         log(f"raykd: the teacher cache ({size / 2**30:.1f} GiB decoded) is over {share:.0%} of the object store "
