@@ -15,7 +15,10 @@ schedule and token budget (`--steps` x `--batch` x `--block` tokens):
              (`raykd generate`: the first 32 tokens of each training speech continued by
              `--gen-tokens` sampled tokens, top-p 0.95); generation time is reported with the arm;
 * `onpolicy`: the feature recipe with `loss.on_policy` (GKD's lambda = `--onpolicy`: that share of
-             micro-batches ends in `--onpolicy-tokens` of the student's own samples).
+             micro-batches ends in `--onpolicy-tokens` of the student's own samples);
+* `recipe`:  the real-teacher recipe sweep's best trial's settings (docs/sweeps/demo-cpu: 12 layers there)
+             on this 10-layer cut: the `bridge` layer map, CE + forward KL (T = 1) + MSE hidden alignment
+             at weight 1, no attention term, LR 6.5e-4 (`RECIPE`) — the candidate for jobs/demo.yaml.
 
 Every model is then scored by one routine on the same held-out blocks (`--val-blocks` blocks
 of `--block` tokens of the 2001-2021 speeches): perplexity of the cut before training
@@ -48,7 +51,8 @@ import yaml
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
-ARMS = ("ce", "logit", "feature", "seqkd", "onpolicy")
+ARMS = ("ce", "logit", "feature", "seqkd", "onpolicy", "recipe")
+RECIPE = {"strategy": "bridge", "hidden": "mse", "weights": {"hidden": 1.0, "attention": 0.0}, "lr": 6.5e-4}  # the sweep's best trial
 DEFAULT_ARMS = ("ce", "logit", "feature")
 
 
@@ -58,6 +62,8 @@ def arm_weights(arm: str, a) -> dict:
         w["kd"] = a.kd
     if arm in ("feature", "seqkd", "onpolicy"):
         w.update(hidden=a.hidden, attention=a.attention)
+    if arm == "recipe":
+        w.update(RECIPE["weights"])
     return w
 
 
@@ -86,6 +92,9 @@ def arm_config(arm: str, resolved: dict, a, out: Path, gen_dir: Path) -> dict:
     if arm == "seqkd":
         cfg["data"]["train"] = None
         cfg["data"]["mix"] = {"sotu": 0.5, str(gen_dir): 0.5}
+    if arm == "recipe":  # the same kept layers, paired by the bridge map (resolved again by raykd distill)
+        cfg["layer_map"].update(strategy=RECIPE["strategy"], pairs=None)
+        cfg["loss"]["hidden"], cfg["train"]["lr"] = RECIPE["hidden"], RECIPE["lr"]
     if arm == "onpolicy":
         cfg["loss"]["on_policy"] = {"fraction": a.onpolicy, "max_new_tokens": a.onpolicy_tokens, "temperature": 1.0}
     return cfg
@@ -202,7 +211,8 @@ def main() -> int:
              max(1, os.cpu_count() or 1), precision, [
                  "every arm starts from the same student (the training-free importance cut, chosen once), same seed, data order, LR schedule",
                  f"equal token budget: {a.steps} steps x {a.batch} x {a.block} = {budget:,} tokens per arm",
-                 "each arm is a real `raykd distill` run (CLI, local Ray, Ray Data, Ray Train) of a config that differs only in loss.weights",
+                 "each arm is a real `raykd distill` run (CLI, local Ray, Ray Data, Ray Train) of a config that differs only in loss.weights"
+                 " (the recipe arm also in its layer map, hidden loss and LR: RECIPE)",
                  f"all models are scored by one routine (raykd.evaluate.perplexity) on the same {a.val_blocks} held-out blocks (SOTU 2001-2021)",
              ])
     import torch
