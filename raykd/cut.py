@@ -30,6 +30,7 @@ def from_files(model_dir, keep: list[int], dtype: torch.dtype = torch.float32, t
     """A trainable student holding copies of teacher layers `keep` (in order), read from `model_dir`'s
     safetensors files; None when they cannot give every parameter by name (load the teacher instead)."""
     from safetensors import safe_open
+
     model_dir = Path(model_dir)
     files = _files(model_dir)
     if not files:

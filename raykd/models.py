@@ -333,7 +333,6 @@ def cut_student(teacher, keep: list[int], dtype: torch.dtype | None = None):
 
     The result is a plain HF model of the teacher's class (saves and loads without raykd).
     """
-
     config = student_config(teacher.config, keep)
     dtype = dtype or next(teacher.parameters()).dtype
     student = empty_model(config, dtype)

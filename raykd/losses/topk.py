@@ -132,7 +132,6 @@ def sparse_logit_loss(name: str, student_logits: Tensor, teacher: TopK, mask: Te
     return TOKEN_LOSSES[name](s, t, 1.0, **params).mean() * temperature ** 2
 
 
-
 @torch.no_grad()
 def closed_form_kd(u: Tensor, teacher: TopK, kd: str, temperature: float, a: float, c, need_grad: bool, tgt: Tensor | None = None):
     """Forward or reverse KL on the (k+1)-bin distributions with the gradient written out, in place in `u`
@@ -179,4 +178,3 @@ def closed_form_kd(u: Tensor, teacher: TopK, kd: str, temperature: float, a: flo
         coef = (a * (diff[:, -1:] - rows) + c) / ssum
         top = q_top * (a * (diff[:, :-1] - rows) + c)
     return kd_sum, e.mul_(coef).scatter_(1, idx, top), nll
-
