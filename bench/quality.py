@@ -2,8 +2,11 @@
 
 The real SmolLM2-135M-Instruct teacher (30 layers), a 10-layer student cut from it by the
 best training-free cut (`student.init: importance`, block_ppl on 2,048 calibration tokens,
-as jobs/demo.yaml; the cut is chosen once and shared by every arm), the State of the Union
-corpus (1790-2000 train, 2001-2021 held out). Three arms, each a real `raykd distill` run
+as jobs/demo.yaml; the cut is chosen once and shared by every arm), trained on `--data`: by
+default jobs/demo.yaml's mix, three quarters State of the Union speeches (1790-2000; 2001-2021
+held out) and one quarter Moby-Dick's training chapters (general prose beside the speeches: a
+student trained on the speeches alone scored 58x the teacher's perplexity on pydoc prose);
+`--data sotu=1` is the speeches alone, as the study ran before 2026-12-02. Three arms, each a real `raykd distill` run
 (the CLI, local Ray, Ray Data, Ray Train) from the same cut, the same data order, seed, LR
 schedule and token budget (`--steps` x `--batch` x `--block` tokens):
 
@@ -11,15 +14,11 @@ schedule and token budget (`--steps` x `--batch` x `--block` tokens):
 * `logit`:   CE + forward KL (T = 1);
 * `feature`: CE + forward KL + cosine hidden-state alignment on every mapped layer pair +
              attention-map KL (weights `--hidden`, `--attention`);
-* `seqkd`:   the feature recipe on a 50/50 `data.mix` of the corpus and teacher-written text
+* `seqkd`:   the feature recipe on a 50/50 `data.mix` of the study's data and teacher-written text
              (`raykd generate`: the first 32 tokens of each training speech continued by
              `--gen-tokens` sampled tokens, top-p 0.95); generation time is reported with the arm;
 * `onpolicy`: the feature recipe with `loss.on_policy` (GKD's lambda = `--onpolicy`: that share of
              micro-batches ends in `--onpolicy-tokens` of the student's own samples);
-* `general`: the feature recipe on a `data.mix` of the corpus and general prose (`--mix`, default half the
-             State of the Union, half Moby-Dick's training chapters): what training beside the
-             speeches buys out of their domain (issue 18: a SOTU-only student scores ~9x the teacher on
-             general prose); validated on the same held-out speeches (the mix's first source);
 * `recipe`:  the real-teacher recipe sweep's best trial's settings (docs/sweeps/demo-cpu: 12 layers there)
              on this 10-layer cut: the `bridge` layer map, CE + forward KL (T = 1) + MSE hidden alignment
              at weight 1, no attention term, LR 6.5e-4 (`RECIPE`) — the candidate for jobs/demo.yaml.
@@ -28,8 +27,8 @@ Every model is then scored by one routine on the same held-out blocks (`--val-bl
 of `--block` tokens of the 2001-2021 speeches): perplexity of the cut before training
 (`init`), of each arm's exported student, and of the teacher; out of domain on `--ood-blocks` blocks each of
 the standard library's documentation prose (`pydoc`) and of 2002 mailing-list mail (`emails`' held-out
-messages), which no arm trains on, and of Moby-Dick's held-out chapters (unseen by every arm; the
-`general` arm trains on the other chapters); and on the tasks users judge a
+messages), which no arm trains on, and of Moby-Dick's held-out chapters (unseen; with the default
+`--data` the arms train on the other chapters); and on the tasks users judge a
 student by (raykd.tasks, `--task-limit` examples each): sentiment accuracy and ROC AUC, cloze
 last-word accuracy, CER of greedy continuations against the teacher's, with each model's
 retained share of the teacher's lead over chance.
@@ -57,7 +56,7 @@ import yaml
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
-ARMS = ("ce", "logit", "feature", "seqkd", "onpolicy", "recipe", "general")
+ARMS = ("ce", "logit", "feature", "seqkd", "onpolicy", "recipe")
 RECIPE = {"strategy": "bridge", "hidden": "mse", "weights": {"hidden": 1.0, "attention": 0.0}, "lr": 6.5e-4}  # the sweep's best trial
 DEFAULT_ARMS = ("ce", "logit", "feature")
 
@@ -66,7 +65,7 @@ def arm_weights(arm: str, a) -> dict:
     w = {"ce": 1.0, "kd": 0.0, "hidden": 0.0, "attention": 0.0, "relation": 0.0, "blockwise": 0.0}
     if arm != "ce":
         w["kd"] = a.kd
-    if arm in ("feature", "seqkd", "onpolicy", "general"):
+    if arm in ("feature", "seqkd", "onpolicy"):
         w.update(hidden=a.hidden, attention=a.attention)
     if arm == "recipe":
         w.update(RECIPE["weights"])
@@ -80,7 +79,7 @@ def base_config(a, out: Path) -> dict:
         "student": {"num_layers": 10, "init": "importance", "importance_metric": "block_ppl", "calibration_tokens": 2048},
         "layer_map": {"strategy": "auto"},
         "loss": {"kd": "forward_kl", "temperature": 1.0, "hidden": "cosine"},
-        "data": {"train": ["sotu"], "block_size": a.block, "max_val_blocks": min(64, a.val_blocks)},
+        "data": {**data_sources(a.data), "block_size": a.block, "max_val_blocks": min(64, a.val_blocks)},
         "train": {"max_steps": a.steps, "batch_size": a.batch, "lr": a.lr, "warmup_steps": max(1, a.steps // 10),
                   "precision": a.precision, "generation_eval": False, "eval_every": 0},
         "scale": {"num_workers": 1, "strategy": "ddp"},
@@ -95,12 +94,10 @@ def arm_config(arm: str, resolved: dict, a, out: Path, gen_dir: Path) -> dict:
     cfg["loss"]["weights"] = arm_weights(arm, a)
     cfg["eval"]["tasks"] = []  # every model is scored below, by one routine on the same examples
     cfg["output_dir"] = str(out / "runs" / arm)
-    if arm == "seqkd":
+    if arm == "seqkd":  # half the study's data (its sources at their shares), half teacher text
+        data = mix_weights(a.data)
         cfg["data"]["train"] = None
-        cfg["data"]["mix"] = {"sotu": 0.5, str(gen_dir): 0.5}
-    if arm == "general":
-        cfg["data"]["train"] = None
-        cfg["data"]["mix"] = mix_weights(a.mix)
+        cfg["data"]["mix"] = {**{k: 0.5 * w / sum(data.values()) for k, w in data.items()}, str(gen_dir): 0.5}
     if arm == "recipe":  # the same kept layers, paired by the bridge map (resolved again by raykd distill)
         cfg["layer_map"].update(strategy=RECIPE["strategy"], pairs=None)
         cfg["loss"]["hidden"], cfg["train"]["lr"] = RECIPE["hidden"], RECIPE["lr"]
@@ -110,11 +107,17 @@ def arm_config(arm: str, resolved: dict, a, out: Path, gen_dir: Path) -> dict:
 
 
 def mix_weights(text: str) -> dict[str, float]:
-    """--mix 'sotu=0.5,moby-dick=0.5' -> {'sotu': 0.5, 'moby-dick': 0.5} (the first source gives the validation split)."""
+    """--data 'sotu=0.75,moby-dick=0.25' -> {'sotu': 0.75, 'moby-dick': 0.25} (the first source gives the validation split)."""
     try:
         return {k.strip(): float(v) for k, v in (item.split("=", 1) for item in text.split(",") if item.strip())}
     except ValueError:
-        raise SystemExit(f"--mix: expected SOURCE=WEIGHT pairs separated by commas, e.g. sotu=0.5,moby-dick=0.5; got {text!r}") from None
+        raise SystemExit(f"--data: expected SOURCE=WEIGHT pairs separated by commas, e.g. sotu=0.75,moby-dick=0.25; got {text!r}") from None
+
+
+def data_sources(text: str) -> dict:
+    """The data section's sources for --data: one source is `train` (as the study ran before mixes), several a `mix`."""
+    mix = mix_weights(text)
+    return {"train": list(mix)} if len(mix) == 1 else {"train": None, "mix": mix}
 
 
 def run_cli(verb: str, path: Path, *extra: str) -> float:
@@ -207,7 +210,8 @@ def main() -> int:
     p.add_argument("--attention", type=float, default=0.1, help="attention-map KL weight of the feature arm")
     p.add_argument("--val-blocks", type=int, default=128, help="held-out blocks every model is scored on")
     p.add_argument("--ood-blocks", type=int, default=64, help="blocks of each out-of-domain set (pydoc, emails, moby-dick held out) every model is scored on")
-    p.add_argument("--mix", default="sotu=0.5,moby-dick=0.5", help="the general arm's data.mix as SOURCE=WEIGHT,... (first source: validation)")
+    p.add_argument("--data", default="sotu=0.75,moby-dick=0.25",
+                   help="every arm's training data as SOURCE=WEIGHT,... (a data.mix; the first source gives validation; sotu=1: the speeches alone)")
     p.add_argument("--precision", default="auto", choices=["fp32", "bf16", "auto"],
                    help="train.precision of every arm (auto: bf16 autocast where the CPU has bf16 support, as jobs/demo.yaml)")
     p.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"comma-separated subset of {','.join(ARMS)} (default: {','.join(DEFAULT_ARMS)})")
@@ -229,6 +233,7 @@ def main() -> int:
              max(1, os.cpu_count() or 1), precision, [
                  "every arm starts from the same student (the training-free importance cut, chosen once), same seed, data order, LR schedule",
                  f"equal token budget: {a.steps} steps x {a.batch} x {a.block} = {budget:,} tokens per arm",
+                 f"training data: {a.data} (SOURCE=weight; one source: data.train, several: data.mix)",
                  "each arm is a real `raykd distill` run (CLI, local Ray, Ray Data, Ray Train) of a config that differs only in loss.weights"
                  " (the recipe arm also in its layer map, hidden loss and LR: RECIPE)",
                  f"all models are scored by one routine (raykd.evaluate.perplexity) on the same {a.val_blocks} held-out blocks (SOTU 2001-2021)",
@@ -305,7 +310,7 @@ def main() -> int:
     ppl_ood = ppl_sets["pydoc"]
     task_scores = score_tasks(out, ["init", *arms], teacher, tok, val, a.task_limit)
     results = {"kept_layers": kept, "tokens_per_arm": budget, "val_blocks": len(val), "block_size": a.block,
-               "weights": {arm: arm_weights(arm, a) for arm in arms}, "lr": a.lr, "seed": a.seed, "perplexity": ppl,
+               "weights": {arm: arm_weights(arm, a) for arm in arms}, "data": a.data, "lr": a.lr, "seed": a.seed, "perplexity": ppl,
                "perplexity_out_of_domain": ppl_sets, "ood_blocks": {k: len(b) for k, b in ood.items()}, "runs": runs,
                "tasks": task_scores, "task_limit": a.task_limit,
                "machine": C.machine(), "versions": C.versions(), "wall_s": time.perf_counter() - t0}

@@ -152,21 +152,27 @@ def test_gpu_check_runs_its_code_paths_on_the_cpu_and_says_so_without_cuda():
     assert plain.returncode == 0 and plain.stdout.count("\n") == 1 and "no CUDA device" in plain.stdout
 
 
-def test_quality_general_arm_differs_from_feature_only_in_its_data(tmp_path):
-    """bench/quality.py's general arm: the feature arm's resolved config with data.train replaced by --mix
-    (validated by raykd's own config); a malformed --mix is one line naming the flag."""
+def test_quality_data_mix_is_every_arms_data(tmp_path):
+    """bench/quality.py --data: one source is data.train (the SOTU-only study's configs, unchanged), several a
+    data.mix, validated by raykd's own config; the seqkd arm halves the study's sources beside the teacher
+    text; a malformed --data is one line naming the flag."""
     import argparse
 
     import quality
 
     from raykd.config import from_dict
 
-    a = argparse.Namespace(block=64, val_blocks=8, steps=4, batch=2, lr=3e-4, precision="fp32", seed=0, kd=1.0, hidden=0.5,
-                           attention=0.1, mix="sotu=0.5, moby-dick=0.25,emails=0.25")
+    def args(data):
+        return argparse.Namespace(block=64, val_blocks=8, steps=4, batch=2, lr=3e-4, precision="fp32", seed=0, kd=1.0,
+                                  hidden=0.5, attention=0.1, data=data)
+
+    alone = quality.base_config(args("sotu=1"), tmp_path)["data"]
+    assert alone["train"] == ["sotu"] and "mix" not in alone
+    a = args("sotu=0.75, moby-dick=0.25")
     base = from_dict(quality.base_config(a, tmp_path)).to_dict()
-    feature, general = (quality.arm_config(arm, base, a, tmp_path, tmp_path / "gen") for arm in ("feature", "general"))
-    assert general["data"]["mix"] == {"sotu": 0.5, "moby-dick": 0.25, "emails": 0.25} and general["data"]["train"] is None
-    assert from_dict(general).data.mix == general["data"]["mix"]
-    assert {k: v for k, v in general.items() if k not in ("data", "output_dir")} == {k: v for k, v in feature.items() if k not in ("data", "output_dir")}
-    with pytest.raises(SystemExit, match=r"^--mix: expected SOURCE=WEIGHT pairs"):
+    assert base["data"]["mix"] == {"sotu": 0.75, "moby-dick": 0.25} and base["data"]["train"] is None
+    feature, seqkd = (quality.arm_config(arm, base, a, tmp_path, tmp_path / "gen") for arm in ("feature", "seqkd"))
+    assert feature["data"]["mix"] == base["data"]["mix"] and feature["loss"]["weights"]["hidden"] == 0.5
+    assert from_dict(seqkd).data.mix == {"sotu": 0.375, "moby-dick": 0.125, str(tmp_path / "gen"): 0.5}
+    with pytest.raises(SystemExit, match=r"^--data: expected SOURCE=WEIGHT pairs"):
         quality.mix_weights("sotu=half")
