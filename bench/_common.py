@@ -309,9 +309,9 @@ def sotu_blocks(tokenizer, n_blocks: int, block_size: int = 256):
     tokenized with the teacher's tokenizer and packed with EOS between speeches (as raykd.data.pipeline)."""
     import torch
 
-    from raykd.data.corpora import clean_text, fetch_sotu, pack_blocks
+    from raykd.data.corpora import clean_text, fetch_corpus, pack_blocks
 
-    files = sorted((fetch_sotu(log=lambda m: print(m, flush=True)) / "train").glob("*.txt"))
+    files = sorted((fetch_corpus("sotu", log=lambda m: print(m, flush=True)) / "train").glob("*.txt"))
     blocks, carry = [], []
     for path in files:
         ids = tokenizer(clean_text(path.read_text(encoding="utf-8")), add_special_tokens=False)["input_ids"]

@@ -32,10 +32,10 @@ def sotu_prompts(tok, n: int, prompt_tokens: int):
     """LongTensor [n, prompt_tokens]: the start of the first n SOTU training speeches (cleaned)."""
     import torch
 
-    from raykd.data.corpora import clean_text, fetch_sotu
+    from raykd.data.corpora import clean_text, fetch_corpus
     from raykd.generation import prompt_ids
 
-    files = sorted((fetch_sotu(log=lambda m: print(m, flush=True)) / "train").glob("*.txt"))
+    files = sorted((fetch_corpus("sotu", log=lambda m: print(m, flush=True)) / "train").glob("*.txt"))
     docs = (clean_text(f.read_text(encoding="utf-8")) for f in files)
     return torch.tensor(prompt_ids(docs, tok, prompt_tokens, n))
 

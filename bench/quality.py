@@ -95,7 +95,7 @@ def arm_config(arm: str, resolved: dict, a, out: Path, gen_dir: Path) -> dict:
     cfg["eval"]["tasks"] = []  # every model is scored below, by one routine on the same examples
     cfg["output_dir"] = str(out / "runs" / arm)
     if arm == "seqkd":  # half the study's data (its sources at their shares), half teacher text
-        data = mix_weights(a.data)
+        data = cfg["data"]["mix"] or dict.fromkeys(cfg["data"]["train"], 1.0)
         cfg["data"]["train"] = None
         cfg["data"]["mix"] = {**{k: 0.5 * w / sum(data.values()) for k, w in data.items()}, str(gen_dir): 0.5}
     if arm == "recipe":  # the same kept layers, paired by the bridge map (resolved again by raykd distill)

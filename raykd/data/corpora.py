@@ -126,11 +126,6 @@ def fetch_corpus(name: str = "sotu", log=print) -> Path:
         return _commit(out, target)
 
 
-def fetch_sotu(log=print) -> Path:
-    """The SOTU corpus as cache/corpora/sotu/{train,validation}/YEAR_NAME_PARTY.txt."""
-    return fetch_corpus("sotu", log)
-
-
 def pydoc_documents() -> list[str]:
     from pydoc_data.topics import topics
 
@@ -142,9 +137,9 @@ def resolve_sources(sources: list[str], field: str, fetch: bool = True) -> list[
     name files of the named corpora: `local_path` finds them on the node that reads them)."""
     files: list[str] = []
     for src in sources:
-        if src in NAMED and Path(src).exists():
-            raise ConfigError(f"{field}: {src!r} names both the named corpus and a local path here; write ./{src} for the local one")
         if src in NAMED:
+            if Path(src).exists():
+                raise ConfigError(f"{field}: {src!r} names both the named corpus and a local path here; write ./{src} for the local one")
             if src == "pydoc":
                 files.append("pydoc:validation" if field == "data.validation" else "pydoc:train")
                 continue
