@@ -33,13 +33,18 @@ student by (raykd.tasks, `--task-limit` examples each): sentiment accuracy and R
 last-word accuracy, CER of greedy continuations against the teacher's, with each model's
 retained share of the teacher's lead over chance.
 
-With `--out DIR` (default runs/quality) it writes DIR/init, DIR/ce, DIR/logit, DIR/feature
-(HF model directories with tokenizer files), DIR/teacher, DIR/results.json, and each arm's
-run directory under DIR/runs/ (the seqkd arm's teacher text under DIR/gen). Rerun into the same DIR,
-it keeps every arm that finished there with the same config (DIR/runs/ARM.json) and trains the rest. Goals (issues 7, 18): the
-feature arm beats both others, its perplexity at most 2.5x the teacher's, out of domain at most 4x.
+Every seed of `--seeds` (default 0,1,2) runs every arm. With `--out DIR` (default runs/quality) seed S writes
+DIR/seed-S/init, .../ce, .../logit, .../feature (HF model directories with tokenizer files), .../teacher,
+.../results.json, and each arm's run directory under .../runs/ (the seqkd arm's teacher text under .../gen);
+DIR/summary.md and DIR/summary.json give each model's mean, sd and min-max over the seeds and each arm's
+paired lead over logit-only KD, called within noise when under its 95% interval or the arm's seed spread
+(bench/_quality_seeds.py). Rerun into the same DIR, it keeps every arm that finished there with the same
+config (runs/ARM.json) and trains the rest, and a seed whose arms were all kept and scored with the same
+settings is not scored again. The figures are means over seeds (`_sd` beside them). Goals (issues 7, 18):
+the feature arm beats both others, its perplexity at most 2.5x the teacher's, out of domain (pydoc, mail)
+at most 4x, and it keeps at least 0.8 of the teacher's task score over chance.
 
-    .venv/bin/python bench/quality.py [--out DIR] [--steps 192] [--hidden 0.5] [--attention 0.1]
+    .venv/bin/python bench/quality.py [--out DIR] [--seeds 0,1,2] [--steps 192] [--hidden 0.5] [--attention 0.1]
 """
 from __future__ import annotations
 
@@ -55,6 +60,7 @@ import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
+import _quality_seeds as S  # noqa: E402
 
 ARMS = ("ce", "logit", "feature", "seqkd", "onpolicy", "recipe")
 RECIPE = {"strategy": "bridge", "hidden": "mse", "weights": {"hidden": 1.0, "attention": 0.0}, "lr": 6.5e-4}  # the sweep's best trial
@@ -197,14 +203,15 @@ def score_tasks(out: Path, names: list[str], teacher, tok, val, limit: int) -> d
     return raw
 
 
-def main() -> int:
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(C.ROOT / "runs" / "quality"))
     p.add_argument("--steps", type=int, default=192, help="optimizer steps per arm (the token budget is steps x batch x block)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--block", type=int, default=256)
     p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--seed", type=int, default=0, help="the runs' seed (data order, projection init); the cut is training-free")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated run seeds (data order, projection init), each into OUT/seed-S;"
+                   " the cut is training-free and shared; OUT/summary.md gives each arm's mean and spread")
     p.add_argument("--kd", type=float, default=1.0, help="forward-KL weight of the logit and feature arms")
     p.add_argument("--hidden", type=float, default=0.5, help="cosine hidden-state weight of the feature arm")
     p.add_argument("--attention", type=float, default=0.1, help="attention-map KL weight of the feature arm")
@@ -222,22 +229,67 @@ def main() -> int:
     p.add_argument("--fresh", action="store_true", help="train every arm again (by default an arm that finished in --out with the same config is kept)")
     p.add_argument("--task-limit", type=int, default=400, help="examples per task (sentiment sentences of 2,000, cloze passages)")
     a = p.parse_args()
-    arms = [x for x in a.arms.split(",") if x]
-    if set(arms) - set(ARMS):
-        raise SystemExit(f"--arms: unknown arm(s) {sorted(set(arms) - set(ARMS))}; choose from {','.join(ARMS)}")
+    a.arms = [x for x in a.arms.split(",") if x]
+    if set(a.arms) - set(ARMS):
+        raise SystemExit(f"--arms: unknown arm(s) {sorted(set(a.arms) - set(ARMS))}; choose from {','.join(ARMS)}")
+    try:
+        a.seeds = sorted({int(x) for x in a.seeds.split(",") if x.strip()})
+    except ValueError:
+        raise SystemExit(f"--seeds: expected integers separated by commas, e.g. 0,1,2; got {a.seeds!r}") from None
+    if not a.seeds:
+        raise SystemExit("--seeds: give at least one seed, e.g. --seeds 0")
+    mix_weights(a.data)
+    return a
+
+
+def main() -> int:
+    a = parse_args()
     budget = a.steps * a.batch * a.block
     from raykd.models import bf16_is_fast
 
     precision = a.precision if a.precision != "auto" else f"auto -> {'bf16' if bf16_is_fast() else 'fp32'} on this CPU"
-    C.header(f"quality study: SmolLM2-135M -> 10-layer cut, arms {', '.join(arms)}, {budget:,} training tokens each",
-             max(1, os.cpu_count() or 1), precision, [
+    C.header(f"quality study: SmolLM2-135M -> 10-layer cut, arms {', '.join(a.arms)}, {budget:,} training tokens each,"
+             f" seeds {','.join(map(str, a.seeds))}", max(1, os.cpu_count() or 1), precision, [
                  "every arm starts from the same student (the training-free importance cut, chosen once), same seed, data order, LR schedule",
                  f"equal token budget: {a.steps} steps x {a.batch} x {a.block} = {budget:,} tokens per arm",
                  f"training data: {a.data} (SOURCE=weight; one source: data.train, several: data.mix)",
                  "each arm is a real `raykd distill` run (CLI, local Ray, Ray Data, Ray Train) of a config that differs only in loss.weights"
                  " (the recipe arm also in its layer map, hidden loss and LR: RECIPE)",
                  f"all models are scored by one routine (raykd.evaluate.perplexity) on the same {a.val_blocks} held-out blocks (SOTU 2001-2021)",
+                 "every seed runs every arm; arms are compared per seed (paired), then summarised over seeds (mean, sd, min-max)",
              ])
+    out = Path(a.out).resolve()
+    results = {s: run_seed(argparse.Namespace(**{**vars(a), "seed": s}), out / f"seed-{s}") for s in a.seeds}
+    summary = S.summarize(results)
+    table = S.markdown(summary)
+    from raykd import manifest
+
+    manifest.write_json(out / "summary.json", summary)
+    (out / "summary.md").write_text(table)
+    print(table, flush=True)
+    figures = S.figures(summary)
+    figures.update(tokens_per_arm=budget, val_blocks=results[a.seeds[0]]["val_blocks"])
+    C.figures(figures)
+    return 0
+
+
+def scored_earlier(path: Path, a, runs_kept: bool) -> dict | None:
+    """The seed's results.json when every arm was kept and it was scored with these settings (None: score again)."""
+    if a.fresh or not runs_kept or not path.exists():
+        return None
+    res = json.loads(path.read_text())
+    same = {"data": a.data, "lr": a.lr, "seed": a.seed, "tokens_per_arm": a.steps * a.batch * a.block, "block_size": a.block,
+            "task_limit": a.task_limit, "val_blocks": a.val_blocks, "weights": {arm: arm_weights(arm, a) for arm in a.arms}}
+    if any(res.get(k) != json.loads(json.dumps(v)) for k, v in same.items()):
+        return None
+    return res if all(n == a.ood_blocks for n in res.get("ood_blocks", {}).values()) else None
+
+
+def run_seed(a, out: Path) -> dict:
+    """One seed of the study into `out`: train (or keep) every arm, score every model; its results.json dict."""
+    arms = a.arms
+    budget = a.steps * a.batch * a.block
+
     import torch
 
     from raykd import manifest, models
@@ -245,7 +297,6 @@ def main() -> int:
     from raykd.evaluate import eval_blocks, perplexity
     from raykd.plan import resolve
 
-    out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     teacher_dir = C.teacher_dir()
     t0 = time.perf_counter()
@@ -260,10 +311,11 @@ def main() -> int:
     tok.save_pretrained(out / "init")
     manifest.publish(teacher_dir, out / "teacher")
 
-    runs, gen_dir, gen = {}, out / "gen", None
+    runs, gen_dir, gen, trained = {}, out / "gen", None, False
     if "seqkd" in arms:
         gen = finished(out / "runs" / "gen.json", generate_settings(a), a.fresh)
         if gen is None:
+            trained = True
             gen_dir, gen_s, stats = teacher_text(resolved.to_dict(), a, out)
             gen = {"wall_s": gen_s, "tokens": stats["tokens"], "samples": stats["samples"], "tokens_per_s": stats["tokens_per_s"]}
             record(out / "runs" / "gen.json", generate_settings(a), gen)
@@ -279,7 +331,7 @@ def main() -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         print(f"== arm {arm}: weights {cfg['loss']['weights']}", flush=True)
-        wall = run_cli("distill", path)
+        wall, trained = run_cli("distill", path), True
         metrics = json.loads((out / "runs" / arm / "metrics.json").read_text())
         manifest.publish(out / "runs" / arm / "student", out / arm)
         runs[arm] = {"wall_s": wall, "tokens_seen": metrics["tokens_seen"], "tokens_per_s": metrics["tokens_per_s"],
@@ -292,6 +344,10 @@ def main() -> int:
         record(out / "runs" / f"{arm}.json", cfg, runs[arm])
         print(f"   {arm}: {wall:.0f} s, {metrics['tokens_per_s']:.0f} tok/s, run's own val ppl {metrics.get('val_perplexity'):.2f}", flush=True)
 
+    earlier = scored_earlier(out / "results.json", a, not trained)
+    if earlier is not None:
+        print(f"== seed {a.seed}: every arm kept and scored earlier with these settings ({out / 'results.json'})", flush=True)
+        return earlier
     val = eval_blocks(["sotu"], tok, a.block, a.val_blocks)
     # out of domain: the stdlib's documentation prose (no arm trains on it, so its larger "train" split is unseen
     # too), held-out mailing-list mail, and Moby-Dick's held-out chapters
@@ -307,32 +363,15 @@ def main() -> int:
             ppl_sets[k][name] = perplexity(model, blocks, batch_size=8)
         print(f"   ppl {name}: {ppl[name]:.3f} (out of domain: " + ", ".join(f"{k} {v[name]:.2f}" for k, v in ppl_sets.items()) + ")",
               flush=True)
-    ppl_ood = ppl_sets["pydoc"]
     task_scores = score_tasks(out, ["init", *arms], teacher, tok, val, a.task_limit)
     results = {"kept_layers": kept, "tokens_per_arm": budget, "val_blocks": len(val), "block_size": a.block,
                "weights": {arm: arm_weights(arm, a) for arm in arms}, "data": a.data, "lr": a.lr, "seed": a.seed, "perplexity": ppl,
                "perplexity_out_of_domain": ppl_sets, "ood_blocks": {k: len(b) for k, b in ood.items()}, "runs": runs,
                "tasks": task_scores, "task_limit": a.task_limit,
                "machine": C.machine(), "versions": C.versions(), "wall_s": time.perf_counter() - t0}
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    manifest.write_json(out / "results.json", results)
     print(f"wrote {out}/results.json and the model directories {', '.join(['init', *arms, 'teacher'])}", flush=True)
-    figures = {f"ppl_{k}": v for k, v in ppl.items()}
-    figures.update({f"ood_ppl_{k}": v for k, v in ppl_ood.items()})
-    figures.update({f"ood_over_teacher_{k}": v / ppl_ood["teacher"] for k, v in ppl_ood.items() if k not in ("teacher", "init")})
-    for k in ("emails", "moby"):
-        figures.update({f"{k}_ppl_{m}": v for m, v in ppl_sets[k].items()})
-        figures.update({f"{k}_over_teacher_{m}": v / ppl_sets[k]["teacher"] for m, v in ppl_sets[k].items() if m not in ("teacher", "init")})
-    figures.update({f"wall_s_{arm}": r.get("wall_with_generation_s", r["wall_s"]) for arm, r in runs.items()})
-    if "onpolicy" in runs:
-        figures["onpolicy_gen_s"] = runs["onpolicy"]["gen_s"]
-    if {"ce", "logit", "feature"} <= set(arms):
-        figures["feature_beats_both"] = int(ppl["feature"] < min(ppl["ce"], ppl["logit"]))
-        figures["feature_over_teacher"] = ppl["feature"] / ppl["teacher"]
-    for name, res in task_scores.items():
-        figures.update({f"{name}_{k}": v for k, v in res.items() if isinstance(v, float)})
-    figures.update(tokens_per_arm=budget, val_blocks=len(val), seed=a.seed)
-    C.figures(figures)
-    return 0
+    return results
 
 
 if __name__ == "__main__":

@@ -55,7 +55,8 @@ def test_goal_names_match_issue_7():
     assert set(collect.GOALS["asha"]) == {"trial_steps_saved", "same_best", "wall_time_saved"}  # the last: issue 18
     assert set(collect.GOALS["cache"]) >= {"sweep_time_ratio"}
     assert set(collect.GOALS["sweep_overhead"]) == {"fixed_s_per_trial", "max_ppl_deviation"}  # issue 18 item 1
-    assert set(collect.GOALS["quality"]) == {"feature_beats_both", "feature_over_teacher", "ood_over_teacher_feature"}  # + issue 18
+    assert set(collect.GOALS["quality"]) == {"feature_beats_both", "feature_over_teacher", "ood_over_teacher_feature",
+                                             "emails_over_teacher_feature", "task_share_feature"}  # the last two: issue 18
     assert [p.stem for p in collect.benchmarks(None)][:4] == ["chunked_loss", "kd_step", "vs_trl", "asha"]
     with pytest.raises(SystemExit):
         collect.benchmarks(["no_such_bench"])
