@@ -17,7 +17,8 @@ from raykd.errors import check_positive as _positive
 @dataclass
 class GenerateConfig:
     model: str | None = None  # the generator: any HF causal-LM directory or named model (e.g. a finished student runs/x/student; it must share the teacher's vocabulary); null = the teacher (teacher.model)
-    prompt_tokens: int = 32  # prompt = the first N tokens (teacher's tokenizer) of each training document; shorter documents are skipped
+    prompts: str = "documents"  # where prompts come from: documents (the first prompt_tokens tokens of each training document) | bos (unconditional: num_prompts prompts of the start token alone, the generator's own text on whatever it writes about)
+    prompt_tokens: int = 32  # prompt = the first N tokens (teacher's tokenizer) of each training document; shorter documents are skipped (prompts: documents)
     max_new_tokens: int = 128  # continuation length: tokens sampled per prompt (fewer where the generator samples EOS)
     temperature: float = 1.0  # sampling temperature (0 = greedy)
     top_p: float = 1.0  # nucleus sampling: keep the smallest set of tokens whose probability reaches top_p, in (0, 1]
@@ -39,6 +40,9 @@ class GenerateConfig:
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"generate.top_p: must be in (0, 1], got {self.top_p}; 1 samples from the whole distribution")
         _choice("generate.format", self.format, ("jsonl", "parquet"))
+        _choice("generate.prompts", self.prompts, ("documents", "bos"))
+        if self.prompts == "bos" and not self.num_prompts:
+            raise ConfigError("generate.num_prompts: prompts=bos samples num_prompts unconditional texts and needs a count; give one, e.g. generate.num_prompts=512")
         f = self.filter_min_logprob
         if f is not None and (not math.isfinite(f) or f > 0):
             raise ConfigError(f"generate.filter_min_logprob: a mean log-probability is a finite number <= 0, got {f}; e.g. -3.0, or null to keep every sample")

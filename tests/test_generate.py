@@ -242,6 +242,25 @@ def test_filter_keeps_only_samples_the_teacher_scores_high_enough(generated, tmp
     assert fmeta["counts"]["samples"] == 32 and fmeta["counts"]["kept"] == len(kept)
 
 
+@pytest.mark.ray
+def test_unconditional_prompts_sample_the_generators_own_text(local_ray, tmp_path, tiny_teacher_dir):
+    """generate.prompts=bos: num_prompts prompts of the start token alone, each shard seeded apart, so the rows are
+    the generator's own text (no corpus prefix), different from each other, and the text is the continuation."""
+    from raykd.models import load_tokenizer
+
+    meta = _generate(tmp_path / "u", "generate.prompts=bos", "generate.num_prompts=12")
+    tok = load_tokenizer(tiny_teacher_dir)
+    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    rows = _rows(tmp_path / "u")
+    assert meta["counts"]["prompts"] == 12 and len(rows) == 24 and meta["identity"]["generate"]["prompts"] == "bos"
+    assert all(r["ids"][0] == start and r["prompt"] == "" and r["text"] == r["continuation"] for r in rows)
+    assert len({tuple(r["ids"]) for r in rows}) == len(rows)  # seeded per shard and per row: no two samples alike
+    with pytest.raises(ConfigError, match=r"^generate.num_prompts: prompts=bos samples num_prompts"):
+        load_config(SMOKE, ["generate.prompts=bos"])
+    with pytest.raises(ConfigError, match=r"^generate.prompts: unknown value .chat."):
+        load_config(SMOKE, ["generate.prompts=chat"])
+
+
 @pytest.fixture(scope="module")
 def student_on_generated(generated, tmp_path_factory):
     """`raykd distill` on the generated text alone (validated on pydoc's held-out topics)."""

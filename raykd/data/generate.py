@@ -3,7 +3,8 @@
 The driver checks everything first, with no Ray and nothing written (the output path, the
 generator and teacher are causal LMs sharing a vocabulary, the corpus yields prompts, an existing
 DIR was written with the same settings), cuts the prompts (the first `generate.prompt_tokens`
-tokens of each training document, `raykd.generation.prompt_ids`), splits them into shards of
+tokens of each training document, `raykd.generation.prompt_ids`; with `generate.prompts: bos`,
+`generate.num_prompts` prompts of the start token alone: unconditional samples), splits them into shards of
 `generate.shard_size` prompts and sends every unfinished shard through
 `map_batches(_ShardGenerator)` on `generate.concurrency` actors: an actor pool, one generator
 (and the teacher, when the generator is another model) per actor, on a GPU each with
@@ -105,7 +106,13 @@ def prepare(cfg: Config, out: Path, log=print) -> dict:
         generation.check_causal_lm(gen_dir, "generate.model", trc)
         models.check_same_vocab(tok, models.load_tokenizer(gen_dir, trc), "generate.model")
     data = prompt_data(cfg)
-    prompts = generation.prompt_ids(documents(data, "train"), tok, gen.prompt_tokens, gen.num_prompts)
+    if gen.prompts == "bos":
+        start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        if start is None:
+            raise ConfigError("generate.prompts: bos needs a tokenizer with a BOS or EOS token and the teacher's has neither; use documents")
+        prompts = [[int(start)]] * gen.num_prompts
+    else:
+        prompts = generation.prompt_ids(documents(data, "train"), tok, gen.prompt_tokens, gen.num_prompts)
     if not prompts:
         raise ConfigError(f"generate.prompt_tokens: no training document of {', '.join(data.sources)} has {gen.prompt_tokens} tokens; "
                           f"lower generate.prompt_tokens or add text")
@@ -144,8 +151,8 @@ class _ShardGenerator:
 
     def __call__(self, batch: dict) -> dict:
         gen, stats = self.cfg.generate, []
-        for shard, raw, first in zip(batch["shard"], batch["ids"], batch["first"]):
-            prompts = torch.from_numpy(np.frombuffer(raw, dtype=np.int32).reshape(-1, gen.prompt_tokens).astype(np.int64))
+        for shard, raw, first, width in zip(batch["shard"], batch["ids"], batch["first"], batch["width"]):
+            prompts = torch.from_numpy(np.frombuffer(raw, dtype=np.int32).reshape(-1, int(width)).astype(np.int64))
             with self.autocast or torch.autocast(self.device.type, enabled=False):
                 rows, counts = generation.sample_shard(self.generator, None if self.generator is self.teacher else self.teacher, self.tok,
                                                        prompts, gen, self.cfg.seed + int(shard), int(first), self.stops)
@@ -189,8 +196,8 @@ def run(cfg: Config, out: str | os.PathLike, log=print) -> dict:
     if todo:
         init_ray(cfg, runs=gen.concurrency, log=log)
         quiet_data_progress()
-        P = gen.prompt_tokens
-        items = [{"shard": k, "first": k * gen.shard_size,
+        P = len(plan["prompts"][0])  # prompt_tokens, or 1 for unconditional prompts
+        items = [{"shard": k, "first": k * gen.shard_size, "width": P,
                   "ids": np.asarray(plan["prompts"][k * gen.shard_size:(k + 1) * gen.shard_size], dtype=np.int32).reshape(-1, P).tobytes()}
                  for k in todo]
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
