@@ -6,7 +6,9 @@ as jobs/demo.yaml; the cut is chosen once and shared by every arm), trained on `
 default jobs/demo.yaml's mix, three quarters State of the Union speeches (1790-2000; 2001-2021
 held out) and one quarter Moby-Dick's training chapters (general prose beside the speeches: a
 student trained on the speeches alone scored 58x the teacher's perplexity on pydoc prose);
-`--data sotu=1` is the speeches alone, as the study ran before 2026-12-02. Three arms, each a real `raykd distill` run
+`--data sotu=1` is the speeches alone, as the study ran before 2026-12-02; the source `teacher-text` is the
+teacher's own unconditional text (`raykd generate` with `generate.prompts: bos`, `--bos-prompts` samples of
+`--gen-tokens` tokens, written once into OUT/teacher-text for every seed). Three arms, each a real `raykd distill` run
 (the CLI, local Ray, Ray Data, Ray Train) from the same cut, the same data order, seed, LR
 schedule and token budget (`--steps` x `--batch` x `--block` tokens):
 
@@ -62,6 +64,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 import _quality_seeds as S  # noqa: E402
 
+TEACHER_TEXT = "teacher-text"  # a --data source: the teacher's unconditional text, written by the study (general_text)
 ARMS = ("ce", "logit", "feature", "seqkd", "onpolicy", "recipe")
 RECIPE = {"strategy": "bridge", "hidden": "mse", "weights": {"hidden": 1.0, "attention": 0.0}, "lr": 6.5e-4}  # the sweep's best trial
 DEFAULT_ARMS = ("ce", "logit", "feature")
@@ -85,7 +88,7 @@ def base_config(a, out: Path) -> dict:
         "student": {"num_layers": 10, "init": "importance", "importance_metric": "block_ppl", "calibration_tokens": 2048},
         "layer_map": {"strategy": "auto"},
         "loss": {"kd": "forward_kl", "temperature": 1.0, "hidden": "cosine"},
-        "data": {**data_sources(a.data), "block_size": a.block, "max_val_blocks": min(64, a.val_blocks)},
+        "data": {**data_sources(a.data, getattr(a, "teacher_text", None)), "block_size": a.block, "max_val_blocks": min(64, a.val_blocks)},
         "train": {"max_steps": a.steps, "batch_size": a.batch, "lr": a.lr, "warmup_steps": max(1, a.steps // 10),
                   "precision": a.precision, "generation_eval": False, "eval_every": 0},
         "scale": {"num_workers": 1, "strategy": "ddp"},
@@ -120,9 +123,10 @@ def mix_weights(text: str) -> dict[str, float]:
         raise SystemExit(f"--data: expected SOURCE=WEIGHT pairs separated by commas, e.g. sotu=0.75,moby-dick=0.25; got {text!r}") from None
 
 
-def data_sources(text: str) -> dict:
-    """The data section's sources for --data: one source is `train` (as the study ran before mixes), several a `mix`."""
-    mix = mix_weights(text)
+def data_sources(text: str, teacher_text_dir: str | None = None) -> dict:
+    """The data section's sources for --data: one source is `train` (as the study ran before mixes), several a `mix`;
+    the source `teacher-text` is the teacher's unconditional text the study writes (`teacher_text_dir`)."""
+    mix = {(teacher_text_dir if k == TEACHER_TEXT else k): w for k, w in mix_weights(text).items()}
     return {"train": list(mix)} if len(mix) == 1 else {"train": None, "mix": mix}
 
 
@@ -158,19 +162,38 @@ def finished(path: Path, config: dict, fresh: bool) -> dict | None:
     return rec["result"] if rec.get("config") == json.loads(json.dumps(config)) else None
 
 
-def teacher_text(resolved: dict, a, out: Path) -> tuple[Path, float, dict]:
-    """The seqkd arm's teacher-written text (`raykd generate`, resumable): its directory, wall seconds, stats."""
-    gen_dir = out / "gen"
+def teacher_text(resolved: dict, a, gen_dir: Path, prompts: str = "documents", num_prompts: int | None = None) -> tuple[Path, float, dict]:
+    """Teacher-written text (`raykd generate`, resumable) into `gen_dir`: continuations of the training documents'
+    openings (the seqkd arm) or, with prompts="bos", unconditional samples; its directory, wall seconds, stats."""
     cfg = json.loads(json.dumps(resolved))
-    cfg["generate"] = {"prompt_tokens": 32, "max_new_tokens": a.gen_tokens, "temperature": 1.0, "top_p": 0.95,
-                       "num_samples": 1, "num_prompts": a.gen_prompts, "batch_size": 16, "shard_size": 64}
-    cfg["output_dir"] = str(out / "runs" / "gen")
-    path = out / "runs" / "gen.yaml"
+    cfg["generate"] = {"prompts": prompts, "prompt_tokens": 32, "max_new_tokens": a.gen_tokens, "temperature": 1.0, "top_p": 0.95,
+                       "num_samples": 1, "num_prompts": a.gen_prompts if num_prompts is None else num_prompts, "batch_size": 16,
+                       "shard_size": 64}
+    cfg["output_dir"] = str(gen_dir.parent / "runs" / gen_dir.name)
+    path = gen_dir.parent / "runs" / f"{gen_dir.name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     wall = run_cli("generate", path, "--out", str(gen_dir))
     stats = json.loads((gen_dir / "generate.json").read_text())["counts"]
     return gen_dir, wall, stats
+
+
+def general_text(a, out: Path) -> None:
+    """The `teacher-text` source of --data, written once for every seed into OUT/teacher-text: --bos-prompts samples of
+    --gen-tokens tokens from the teacher's start token alone (top-p 0.95, seed 0; resumable, kept when finished)."""
+    from raykd.config import from_dict
+
+    first = next(iter(mix_weights(a.data)))
+    a.teacher_text = str(out / TEACHER_TEXT)
+    settings = {"bos_prompts": a.bos_prompts, "gen_tokens": a.gen_tokens}
+    done = finished(out / "runs" / f"{TEACHER_TEXT}.json", settings, a.fresh)
+    if done is None:
+        cfg = from_dict(base_config(argparse.Namespace(**{**vars(a), "seed": 0, "data": f"{first}=1"}), out / "runs" / TEACHER_TEXT)).to_dict()
+        _, wall, stats = teacher_text(cfg, a, out / TEACHER_TEXT, "bos", a.bos_prompts)
+        done = {"wall_s": wall, "tokens": stats["tokens"], "samples": stats["samples"]}
+        record(out / "runs" / f"{TEACHER_TEXT}.json", settings, done)
+    print(f"== the teacher's own text for --data: {a.teacher_text} ({done['samples']} samples, {done['tokens']:,} tokens,"
+          f" {done['wall_s']:.0f} s)", flush=True)
 
 
 def score_tasks(out: Path, names: list[str], teacher, tok, val, limit: int) -> dict:
@@ -225,7 +248,8 @@ def parse_args():
     p.add_argument("--onpolicy", type=float, default=0.5, help="the onpolicy arm's loss.on_policy.fraction (GKD's lambda)")
     p.add_argument("--onpolicy-tokens", type=int, default=64, help="the onpolicy arm's loss.on_policy.max_new_tokens")
     p.add_argument("--gen-prompts", type=int, default=0, help="the seqkd arm's generate.num_prompts (0 = every training speech)")
-    p.add_argument("--gen-tokens", type=int, default=128, help="the seqkd arm's generate.max_new_tokens")
+    p.add_argument("--gen-tokens", type=int, default=128, help="generate.max_new_tokens of the seqkd arm's and the teacher-text source's samples")
+    p.add_argument("--bos-prompts", type=int, default=512, help=f"samples of the teacher's own text written for a {TEACHER_TEXT} source in --data")
     p.add_argument("--fresh", action="store_true", help="train every arm again (by default an arm that finished in --out with the same config is kept)")
     p.add_argument("--task-limit", type=int, default=400, help="examples per task (sentiment sentences of 2,000, cloze passages)")
     a = p.parse_args()
@@ -238,7 +262,8 @@ def parse_args():
         raise SystemExit(f"--seeds: expected integers separated by commas, e.g. 0,1,2; got {a.seeds!r}") from None
     if not a.seeds:
         raise SystemExit("--seeds: give at least one seed, e.g. --seeds 0")
-    mix_weights(a.data)
+    if next(iter(mix_weights(a.data))) == TEACHER_TEXT:
+        raise SystemExit(f"--data: the first source gives the held-out validation text; put the corpus first, e.g. sotu=0.75,{TEACHER_TEXT}=0.25")
     return a
 
 
@@ -259,6 +284,8 @@ def main() -> int:
                  "every seed runs every arm; arms are compared per seed (paired), then summarised over seeds (mean, sd, min-max)",
              ])
     out = Path(a.out).resolve()
+    if TEACHER_TEXT in mix_weights(a.data):
+        general_text(a, out)
     results = {s: run_seed(argparse.Namespace(**{**vars(a), "seed": s}), out / f"seed-{s}") for s in a.seeds}
     summary = S.summarize(results)
     table = S.markdown(summary)
@@ -316,7 +343,7 @@ def run_seed(a, out: Path) -> dict:
         gen = finished(out / "runs" / "gen.json", generate_settings(a), a.fresh)
         if gen is None:
             trained = True
-            gen_dir, gen_s, stats = teacher_text(resolved.to_dict(), a, out)
+            gen_dir, gen_s, stats = teacher_text(resolved.to_dict(), a, out / "gen")
             gen = {"wall_s": gen_s, "tokens": stats["tokens"], "samples": stats["samples"], "tokens_per_s": stats["tokens_per_s"]}
             record(out / "runs" / "gen.json", generate_settings(a), gen)
         print(f"== teacher text for seqkd: {gen_dir} ({gen['wall_s']:.0f} s, {gen['tokens']:,} tokens)", flush=True)

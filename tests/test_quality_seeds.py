@@ -91,8 +91,15 @@ def test_a_seed_scored_with_the_same_settings_is_reused(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [(["--seeds", "0,x"], r"^--seeds: expected integers"), (["--seeds", ","], r"^--seeds: give at least one"),
-                                           (["--arms", "ce,kd"], r"^--arms: unknown arm"), (["--data", "sotu"], r"^--data: expected SOURCE=WEIGHT")])
+                                           (["--arms", "ce,kd"], r"^--arms: unknown arm"), (["--data", "sotu"], r"^--data: expected SOURCE=WEIGHT"),
+                                           (["--data", "teacher-text=1"], r"^--data: the first source gives the held-out validation")])
 def test_bad_flags_are_one_line(monkeypatch, argv, message):
     monkeypatch.setattr(sys, "argv", ["quality.py", *argv])
     with pytest.raises(SystemExit, match=message):
         quality.parse_args()
+
+
+def test_teacher_text_source_is_the_directory_the_study_writes():
+    assert quality.data_sources("sotu=0.75,teacher-text=0.25", "/r/teacher-text") == {
+        "train": None, "mix": {"sotu": 0.75, "/r/teacher-text": 0.25}}
+    assert quality.data_sources("sotu=1") == {"train": ["sotu"]}
