@@ -22,6 +22,7 @@ DOMAINS = ("choice", "grid", "uniform", "loguniform", "randint")
 class SweepConfig:
     params: dict[str, Any] = field(default_factory=dict)  # dotted config key -> {choice|grid: [...]} or {uniform|loguniform|randint: [lo, hi]}
     num_samples: int = 4  # trials sampled (random / optuna); with grid keys: repeats of the grid
+    paired: bool = False  # random search with grid keys: each sample's random values are drawn once and shared by every grid point (e.g. every student depth runs the same recipes), so the grid is compared on equal recipes; false: drawn anew per grid point
     search: str = "random"  # random | grid (grid keys only, no sampling) | optuna (TPE)
     scheduler: str = "asha"  # asha (stop poor trials early on val_loss) | fifo (run every trial to the end)
     grace_period: int = 4  # ASHA: steps every trial runs before it can be stopped
@@ -70,5 +71,8 @@ class SweepConfig:
             raise ConfigError("sweep.objectives: val_loss must come first (ASHA stops trials on it); e.g. [val_loss, student_params]")
         if len(self.objectives) > 1 and self.search != "optuna":
             raise ConfigError("sweep.objectives: several objectives need search: optuna (multi-objective TPE)")
+        if self.paired and (self.search != "random" or not any(next(iter(v)) == "grid" for v in self.params.values())):
+            raise ConfigError("sweep.paired: pairs random draws across grid keys; it needs search: random and a {grid: [...]} param"
+                              " (e.g. student.num_layers: {grid: [8, 10, 12]}), or paired: false")
         if self.search == "grid" and any(next(iter(v)) not in ("choice", "grid") for v in self.params.values()):
             raise ConfigError("sweep.search: grid search takes only choice/grid params; use search: random for ranges")

@@ -13,14 +13,14 @@ PARAMS = {"loss.weights.hidden": {"uniform": [0.0, 1.0]}, "loss.kd": {"choice": 
           "student.num_layers": {"randint": [2, 5]}}
 
 
-def _draws(search: str, seed: int, n: int = 5) -> list[dict]:
+def _draws(search: str, seed: int, n: int = 5, params: dict = PARAMS, **flags) -> list[dict]:
     from ray.tune.experiment import Experiment
 
-    sw = _build(SweepConfig, {"num_samples": n, "search": search, "max_concurrent": n, "params": PARAMS}, "sweep")
+    sw = _build(SweepConfig, {"num_samples": n, "search": search, "max_concurrent": 100, "params": params, **flags}, "sweep")
     alg, space = searcher(sw, seed)
     alg.add_configurations([Experiment("draws", lambda config: None, config=space, num_samples=n)])
     out = []
-    while len(out) < n and (trial := alg.next_trial()) is not None:
+    while (trial := alg.next_trial()) is not None:
         out.append(dict(trial.config))
     return out
 
@@ -31,6 +31,27 @@ def test_random_search_is_reproducible_from_seed():
     assert a != c  # another seed samples other trials
     assert {d["loss.kd"] for d in a} <= {"forward_kl", "reverse_kl", "jsd"}
     assert all(2 <= d["student.num_layers"] <= 5 for d in a)
+
+
+def test_paired_draws_run_every_recipe_at_every_depth():
+    """sweep.paired: sample k's random values are drawn once and shared by every grid point, so each depth runs
+    the same recipes (in the same order); unpaired, each (depth, sample) draws its own."""
+    params = {**{k: v for k, v in PARAMS.items() if k != "student.num_layers"}, "student.num_layers": {"grid": [2, 3, 4]},
+              "train.lr": {"loguniform": [1e-4, 1e-2]}}
+
+    def recipes(draws: list[dict]) -> dict[int, list[tuple]]:
+        return {d: [(x["loss.weights.hidden"], x["loss.kd"], x["train.lr"]) for x in draws if x["student.num_layers"] == d] for d in (2, 3, 4)}
+
+    paired, unpaired = recipes(_draws("random", 3, 4, params, paired=True)), recipes(_draws("random", 3, 4, params))
+    assert all(len(v) == 4 for v in paired.values()) and paired[2] == paired[3] == paired[4] and len(set(paired[2])) == 4
+    assert all(len(v) == 4 for v in unpaired.values()) and not set(unpaired[2]) & set(unpaired[3])
+    assert paired == recipes(_draws("random", 3, 4, params, paired=True))  # seeded as before
+    from raykd.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^sweep.paired: pairs random draws across grid keys"):
+        _build(SweepConfig, {"paired": True, "params": PARAMS}, "sweep")  # no grid key to pair over
+    with pytest.raises(ConfigError, match=r"^sweep.paired: .* needs search: random"):
+        _build(SweepConfig, {"paired": True, "search": "optuna", "params": params}, "sweep")
 
 
 @pytest.mark.parametrize("search", ["grid", "random", "optuna"])

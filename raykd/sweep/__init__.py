@@ -58,14 +58,15 @@ def search_space(sweep: SweepConfig) -> dict:
 
 def searcher(sweep: SweepConfig, seed: int):
     """(search algorithm, param_space) for `sweep`, seeded from the run's `seed`, so that the same
-    sweep samples the same trials in the same order (random/grid: Tune's BasicVariantGenerator;
+    sweep samples the same trials in the same order (random/grid: Tune's BasicVariantGenerator, its
+    `constant_grid_search` with `sweep.paired`;
     Optuna TPE, multi-objective when `sweep.objectives` has several metrics). The algorithm carries
     `sweep.max_concurrent` itself (Tune ignores TuneConfig's limit for a generator it is handed)."""
     space = search_space(sweep)
     if sweep.search != "optuna":
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        return BasicVariantGenerator(max_concurrent=sweep.max_concurrent, random_state=seed), space
+        return BasicVariantGenerator(max_concurrent=sweep.max_concurrent, random_state=seed, constant_grid_search=sweep.paired), space
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
