@@ -53,7 +53,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -63,6 +62,7 @@ import yaml
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 import _quality_seeds as S  # noqa: E402
+from _quality_io import finished, record, run_cli  # noqa: E402
 
 TEACHER_TEXT = "teacher-text"  # a --data source: the teacher's unconditional text, written by the study (general_text)
 ARMS = ("ce", "logit", "feature", "seqkd", "onpolicy", "recipe")
@@ -130,36 +130,9 @@ def data_sources(text: str, teacher_text_dir: str | None = None) -> dict:
     return {"train": list(mix)} if len(mix) == 1 else {"train": None, "mix": mix}
 
 
-def run_cli(verb: str, path: Path, *extra: str) -> float:
-    """`raykd VERB path extra...` on a local Ray instance of its own; its wall seconds (raises on failure)."""
-    t = time.perf_counter()
-    env = {**os.environ, "RAY_ADDRESS": ""}  # a local Ray instance per run, whatever the shell says
-    proc = subprocess.run([sys.executable, "-m", "raykd.cli", verb, str(path), *extra], cwd=C.ROOT, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if proc.returncode != 0:
-        print(proc.stdout[-6000:], file=sys.stderr)
-        raise RuntimeError(f"raykd {verb} {path.name}: failed (exit {proc.returncode})")
-    return time.perf_counter() - t
-
-
 def generate_settings(a) -> dict:
     """What the seqkd arm's teacher text depends on besides the shared cut (the record's key)."""
     return {"gen_prompts": a.gen_prompts, "gen_tokens": a.gen_tokens, "seed": a.seed}
-
-
-def record(path: Path, config: dict, result: dict) -> None:
-    """A finished step's result beside the config it ran with (atomically): a rerun with the same config keeps it."""
-    from raykd import manifest
-
-    manifest.write_json(path, {"config": config, "result": result})
-
-
-def finished(path: Path, config: dict, fresh: bool) -> dict | None:
-    """The recorded result of a step that finished with this config (None: run it)."""
-    if fresh or not path.exists():
-        return None
-    rec = json.loads(path.read_text())
-    return rec["result"] if rec.get("config") == json.loads(json.dumps(config)) else None
 
 
 def teacher_text(resolved: dict, a, gen_dir: Path, prompts: str = "documents", num_prompts: int | None = None) -> tuple[Path, float, dict]:

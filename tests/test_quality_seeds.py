@@ -103,3 +103,19 @@ def test_teacher_text_source_is_the_directory_the_study_writes():
     assert quality.data_sources("sotu=0.75,teacher-text=0.25", "/r/teacher-text") == {
         "train": None, "mix": {"sotu": 0.75, "/r/teacher-text": 0.25}}
     assert quality.data_sources("sotu=1") == {"train": ["sotu"]}
+
+
+def test_an_arm_recorded_before_a_config_field_existed_is_kept(tmp_path):
+    """A run recorded before raykd grew a field (here generate.prompts) ran with that field's default: it is kept;
+    a setting that differs (the LR) trains the arm again."""
+    from raykd.config import from_dict
+
+    a = args(precision="fp32", data="sotu=1")
+    cfg = from_dict(quality.base_config(a, tmp_path)).to_dict()
+    old = json.loads(json.dumps(cfg))
+    del old["generate"]["prompts"]
+    quality.record(tmp_path / "arm.json", old, {"wall_s": 1.0})
+    assert quality.finished(tmp_path / "arm.json", cfg, fresh=False) == {"wall_s": 1.0}
+    assert quality.finished(tmp_path / "arm.json", cfg, fresh=True) is None
+    cfg["train"]["lr"] = 1e-3
+    assert quality.finished(tmp_path / "arm.json", cfg, fresh=False) is None
