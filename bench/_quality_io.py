@@ -2,6 +2,7 @@
 step's result recorded beside the config it ran with, so that a rerun keeps it (bench/quality.py)."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -10,6 +11,8 @@ import time
 from pathlib import Path
 
 import _common as C
+
+SECTIONS = ("teacher", "student", "layer_map", "loss", "data", "train")  # a trials.csv column "section.key" is a sampled setting
 
 
 def run_cli(verb: str, path: Path, *extra: str) -> float:
@@ -42,3 +45,40 @@ def finished(path: Path, config: dict, fresh: bool) -> dict | None:
 
         have, want = from_dict(have).to_dict(), from_dict(want).to_dict()
     return rec["result"] if have == want else None
+
+
+def sweep_recipe(trials_csv: Path, depth: int) -> tuple[str, dict]:
+    """The best trial at `depth` student layers that ran its full budget in a sweep report's trials.csv (lowest
+    val_perplexity): its id and its sampled settings as {dotted key: value} (the columns `section.key`)."""
+    import yaml
+
+    try:
+        rows = list(csv.DictReader(Path(trials_csv).open()))
+    except OSError as e:
+        raise SystemExit(f"--recipe: cannot read {trials_csv} ({e.strerror}); give a sweep report's trials.csv") from None
+    full = [r for r in rows if r.get("student.num_layers") == str(depth) and r.get("val_perplexity")
+            and r.get("steps") and r.get("steps") == r.get("max_steps")]
+    if not full:
+        raise SystemExit(f"--recipe: {trials_csv} has no trial at {depth} student layers that ran to its last step; "
+                         "give a sweep whose depth grid holds the study's depth")
+    best = min(full, key=lambda r: float(r["val_perplexity"]))
+    params = {k: yaml.safe_load(v) for k, v in best.items() if k.split(".")[0] in SECTIONS and v != ""}
+    return best["trial_id"], params
+
+
+def apply_recipe(cfg: dict, params: dict) -> dict:
+    """`cfg` (a resolved run config, changed in place and returned) with a sweep trial's settings: a different cut
+    (`student.init`) or layer-map strategy is resolved again by raykd distill (explicit layers / pairs cleared)."""
+    for key, value in params.items():
+        section, *path = key.split(".")
+        if key == "student.num_layers" and value != cfg["student"]["num_layers"]:
+            raise SystemExit(f"--recipe: its trial has {value} student layers, the study {cfg['student']['num_layers']}")
+        if key == "student.init" and value != cfg["student"]["init"]:
+            cfg["student"]["layers"], cfg["layer_map"]["pairs"] = None, None
+        if key == "layer_map.strategy":
+            cfg["layer_map"]["pairs"] = None
+        node = cfg[section]
+        for name in path[:-1]:
+            node = node[name]
+        node[path[-1]] = value
+    return cfg

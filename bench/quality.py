@@ -21,9 +21,9 @@ schedule and token budget (`--steps` x `--batch` x `--block` tokens):
              `--gen-tokens` sampled tokens, top-p 0.95); generation time is reported with the arm;
 * `onpolicy`: the feature recipe with `loss.on_policy` (GKD's lambda = `--onpolicy`: that share of
              micro-batches ends in `--onpolicy-tokens` of the student's own samples);
-* `recipe`:  the real-teacher recipe sweep's best trial's settings (docs/sweeps/demo-cpu: 12 layers there)
-             on this 10-layer cut: the `bridge` layer map, CE + forward KL (T = 1) + MSE hidden alignment
-             at weight 1, no attention term, LR 6.5e-4 (`RECIPE`) — the candidate for jobs/demo.yaml.
+* `recipe`:  the settings of a recipe sweep's best full-budget trial at the study's depth (`--recipe`, a
+             report's trials.csv; default docs/sweeps/demo-cpu, the real-teacher sweep): its cut, layer map,
+             loss mix and LR on the study's data and budget — the candidate for jobs/demo.yaml.
 
 Every model is then scored by one routine on the same held-out blocks (`--val-blocks` blocks
 of `--block` tokens of the 2001-2021 speeches): perplexity of the cut before training
@@ -62,11 +62,10 @@ import yaml
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 import _quality_seeds as S  # noqa: E402
-from _quality_io import finished, record, run_cli  # noqa: E402
+from _quality_io import apply_recipe, finished, record, run_cli, sweep_recipe  # noqa: E402
 
 TEACHER_TEXT = "teacher-text"  # a --data source: the teacher's unconditional text, written by the study (general_text)
 ARMS = ("ce", "logit", "feature", "seqkd", "onpolicy", "recipe")
-RECIPE = {"strategy": "bridge", "hidden": "mse", "weights": {"hidden": 1.0, "attention": 0.0}, "lr": 6.5e-4}  # the sweep's best trial
 DEFAULT_ARMS = ("ce", "logit", "feature")
 
 
@@ -76,8 +75,9 @@ def arm_weights(arm: str, a) -> dict:
         w["kd"] = a.kd
     if arm in ("feature", "seqkd", "onpolicy"):
         w.update(hidden=a.hidden, attention=a.attention)
-    if arm == "recipe":
-        w.update(RECIPE["weights"])
+    if arm == "recipe":  # the sweep trial's sampled weights over its sweep's (the feature arm's) base
+        w.update(hidden=a.hidden, attention=a.attention)
+        w.update({k.split(".")[-1]: v for k, v in a.recipe_params.items() if k.startswith("loss.weights.")})
     return w
 
 
@@ -107,9 +107,8 @@ def arm_config(arm: str, resolved: dict, a, out: Path, gen_dir: Path) -> dict:
         data = cfg["data"]["mix"] or dict.fromkeys(cfg["data"]["train"], 1.0)
         cfg["data"]["train"] = None
         cfg["data"]["mix"] = {**{k: 0.5 * w / sum(data.values()) for k, w in data.items()}, str(gen_dir): 0.5}
-    if arm == "recipe":  # the same kept layers, paired by the bridge map (resolved again by raykd distill)
-        cfg["layer_map"].update(strategy=RECIPE["strategy"], pairs=None)
-        cfg["loss"]["hidden"], cfg["train"]["lr"] = RECIPE["hidden"], RECIPE["lr"]
+    if arm == "recipe":  # the trial's cut, map, loss and LR (a changed cut or map is resolved again by raykd distill)
+        apply_recipe(cfg, a.recipe_params)
     if arm == "onpolicy":
         cfg["loss"]["on_policy"] = {"fraction": a.onpolicy, "max_new_tokens": a.onpolicy_tokens, "temperature": 1.0}
     return cfg
@@ -222,6 +221,8 @@ def parse_args():
     p.add_argument("--gen-prompts", type=int, default=0, help="the seqkd arm's generate.num_prompts (0 = every training speech)")
     p.add_argument("--gen-tokens", type=int, default=128, help="generate.max_new_tokens of the seqkd arm's and the teacher-text source's samples")
     p.add_argument("--bos-prompts", type=int, default=512, help=f"samples of the teacher's own text written for a {TEACHER_TEXT} source in --data")
+    p.add_argument("--recipe", default=str(C.ROOT / "docs" / "sweeps" / "demo-cpu" / "trials.csv"),
+                   help="the recipe arm's sweep report trials.csv: its best full-budget trial at 10 layers gives the settings")
     p.add_argument("--fresh", action="store_true", help="train every arm again (by default an arm that finished in --out with the same config is kept)")
     p.add_argument("--task-limit", type=int, default=400, help="examples per task (sentiment sentences of 2,000, cloze passages)")
     a = p.parse_args()
@@ -236,6 +237,7 @@ def parse_args():
         raise SystemExit("--seeds: give at least one seed, e.g. --seeds 0")
     if next(iter(mix_weights(a.data))) == TEACHER_TEXT:
         raise SystemExit(f"--data: the first source gives the held-out validation text; put the corpus first, e.g. sotu=0.75,{TEACHER_TEXT}=0.25")
+    a.recipe_trial, a.recipe_params = sweep_recipe(Path(a.recipe), 10) if "recipe" in a.arms else (None, {})
     a.teacher_text = str(Path(a.out).resolve() / TEACHER_TEXT)  # where a teacher-text source in --data is written (general_text)
     return a
 
@@ -252,7 +254,7 @@ def main() -> int:
                  f"equal token budget: {a.steps} steps x {a.batch} x {a.block} = {budget:,} tokens per arm",
                  f"training data: {a.data} (SOURCE=weight; one source: data.train, several: data.mix)",
                  "each arm is a real `raykd distill` run (CLI, local Ray, Ray Data, Ray Train) of a config that differs only in loss.weights"
-                 " (the recipe arm also in its layer map, hidden loss and LR: RECIPE)",
+                 + (f" (the recipe arm: trial {a.recipe_trial}'s settings {a.recipe_params})" if "recipe" in a.arms else ""),
                  f"all models are scored by one routine (raykd.evaluate.perplexity) on the same {a.val_blocks} held-out blocks (SOTU 2001-2021)",
                  "every seed runs every arm; arms are compared per seed (paired), then summarised over seeds (mean, sd, min-max)",
              ])

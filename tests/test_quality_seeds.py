@@ -119,3 +119,40 @@ def test_an_arm_recorded_before_a_config_field_existed_is_kept(tmp_path):
     assert quality.finished(tmp_path / "arm.json", cfg, fresh=True) is None
     cfg["train"]["lr"] = 1e-3
     assert quality.finished(tmp_path / "arm.json", cfg, fresh=False) is None
+
+
+TRIALS_HEADER = ("trial_id,status,layer_map.strategy,loss.hidden,loss.kd,loss.temperature,loss.weights.attention,loss.weights.ce,"
+                 "loss.weights.hidden,student.init,student.num_layers,train.lr,val_perplexity,steps,max_steps,last_val_perplexity")
+
+
+def test_the_recipe_arm_is_the_sweeps_best_full_trial_at_the_studys_depth(tmp_path, monkeypatch):
+    """--recipe: among a report's trials at 10 layers that ran all their steps, the lowest val perplexity gives the
+    recipe arm's cut, map, loss mix and LR; a stopped trial (lower last perplexity) and a better 12-layer trial are
+    passed over; the changed cut and map are left for raykd distill to resolve; raykd's config accepts the result."""
+    from raykd.config import from_dict
+
+    rows = ["t0,TERMINATED,kept,cosine,forward_kl,1.0,0.1,1.0,0.5,importance,10,0.0003,300.0,32,32,",
+            "t1,TERMINATED,bridge,mse,reverse_kl,2.0,0.0,0.0,0.25,ends,10,0.0009,250.0,32,32,",
+            "t2,TERMINATED,kept,cosine,jsd,1.0,0.0,1.0,0.0,uniform,10,0.0005,,8,32,200.0",
+            "t3,TERMINATED,kept,cosine,jsd,1.0,0.0,1.0,0.0,uniform,12,0.0005,150.0,32,32,"]
+    csv_path = tmp_path / "trials.csv"
+    csv_path.write_text("\n".join([TRIALS_HEADER, *rows]) + "\n")
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--arms", "feature,recipe", "--recipe", str(csv_path), "--out", str(tmp_path)])
+    a = quality.parse_args()
+    assert a.recipe_trial == "t1"
+    a.seed = 0
+    base = from_dict(quality.base_config(a, tmp_path)).to_dict()
+    base["student"]["layers"] = [0, 1, 2, 3, 24, 25, 26, 27, 28, 29]
+    base["layer_map"]["pairs"] = [[i, i] for i in range(10)]
+    cfg = quality.arm_config("recipe", base, a, tmp_path, tmp_path / "gen")
+    assert cfg["student"]["init"] == "ends" and cfg["student"]["layers"] is None and cfg["layer_map"]["pairs"] is None
+    assert (cfg["layer_map"]["strategy"], cfg["loss"]["hidden"], cfg["loss"]["kd"], cfg["loss"]["temperature"]) == ("bridge", "mse", "reverse_kl", 2.0)
+    assert cfg["loss"]["weights"] == {**quality.arm_weights("feature", a), "ce": 0.0, "hidden": 0.25, "attention": 0.0}
+    assert cfg["train"]["lr"] == 0.0009 and cfg["data"] == base["data"] and cfg["train"]["max_steps"] == base["train"]["max_steps"]
+    from_dict(cfg)
+    feature = quality.arm_config("feature", base, a, tmp_path, tmp_path / "gen")
+    assert feature["student"]["layers"] == base["student"]["layers"] and feature["loss"]["hidden"] == "cosine"
+
+    csv_path.write_text("\n".join([TRIALS_HEADER, rows[2], rows[3]]) + "\n")
+    with pytest.raises(SystemExit, match=r"^--recipe: .* has no trial at 10 student layers that ran to its last step"):
+        quality.parse_args()
