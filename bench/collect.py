@@ -39,7 +39,7 @@ GOALS = {  # script -> figure -> (op, value, what it means)
                "peak_memory_ratio": ("<=", 0.5, "raykd / TRL peak RSS"),
                "plain_loop_ratio": (">=", 1.1, "raykd / plain PyTorch loop tokens/s"),
                "peak_memory_ratio_ckpt": ("<=", 0.5, "raykd / TRL peak RSS, activation checkpointing on in both"),
-               "roofline": (">=", 0.85, "model FLOPs/token x raykd tokens/s / measured fp32 GEMM FLOP/s")},
+               "roofline": (">=", 0.85, "model FLOPs/token x raykd tokens/s / measured GEMM FLOP/s in the run's precision")},
     "asha": {"trial_steps_saved": (">=", 0.5, "1 - ASHA trial-steps / FIFO trial-steps"),
              "same_best": ("==", 1, "ASHA and FIFO pick the same best trial"),
              "wall_time_saved": (">=", 0.4, "1 - ASHA sweep wall / FIFO sweep wall")},

@@ -180,3 +180,19 @@ def test_quality_data_mix_is_every_arms_data(tmp_path):
     assert from_dict(seqkd).data.mix == {"sotu": 0.375, "moby-dick": 0.125, str(tmp_path / "gen"): 0.5}
     with pytest.raises(SystemExit, match=r"^--data: expected SOURCE=WEIGHT pairs"):
         quality.mix_weights("sotu=half")
+
+
+def test_vs_trl_gemm_rate_is_measured_in_the_runs_precision(monkeypatch):
+    """bench/vs_trl.py's roofline divides by the GEMM rate of the run's precision: a bf16 run times bf16
+    operands (AMX where the CPU has it), not fp32 ones."""
+    import torch
+
+    import vs_trl
+
+    seen = []
+    real = torch.matmul
+    monkeypatch.setattr(torch, "matmul", lambda x, y: seen.append(x.dtype) or real(x, y))
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        seen.clear()
+        assert vs_trl.gemm_flops(1, precision, n=64, reps=2) > 0
+        assert seen == [dtype] * 3, (precision, seen)
