@@ -186,7 +186,6 @@ def test_vs_trl_gemm_rate_is_measured_in_the_runs_precision(monkeypatch):
     """bench/vs_trl.py's roofline divides by the GEMM rate of the run's precision: a bf16 run times bf16
     operands (AMX where the CPU has it), not fp32 ones."""
     import torch
-
     import vs_trl
 
     seen = []
