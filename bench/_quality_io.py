@@ -53,7 +53,8 @@ def sweep_recipe(trials_csv: Path, depth: int) -> tuple[str, dict]:
     import yaml
 
     try:
-        rows = list(csv.DictReader(Path(trials_csv).open()))
+        with Path(trials_csv).open() as f:
+            rows = list(csv.DictReader(f))
     except OSError as e:
         raise SystemExit(f"--recipe: cannot read {trials_csv} ({e.strerror}); give a sweep report's trials.csv") from None
     full = [r for r in rows if r.get("student.num_layers") == str(depth) and r.get("val_perplexity")
@@ -69,16 +70,14 @@ def sweep_recipe(trials_csv: Path, depth: int) -> tuple[str, dict]:
 def apply_recipe(cfg: dict, params: dict) -> dict:
     """`cfg` (a resolved run config, changed in place and returned) with a sweep trial's settings: a different cut
     (`student.init`) or layer-map strategy is resolved again by raykd distill (explicit layers / pairs cleared)."""
+    from raykd.dictconf import set_dotted
+
     for key, value in params.items():
-        section, *path = key.split(".")
         if key == "student.num_layers" and value != cfg["student"]["num_layers"]:
             raise SystemExit(f"--recipe: its trial has {value} student layers, the study {cfg['student']['num_layers']}")
         if key == "student.init" and value != cfg["student"]["init"]:
             cfg["student"]["layers"], cfg["layer_map"]["pairs"] = None, None
         if key == "layer_map.strategy":
             cfg["layer_map"]["pairs"] = None
-        node = cfg[section]
-        for name in path[:-1]:
-            node = node[name]
-        node[path[-1]] = value
+        set_dotted(cfg, key, value)
     return cfg
