@@ -201,6 +201,49 @@ def gemm_flops(threads: int, precision: str = "fp32", n: int = 2048, reps: int =
     return 2 * n ** 3 / best
 
 
+def step_gemms(config, student_layers: int, tokens: int) -> list[tuple[int, int, int, int]]:
+    """The matmuls of one KD step at the model's own shapes, as (count, m, k, n) of an [m, k] x [k, n] product:
+    the teacher's forward (every layer and the LM head), the student's forward and backward (each forward
+    product twice more: the input's and the weight's gradient). Attention scores are left out (SDPA's own
+    kernel; `raykd plan` counts them). config: the teacher's HF config; tokens = batch x block."""
+    h, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
+    d = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    kv = (config.num_key_value_heads or config.num_attention_heads) * d
+    layer = [(h, h), (h, kv), (h, kv), (h, h), (h, inter), (h, inter), (inter, h)]  # q k v o, gate up down: (k, n)
+    out = []
+    for depth, passes in ((config.num_hidden_layers, 1), (student_layers, 3)):  # teacher fwd; student fwd + 2 bwd
+        fwd = [(depth, tokens, k, n) for k, n in layer] + [(1, tokens, h, vocab)]
+        out += fwd
+        if passes == 3:
+            out += [(c, m, n, k) for c, m, k, n in fwd]  # dX = dY W^T: [m, n] x [n, k]
+            out += [(c, k, m, n) for c, m, k, n in fwd]  # dW = X^T dY: [k, m] x [m, n]
+    return out
+
+
+def gemm_model_shapes(threads: int, precision: str, batch: int, block: int, reps: int = 3) -> dict[str, float]:
+    """One step's linear-layer matmuls (`step_gemms`) timed alone, each shape the best of `reps`, in the run's
+    precision: {flops, seconds, flop_s}. Their rate over the 2048³ rate is the roofline a step reaches doing
+    nothing but these GEMMs."""
+    import torch
+    from transformers import AutoConfig
+
+    torch.set_num_threads(threads)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    config = AutoConfig.from_pretrained(C.teacher_dir())
+    flops = secs = 0.0
+    for count, m, k, n in step_gemms(config, len(C.KEPT), batch * block):
+        x, y = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+        torch.matmul(x, y)  # warm-up
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            torch.matmul(x, y)
+            best = min(best, time.perf_counter() - t0)
+        flops += count * 2.0 * m * k * n
+        secs += count * best
+    return {"flops": flops, "seconds": secs, "flop_s": flops / secs}
+
+
 def model_flops_per_token(a) -> dict[str, float]:
     """`raykd plan`'s FLOPs per token of this comparison's teacher, student cut and block size."""
     from raykd.config import from_dict
@@ -267,6 +310,8 @@ def main() -> int:
                  "see the same machine load over time",
                  "peak memory = each child's own peak RSS (wait4 ru_maxrss): everything it loaded (both models, optimizer, libraries) included",
                  f"tokens/s = {a.batch * a.block} tokens / median timed step; same torch threads ({a.threads}) in all arms",
+                 "roofline_ceiling = the rate of one step's linear-layer GEMMs at the model's own shapes (teacher fwd, student fwd + bwd), "
+                 "each timed alone, over the 2048³ rate; gemm_share = their time / raykd's step time",
                  "roofline = raykd plan's model FLOPs per token (teacher fwd 2·N_t + student fwd+bwd 6·N_s + attention scores; recomputation "
                  f"not counted) x tokens/s / the best {a.precision} GEMM rate measured here ({a.threads} threads, 2048³ torch.matmul, before and after the arms)",
              ])
@@ -280,7 +325,9 @@ def main() -> int:
     if a.ckpt:
         runs.update(_run_group(script, CKPT, fwd, a.reps))
     gemm.append(gemm_flops(a.threads, a.precision))
-    print(f"{a.precision} GEMM after the arms: {gemm[1] / 1e9:.1f} GFLOP/s", flush=True)
+    shapes = gemm_model_shapes(a.threads, a.precision, a.batch, a.block)
+    print(f"{a.precision} GEMM after the arms: {gemm[1] / 1e9:.1f} GFLOP/s; one step's linear-layer GEMMs at the model's own shapes, "
+          f"timed alone: {shapes['flops'] / 1e9:.0f} GFLOP in {shapes['seconds']:.3f} s = {shapes['flop_s'] / 1e9:.1f} GFLOP/s", flush=True)
     first = {k: v[0]["losses"][0] for k, v in runs.items() if "losses" in v[0]}
     same_loss = _same(first["raykd"], first["plain"], 1e-3)
     print(f"step-1 loss (CE + forward KL, same init and batch): raykd {first['raykd']:.5f}, plain {first['plain']:.5f} -> "
@@ -294,6 +341,9 @@ def main() -> int:
         # TRL's step at the same roofline, and the most any step doing the same FLOPs could run over TRL here
         # (raykd at 100% of the measured GEMM rate): a tokens_per_s_ratio goal above it needs less work, not a faster step
         "roofline_trl": flops["total"] * tps["trl"] / peak, "tokens_per_s_ratio_ceiling": peak / (flops["total"] * tps["trl"]),
+        # the roofline of a step doing nothing but its own linear GEMMs (at their measured rate at the model's shapes),
+        # and the share of raykd's step those GEMMs need: 1 - gemm_share is everything else (attention, norms, casts, loss, optimizer)
+        "roofline_ceiling": shapes["flop_s"] / peak, "gemm_share": shapes["seconds"] * tps["raykd"] / (a.batch * a.block),
     }
     if a.ckpt:
         figures["peak_memory_ratio_ckpt"] = rss["raykd_ckpt"] / rss["trl_ckpt"]

@@ -195,3 +195,26 @@ def test_vs_trl_gemm_rate_is_measured_in_the_runs_precision(monkeypatch):
         seen.clear()
         assert vs_trl.gemm_flops(1, precision, n=64, reps=2) > 0
         assert seen == [dtype] * 3, (precision, seen)
+
+
+def test_vs_trl_step_gemms_are_the_plans_matmul_flops(tiny_teacher_dir):
+    """bench/vs_trl.py's roofline_ceiling times one step's linear-layer GEMMs: at the model's shapes they add up to
+    `raykd plan`'s FLOPs without the attention scores (teacher forward 2·N_t, student forward + backward 6·N_s per token)."""
+    import dataclasses
+
+    import vs_trl
+    from transformers import AutoConfig
+
+    from raykd.plan import kd_flops_per_token, model_info
+
+    config = AutoConfig.from_pretrained(tiny_teacher_dir)
+    teacher = model_info(config, "teacher", str(tiny_teacher_dir))
+    depth, kept, tokens = config.num_hidden_layers, 2, 3 * 16
+    cut = config.to_dict() | {"num_hidden_layers": kept}
+    student = model_info(type(config).from_dict(cut), "cut", "")
+    gemms = vs_trl.step_gemms(config, kept, tokens)
+    flops = sum(c * 2 * m * k * n for c, m, k, n in gemms)
+    no_scores = kd_flops_per_token(dataclasses.replace(teacher, layers=0), dataclasses.replace(student, layers=0), 16)["total"]
+    norms = config.hidden_size * (2 * depth + 1) * 2 + config.hidden_size * (2 * kept + 1) * 6  # norm weights count as matmul params in the plan
+    assert flops == pytest.approx((no_scores - norms) * tokens, rel=1e-9)
+    assert len(gemms) == 8 + 3 * 8 and {g[0] for g in gemms} == {1, depth, kept}
