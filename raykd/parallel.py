@@ -42,6 +42,7 @@ import torch.distributed as dist
 
 from raykd.capture import decoder_layers
 from raykd.config import ConfigError
+from raykd.models import store_for_autocast
 
 OPTIM_FILE = "optimizer.pt"
 MODEL_FILE = "distiller.pt"
@@ -110,6 +111,7 @@ class Engine:
         self.cfg, self.device, self.world_size = cfg, device, world_size
         self.distiller = distiller.to(device)
         self.teacher = teacher
+        self.teacher_stored = 0  # teacher parameters stored in the autocast dtype (raykd.models.store_for_autocast)
         if cfg.train.activation_checkpointing:  # the student only (the teacher keeps no activations: no grad)
             checkpoint_activations(self.distiller.student)  # before wrap(): FSDP2's layer hooks stay outside it
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
@@ -118,9 +120,13 @@ class Engine:
         self.optimizer, self.scheduler = self.build_optimizer()
 
     # what a strategy overrides ---------------------------------------------------------------
+    shards_teacher = False  # FSDP2 with scale.shard_teacher: the teacher's layers are sharded (one dtype per unit)
+
     def place_teacher(self) -> None:
         if self.teacher is not None:  # None: a teacher cache serves the targets
             self.teacher.to(self.device)
+            if not self.shards_teacher:  # bf16 runs: the teacher's matmul weights once in bf16, not cast per forward
+                self.teacher_stored = store_for_autocast(self.teacher, self.autocast_dtype)
 
     def wrap(self):
         if not _distributed():
@@ -141,7 +147,10 @@ class Engine:
     def eval_teacher(self, load_full):
         """The teacher as one whole module for the final evaluation (`load_full()` loads one when the run
         holds none, from a teacher cache, or only shards of it)."""
-        return self.teacher if self.teacher is not None else load_full().to(self.device)
+        if self.teacher is not None and not self.teacher_stored:
+            return self.teacher
+        self.teacher = None  # one stored for autocast is reloaded in full precision (evaluation runs without autocast)
+        return load_full().to(self.device)
 
     # the step ------------------------------------------------------------------------------
     def autocast(self):

@@ -299,6 +299,7 @@ def export(w: Worker, state: RunState, wall: float, tokens_per_s: float, out: Pa
     if cfg.eval.final == "light":  # the student alone: no teacher load, no agreement, generation or tasks
         metrics = evaluate_student(student, w.val.to(w.device), batch_size=cfg.train.batch_size)
     else:
+        w.teacher = None  # the engine hands its own over, or reloads one stored for autocast (freed first)
         teacher = w.engine.eval_teacher(lambda: models.load_model(w.teacher_dir, models.resolve_dtype(cfg.teacher.dtype), cfg.teacher.trust_remote_code, frozen=True))
         metrics = tasks.score_run(cfg, student, teacher, tok, w.val.to(w.device), w.teacher_dir)
     metrics["student_latency_ms"] = 1000.0 * w.val.shape[1] / metrics["student_tokens_per_s"]  # one block's forward

@@ -185,6 +185,7 @@ class _ShardWriter:
         teacher_dir = models.resolve_model(cfg.teacher.model, "teacher.model", log=lambda m: None)
         self.teacher = models.load_model(teacher_dir, models.resolve_dtype(cfg.teacher.dtype), cfg.teacher.trust_remote_code, frozen=True).to(self.device)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if runtime.precision(cfg) == "bf16" else None
+        models.store_for_autocast(self.teacher, self.autocast.fast_dtype if self.autocast else None)  # no per-batch weight casts
         self.w, self.b = head(self.teacher)
         self.needs = Needs(hidden=tuple(layers))
         self.cfg, self.layers, self.out = cfg, layers, Path(out)
