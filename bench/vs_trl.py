@@ -189,16 +189,23 @@ def gemm_flops(threads: int, precision: str = "fp32", n: int = 2048, reps: int =
     import torch
 
     torch.set_num_threads(threads)
+    return 2 * n ** 3 / _best_matmul_s(n, n, n, precision, reps)
+
+
+def _best_matmul_s(m: int, k: int, n: int, precision: str, reps: int) -> float:
+    """The best of `reps` timed [m, k] x [k, n] `torch.matmul`s (after one warm-up) in the run's precision, seconds."""
+    import torch
+
     g = torch.Generator().manual_seed(0)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    x, y = torch.randn(n, n, generator=g).to(dtype), torch.randn(n, n, generator=g).to(dtype)
+    x, y = torch.randn(m, k, generator=g).to(dtype), torch.randn(k, n, generator=g).to(dtype)
     torch.matmul(x, y)  # warm-up
     best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
         torch.matmul(x, y)
         best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
+    return best
 
 
 def step_gemms(config, student_layers: int, tokens: int) -> list[tuple[int, int, int, int]]:
@@ -228,19 +235,11 @@ def gemm_model_shapes(threads: int, precision: str, batch: int, block: int, reps
     from transformers import AutoConfig
 
     torch.set_num_threads(threads)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     config = AutoConfig.from_pretrained(C.teacher_dir())
     flops = secs = 0.0
     for count, m, k, n in step_gemms(config, len(C.KEPT), batch * block):
-        x, y = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
-        torch.matmul(x, y)  # warm-up
-        best = float("inf")
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            torch.matmul(x, y)
-            best = min(best, time.perf_counter() - t0)
         flops += count * 2.0 * m * k * n
-        secs += count * best
+        secs += count * _best_matmul_s(m, k, n, precision, reps)
     return {"flops": flops, "seconds": secs, "flop_s": flops / secs}
 
 
