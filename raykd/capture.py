@@ -5,6 +5,7 @@ for, so the model keeps its own attention kernel (sdpa / flash): nothing here ne
 ``attn_implementation="eager"`` or ``output_attentions=True``.
 
 * :func:`decoder_layers` finds the decoder-layer ``ModuleList`` of a causal LM.
+* :func:`store_for_autocast` keeps a frozen model's decoder matmul weights in autocast's dtype (no per-call casts).
 * :class:`Capture` records, per requested layer, the layer output ``[B,T,H]``, the post-rotary
   ``q [B,nh,T,hd]`` / ``k, v [B,nkv,T,hd]`` (as :class:`QKV`), and the kwargs the layer was called with.
 * :func:`run_layers` re-runs decoder layers ``start..end`` plus the final norm on another hidden state
@@ -56,6 +57,20 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder-layer list of an HF causal LM (``*ForCausalLM`` or its base model)."""
     base, layers, _ = _base(model)
     return getattr(base, layers)
+
+
+def store_for_autocast(model, dtype: torch.dtype | None) -> int:
+    """A frozen model's decoder-layer Linear weights stored in autocast's `dtype` (None: unchanged), the number converted.
+    Autocast casts a frozen fp32 weight on every call (it caches only leaves that require grad): same products, no casts.
+    Norms, embeddings and the head keep fp32 (so does the residual stream); outside autocast, reload the model."""
+    if dtype is None:
+        return 0
+    n = 0
+    for m in decoder_layers(model).modules():
+        if isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.float32 and not m.weight.requires_grad:
+            n += sum(p.numel() for p in m.parameters())
+            m.to(dtype)
+    return n
 
 
 def final_norm(model: nn.Module) -> nn.Module:

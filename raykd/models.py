@@ -290,22 +290,6 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, trust_remote
     return model
 
 
-def store_for_autocast(model, dtype: torch.dtype | None) -> int:
-    """A frozen model's decoder-layer Linear weights stored in autocast's `dtype` (None: unchanged), the number converted.
-    Autocast casts a frozen fp32 weight on every call (it caches only leaves that require grad): same products, no casts.
-    Norms, embeddings and the head keep fp32 (so does the residual stream); outside autocast, reload the model."""
-    from raykd.capture import decoder_layers
-
-    if dtype is None:
-        return 0
-    n = 0
-    for m in decoder_layers(model).modules():
-        if isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.float32 and not m.weight.requires_grad:
-            n += sum(p.numel() for p in m.parameters())
-            m.to(dtype)
-    return n
-
-
 def meta_model(config, trust_remote_code: bool = False):
     """The model on the meta device: shapes and parameter counts without weights."""
     from transformers import AutoModelForCausalLM

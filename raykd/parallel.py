@@ -40,9 +40,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from raykd.capture import decoder_layers
+from raykd.capture import decoder_layers, store_for_autocast
 from raykd.config import ConfigError
-from raykd.models import store_for_autocast
 
 OPTIM_FILE = "optimizer.pt"
 MODEL_FILE = "distiller.pt"
@@ -111,7 +110,7 @@ class Engine:
         self.cfg, self.device, self.world_size = cfg, device, world_size
         self.distiller = distiller.to(device)
         self.teacher = teacher
-        self.teacher_stored = 0  # teacher parameters stored in the autocast dtype (raykd.models.store_for_autocast)
+        self.teacher_stored = 0  # teacher parameters stored in the autocast dtype (raykd.capture.store_for_autocast)
         if cfg.train.activation_checkpointing:  # the student only (the teacher keeps no activations: no grad)
             checkpoint_activations(self.distiller.student)  # before wrap(): FSDP2's layer hooks stay outside it
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None

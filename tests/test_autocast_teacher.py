@@ -1,13 +1,13 @@
-"""A frozen teacher's matmul weights stored in autocast's dtype (`raykd.models.store_for_autocast`): under bf16
+"""A frozen teacher's matmul weights stored in autocast's dtype (`raykd.capture.store_for_autocast`): under bf16
 autocast the teacher gives the very same outputs (autocast would cast those weights on every call), the
 engine stores them only in bf16 runs and hands the final evaluation a full-precision teacher. Tiny random
 models, one process, no Ray."""
 import torch
 
-from raykd.capture import decoder_layers
+from raykd.capture import decoder_layers, store_for_autocast
 from raykd.config import from_dict
 from raykd.layer_map import layer_map
-from raykd.models import cut_student, load_model, store_for_autocast
+from raykd.models import cut_student, load_model
 from raykd.objective import Distiller, teacher_forward
 from raykd.parallel import make_engine
 from raykd.spec import Needs

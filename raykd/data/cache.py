@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from raykd import manifest, models
+from raykd import capture, manifest, models
 from raykd.config import Config, ConfigError, from_dict
 
 META = "raykd_cache.json"
@@ -185,10 +185,9 @@ class _ShardWriter:
         teacher_dir = models.resolve_model(cfg.teacher.model, "teacher.model", log=lambda m: None)
         self.teacher = models.load_model(teacher_dir, models.resolve_dtype(cfg.teacher.dtype), cfg.teacher.trust_remote_code, frozen=True).to(self.device)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if runtime.precision(cfg) == "bf16" else None
-        models.store_for_autocast(self.teacher, self.autocast.fast_dtype if self.autocast else None)  # no per-batch weight casts
+        capture.store_for_autocast(self.teacher, self.autocast.fast_dtype if self.autocast else None)  # no per-batch weight casts
         self.w, self.b = head(self.teacher)
-        self.needs = Needs(hidden=tuple(layers))
-        self.cfg, self.layers, self.out = cfg, layers, Path(out)
+        self.needs, self.cfg, self.layers, self.out = Needs(hidden=tuple(layers)), cfg, layers, Path(out)
         self.dtype = _DTYPES[cfg.teacher.cache_dtype]
 
     @torch.no_grad()

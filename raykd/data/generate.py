@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from raykd import generation, manifest, models
+from raykd import capture, generation, manifest, models
 from raykd.config import Config, ConfigError, from_dict
 from raykd.data.reader import documents
 
@@ -147,7 +147,7 @@ class _ShardGenerator:
             self.generator = models.load_model(gen_dir, dtype, trc, frozen=True).to(self.device)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if runtime.precision(cfg) == "bf16" else None
         for model in {id(m): m for m in (self.teacher, self.generator)}.values():  # no weight casts per decoded token
-            models.store_for_autocast(model, self.autocast.fast_dtype if self.autocast else None)
+            capture.store_for_autocast(model, self.autocast.fast_dtype if self.autocast else None)
         self.stops = generation.stop_ids(self.generator, self.tok)
         self.cfg, self.out = cfg, Path(out)
 
