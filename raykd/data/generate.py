@@ -146,7 +146,7 @@ class _ShardGenerator:
             gen_dir = models.resolve_model(plan["generator"], "generate.model", log=lambda m: None)
             self.generator = models.load_model(gen_dir, dtype, trc, frozen=True).to(self.device)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if runtime.precision(cfg) == "bf16" else None
-        for model in {id(m): m for m in (self.teacher, self.generator)}.values():  # no weight casts per decoded token
+        for model in {self.teacher, self.generator}:  # no weight casts per decoded token
             capture.store_for_autocast(model, self.autocast.fast_dtype if self.autocast else None)
         self.stops = generation.stop_ids(self.generator, self.tok)
         self.cfg, self.out = cfg, Path(out)
