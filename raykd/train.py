@@ -319,14 +319,11 @@ def run_datasets(cfg: Config, plan, datasets: tuple | None = None) -> dict:
     """{"train", "validation"} Ray Datasets of a resolved run (`datasets`: the pair a sweep built and checked
     once for all its trials); with `teacher.cache` the cached blocks, with the teacher's targets, are the train stream."""
     runtime.quiet_data_progress()
-    train_ds, val_ds = datasets or pipeline.build_datasets(cfg.data, cfg.teacher.model, cfg.seed, cfg.teacher.trust_remote_code)
+    train_ds, val_ds = datasets or pipeline.materialized(cfg.data, cfg.teacher.model, cfg.seed, cfg.teacher.trust_remote_code,
+                                                         max(cfg.data.max_val_blocks, cfg.train.eval_blocks), train=not cfg.teacher.cache)
     if cfg.teacher.cache:
         cache.require(cfg, plan)
         train_ds = cache.train_dataset(cfg, plan.objective, train_ds if datasets else None)
-    elif not datasets:
-        pipeline.check_blocks(train_ds, "data.train")
-    if not datasets:
-        pipeline.check_blocks(val_ds, "data.validation")
     return {"train": train_ds, "validation": val_ds}
 
 

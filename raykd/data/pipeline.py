@@ -263,8 +263,33 @@ def check_blocks(ds, field: str) -> None:
     """Raise ``ConfigError`` when `ds` yields no block; reads at most one block (before any shuffle)."""
     probe, block_size = getattr(ds, _PROBE, (ds, None))
     if not _driver_action(probe.take, 1):
-        size = f"one block of {block_size} tokens" if block_size else "one block"
-        raise ConfigError(f"{field}: the corpus is too short for {size}; add text or lower data.block_size")
+        _too_short(field, block_size)
+
+
+def _too_short(field: str, block_size: int | None):
+    size = f"one block of {block_size} tokens" if block_size else "one block"
+    raise ConfigError(f"{field}: the corpus is too short for {size}; add text or lower data.block_size")
+
+
+def materialized(data_cfg: DataConfig, teacher: str, seed: int, trust_remote_code: bool, val_blocks: int, train: bool = True):
+    """``(train | None, validation)`` for a run or a sweep: ``build_datasets`` executed once on the driver into
+    the object store and checked to hold a block each (one ``ConfigError`` line otherwise). Train is the shuffled
+    set (the shuffle is a barrier that holds it all anyway; None when not `train`: a teacher-cache run reads its
+    shards), validation its first `val_blocks` blocks, all any reader takes. Train workers then read blocks instead
+    of each re-running the read/tokenize/shuffle tasks (about 10 s per split and per worker-group start on 2 cores),
+    and a sweep's trials share them."""
+    train_ds, val_ds = build_datasets(data_cfg, teacher, seed, trust_remote_code)
+    out = []
+    for ds, field in ((train_ds if train else None, "data.train"), (val_ds.limit(val_blocks), "data.validation")):
+        if ds is not None:
+            report = getattr(ds, MIX_REPORT, None)
+            ds = _driver_action(ds.materialize)
+            if ds.count() == 0:
+                _too_short(field, data_cfg.block_size)
+            if report is not None:
+                setattr(ds, MIX_REPORT, report)
+        out.append(ds)
+    return out[0], out[1]
 
 
 def check_tokens(data_cfg: DataConfig, teacher: str, trust_remote_code: bool = False) -> None:

@@ -264,14 +264,11 @@ def _shared_datasets(cfg: Config, sw: SweepConfig, cache_cfg: Config | None, log
     from raykd.runtime import quiet_data_progress
 
     quiet_data_progress()  # the datasets carry this context into the trials' workers
-    train, val = pipeline.build_datasets(cfg.data, cfg.teacher.model, cfg.seed, cfg.teacher.trust_remote_code)
-    if not cache_cfg:
-        pipeline.check_blocks(train, "data.train")
-    pipeline.check_blocks(val, "data.validation")
     t0 = time.time()
-    shared = (cache.shared_rows(cache_cfg, log) if cache_cfg else train.materialize(), val.materialize())
+    train, val = pipeline.materialized(cfg.data, cfg.teacher.model, cfg.seed, cfg.teacher.trust_remote_code,
+                                       max(cfg.data.max_val_blocks, cfg.train.eval_blocks), train=not cache_cfg)
     log(f"raykd: the sweep's data tokenized and packed once for every trial ({time.time() - t0:.0f} s)")
-    return shared
+    return (cache.shared_rows(cache_cfg, log) if cache_cfg else train), val
 
 
 def _score_front(cfg: Config, sw: SweepConfig, trials: list[dict], datasets: tuple | None, out: Path, meta: dict, log) -> None:
