@@ -5,8 +5,9 @@
 Parquet / ``datasets`` row without the text field, unless ``data.bad_rows=skip``), and
 ``check_tokens`` with the teacher's tokenizer turns a split shorter than one block into one line too.
 ``build_datasets`` returns lazy ``(train, validation)`` Ray Datasets whose rows are
-``{"input_ids": int32[block_size]}``; ``build_trainer`` hands them to ``TorchTrainer`` and
-each worker streams its share with ``ray.train.get_dataset_shard("train")``.
+``{"input_ids": int32[block_size]}``; ``materialized`` executes them once on the driver (a run's
+and a sweep's), ``build_trainer`` hands them to ``TorchTrainer`` and each worker streams its share
+of the blocks with ``ray.train.get_dataset_shard("train")``.
 
 Pipeline (one Ray Data plan per split)::
 
