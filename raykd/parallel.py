@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from raykd.build_locks import stale_build_locks_cleared
 from raykd.capture import decoder_layers, store_for_autocast
 from raykd.config import ConfigError
 
@@ -317,10 +318,11 @@ class DeepSpeedEngine(Engine):
         import deepspeed
 
         optimizer, scheduler = super().build_optimizer()
-        self.model, optimizer, _, scheduler = deepspeed.initialize(
-            model=self.distiller, optimizer=optimizer, lr_scheduler=scheduler,
-            config=deepspeed_config(self.cfg, self.world_size), dist_init_required=False,
-        )
+        with stale_build_locks_cleared():  # deepspeed.initialize JIT-builds its CPU collective under a lock
+            self.model, optimizer, _, scheduler = deepspeed.initialize(
+                model=self.distiller, optimizer=optimizer, lr_scheduler=scheduler,
+                config=deepspeed_config(self.cfg, self.world_size), dist_init_required=False,
+            )
         return optimizer, scheduler
 
     def backward(self, loss: torch.Tensor, last_micro_step: bool) -> None:

@@ -30,15 +30,20 @@ _spec.loader.exec_module(lane_guard)
 def pytest_configure(config):
     state = tempfile.mkdtemp(prefix="raykd-lanes-")
     config._lane_guard_state = state
+    # C++ extensions (DeepSpeed's CPU collective) are built for this run under its own root, so what an earlier
+    # run left in the machine's ~/.cache/torch_extensions (a killed build's lock, a half-written .so) cannot
+    # stall or break this one; Ray workers and the tests' subprocesses inherit it. One build per run (~20 s).
+    if "TORCH_EXTENSIONS_DIR" not in os.environ:
+        config._torch_ext_dir = os.environ["TORCH_EXTENSIONS_DIR"] = tempfile.mkdtemp(prefix="raykd-torch-ext-")
     os.environ[lane_guard.ENV] = state
     os.environ["PYTHONPATH"] = os.pathsep.join([str(GUARD_DIR), *filter(None, [os.environ.get("PYTHONPATH")])])
     lane_guard.install()
 
 
 def pytest_unconfigure(config):
-    state = getattr(config, "_lane_guard_state", None)
-    if state:
-        shutil.rmtree(state, ignore_errors=True)
+    for attr in ("_lane_guard_state", "_torch_ext_dir"):
+        if getattr(config, attr, None):
+            shutil.rmtree(getattr(config, attr), ignore_errors=True)
 
 
 def _markers(item) -> list[str]:

@@ -1,0 +1,84 @@
+"""A C++-extension build killed mid-way (DeepSpeed JIT-builds its CPU collective on first use) leaves a
+lock that torch waits on forever: a DeepSpeed run clears locks whose build directory has been idle
+for `STALE_BUILD_S`, and leaves a live build's lock alone. Real torch FileBaton, no Ray."""
+import os
+import threading
+import time
+
+from torch.utils.file_baton import FileBaton
+
+from raykd.build_locks import STALE_BUILD_S, clear_stale_build_locks, stale_build_locks_cleared
+
+
+def _build_dir(root, name, age_s):
+    """A build directory as torch leaves it: build.ninja and the lock, all last touched `age_s` ago."""
+    d = root / name
+    d.mkdir(parents=True)
+    then = time.time() - age_s
+    for f in ("build.ninja", "lock"):
+        (d / f).touch()
+        os.utime(d / f, (then, then))
+    return d / "lock"
+
+
+def test_a_killed_builds_lock_is_removed_and_a_live_ones_kept(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    killed = _build_dir(tmp_path, "deepspeed_shm_comm", STALE_BUILD_S + 60)
+    live = _build_dir(tmp_path, "other_op", 5)
+    assert not FileBaton(str(killed)).try_acquire()  # what made every later DeepSpeed start wait forever
+
+    assert clear_stale_build_locks() == [killed]
+    assert not killed.exists() and live.exists()
+    assert "deepspeed_shm_comm/lock" in capsys.readouterr().err
+    baton = FileBaton(str(killed))
+    assert baton.try_acquire()  # the next build takes the lock and runs
+    baton.release()
+
+
+def test_a_build_still_writing_keeps_its_lock(tmp_path, monkeypatch):
+    """An old lock in a directory where the compiler just wrote an object file is a live build."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = _build_dir(tmp_path, "deepspeed_shm_comm", STALE_BUILD_S + 60)
+    (lock.parent / "shm.o").touch()
+    assert clear_stale_build_locks() == [] and lock.exists()
+
+
+def test_the_default_root_layout_is_searched(tmp_path, monkeypatch):
+    """Without TORCH_EXTENSIONS_DIR torch builds under <default root>/py<ver>_<accelerator>/<name>."""
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setattr("torch.utils.cpp_extension.get_default_build_root", lambda: str(tmp_path))
+    lock = _build_dir(tmp_path / "py311_cpu", "deepspeed_shm_comm", STALE_BUILD_S + 60)
+    assert clear_stale_build_locks() == [lock] and not lock.exists()
+
+
+def test_a_wait_on_a_lock_that_goes_stale_during_the_run_ends(tmp_path, monkeypatch):
+    """A build killed just before the run: its lock is fresh when the run starts, and torch's wait would never
+    end; under `stale_build_locks_cleared` the wait ends once the lock has been idle `idle_s`."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = _build_dir(tmp_path, "deepspeed_shm_comm", 0)
+    waited = threading.Event()
+
+    def build():
+        with stale_build_locks_cleared(every_s=0.05, idle_s=0.5):
+            FileBaton(str(lock), wait_seconds=0.05).wait()  # what torch does while another process holds the lock
+        waited.set()
+
+    threading.Thread(target=build, daemon=True).start()
+    assert waited.wait(timeout=20), "the wait on a stale lock did not end"
+    assert not lock.exists()
+
+
+def test_a_start_that_stays_stuck_prints_where_it_waits(tmp_path, monkeypatch):
+    """A body still running after `stuck_s` dumps every thread's stack (faulthandler writes to a real fd)."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    import subprocess
+    import sys
+
+    code = ("import time\nfrom raykd.build_locks import stale_build_locks_cleared\n"
+            "def waiting_for_peers():\n    time.sleep(1.5)\n"
+            "with stale_build_locks_cleared(every_s=0.05, stuck_s=0.5):\n    waiting_for_peers()\n"
+            "time.sleep(1.0)\nprint('done')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "done", out.stderr
+    dumps = out.stderr.count("in waiting_for_peers")
+    assert 2 <= dumps <= 3, out.stderr  # at 0.5 s and 1.0 s (maybe 1.5 s), none after the body returned
