@@ -143,7 +143,8 @@ def multitask_steps(strategy: str, shape: str, device, precision: str, batch: in
     return {"terms": {k: sums[i] / sums[-1] for i, k in enumerate(spec.report_terms)}, "val_loss": nll / count, "ok": ok, "checkpoint_ok": same}
 
 
-def student_step(shape: str, device, precision: str, batch: int, seq: int, steps: int) -> dict:
+def student_step(shape: str, device, precision: str, batch: int, seq: int, steps: int, profile: bool = False,
+                 compile_layers: bool = False) -> dict:
     """tokens/s and FLOPs/token of the CE student step (fused head) of one shape, fp32 master weights."""
     from raykd.plan import kd_flops_per_token, model_info
 
@@ -155,8 +156,13 @@ def student_step(shape: str, device, precision: str, batch: int, seq: int, steps
     from raykd.parallel import make_engine
 
     depth = model.config.num_hidden_layers
+    if compile_layers:  # torch.compile each decoder layer: fuses the norms', rope's and SiLU's elementwise kernels
+        from raykd.capture import decoder_layers
+
+        for layer in decoder_layers(model):
+            layer.compile()
     engine = make_engine(Distiller.build(model.train(), cfg.loss, [(depth - 1, depth - 1)], model.config.hidden_size, depth),
-                         torch.nn.Identity(), cfg, device, 1, precision)
+                         None, cfg, device, 1, precision)  # CE only: no teacher
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
     times = []
     for i in range(steps + 3):  # 3 warm-up steps (allocator, kernels' first calls)
@@ -169,6 +175,18 @@ def student_step(shape: str, device, precision: str, batch: int, seq: int, steps
         if i >= 3:
             times.append(time.perf_counter() - t0)
     step_s = sorted(times)[len(times) // 2]
+    if profile:  # where one more step's time goes: the ops with the most self time on the device
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch_profile(activities=acts) as prof:
+            loss, _ = engine.forward(ids, None)
+            engine.backward(loss, True)
+            engine.step()
+            _sync(device)
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=60), flush=True)
     del engine, model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -193,6 +211,9 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak (default: from its name)")
     p.add_argument("--dry-run", action="store_true", help="CPU + gloo + a tiny shape: the code paths without a GPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile each student decoder layer in the student step")
+    p.add_argument("--profile", action="store_true", help="print the top ops of one student step per shape")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default=None, help="default: bf16 on a GPU, fp32 in a dry run")
     a = p.parse_args(argv)
     if not a.dry_run and not torch.cuda.is_available():
         print(f"gpu_check: no CUDA device here (torch {torch.__version__}); nothing to check. Run it on a GPU machine.")
@@ -201,6 +222,7 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend, precision = ("gloo", "fp32") if a.dry_run else ("nccl", "bf16")
+    precision = a.precision or precision
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     bad = _guard_collectives(device)
@@ -215,7 +237,7 @@ def main(argv=None) -> int:
         figures[f"{strategy}_ok"] = int(r["ok"] and r["checkpoint_ok"] and not bad)
     peak = None if a.dry_run else _peak(name, a.peak_tflops)
     for shape, tag in zip(shapes, ("135m", "1p7b")):
-        r = student_step(shape, device, precision, batch, seq, 2 if a.dry_run else a.steps)
+        r = student_step(shape, device, precision, batch, seq, 2 if a.dry_run else a.steps, a.profile, a.compile)
         mfu = r["flops_per_token"] * r["tokens_per_s"] / peak if peak else float("nan")
         print(f"gpu_check: student step {shape} ({r['params'] / 1e6:.0f} M params): {r['tokens_per_s']:,.0f} tok/s, MFU {mfu:.3f}", flush=True)
         figures[f"tok_s_{tag}"] = round(r["tokens_per_s"], 1)

@@ -152,6 +152,10 @@ def test_gpu_check_runs_its_code_paths_on_the_cpu_and_says_so_without_cuda():
     figures = collect.parse_figures(dry.stdout.strip().splitlines()[-1])
     assert figures["ddp_ok"] == figures["fsdp2_ok"] == figures["collectives_on_device"] == "1", dry.stdout
     assert float(figures["tok_s_1p7b"]) > 0
+    # bf16 as on a GPU: the CE-only student step has no teacher to store for autocast (the first H200 run broke there)
+    bf16 = subprocess.run([sys.executable, script, "--dry-run", "--precision", "bf16"], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert bf16.returncode == 0 and "precision: bf16" in bf16.stdout, bf16.stderr[-2000:]
     plain = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=120, env=env)
     assert plain.returncode == 0 and plain.stdout.count("\n") == 1 and "no CUDA device" in plain.stdout
 
