@@ -42,7 +42,9 @@ DIR/summary.md and DIR/summary.json give each model's mean, sd and min-max over 
 paired lead over logit-only KD, called within noise when under its 95% interval or the arm's seed spread
 (bench/_quality_seeds.py). Rerun into the same DIR, it keeps every arm that finished there with the same
 config (runs/ARM.json) and trains the rest, and a seed whose arms were all kept and scored with the same
-settings is not scored again. The figures are means over seeds (`_sd` beside them). Goals (issues 7, 18):
+settings is not scored again. `--eval-every N` checks each arm's perplexity on the first 32 validation blocks every
+N steps during its run (the learning curve, printed and kept in runs/ARM.json: how far a budget is from a goal).
+The figures are means over seeds (`_sd` beside them). Goals (issues 7, 18):
 the feature arm beats both others, its perplexity at most 2.5x the teacher's, out of domain (pydoc, mail)
 at most 4x, and it keeps at least 0.8 of the teacher's task score over chance.
 
@@ -52,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -83,6 +86,7 @@ def arm_weights(arm: str, a) -> dict:
 
 def base_config(a, out: Path) -> dict:
     """jobs/demo.yaml's settings, with this study's budget; the arms change only loss.weights and output_dir."""
+    every = getattr(a, "eval_every", 0)  # --eval-every (absent from Namespaces built by hand)
     return {
         "teacher": {"model": "smollm2-135m", "dtype": "float32"},
         "student": {"num_layers": 10, "init": "importance", "importance_metric": "block_ppl", "calibration_tokens": 2048},
@@ -90,7 +94,8 @@ def base_config(a, out: Path) -> dict:
         "loss": {"kd": "forward_kl", "temperature": 1.0, "hidden": "cosine"},
         "data": {**data_sources(a.data, getattr(a, "teacher_text", None)), "block_size": a.block, "max_val_blocks": min(64, a.val_blocks)},
         "train": {"max_steps": a.steps, "batch_size": a.batch, "lr": a.lr, "warmup_steps": max(1, a.steps // 10),
-                  "precision": a.precision, "generation_eval": False, "eval_every": 0},
+                  "precision": a.precision, "generation_eval": False, "eval_every": every,
+                  **({"eval_blocks": 32} if every else {})},  # the curve: the first 32 validation blocks
         "scale": {"num_workers": 1, "strategy": "ddp"},
         "output_dir": str(out),
         "seed": a.seed,
@@ -112,6 +117,12 @@ def arm_config(arm: str, resolved: dict, a, out: Path, gen_dir: Path) -> dict:
     if arm == "onpolicy":
         cfg["loss"]["on_policy"] = {"fraction": a.onpolicy, "max_new_tokens": a.onpolicy_tokens, "temperature": 1.0}
     return cfg
+
+
+def learning_curve(history: list[dict], tokens_per_step: int) -> list[dict]:
+    """[{step, tokens, val_perplexity}] at the run's validation checks (train.eval_every; its val_loss is a mean token NLL)."""
+    return [{"step": h["step"], "tokens": h["step"] * tokens_per_step, "val_perplexity": math.exp(h["val_loss"])}
+            for h in history if "val_loss" in h]
 
 
 def mix_weights(text: str) -> dict[str, float]:
@@ -204,6 +215,8 @@ def parse_args():
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--block", type=int, default=256)
     p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--eval-every", type=int, default=0, help="steps between validation checks during each arm's run (0: none);"
+                   " the learning curve (step, tokens, perplexity on the first 32 validation blocks) goes into runs/ARM.json")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated run seeds (data order, projection init), each into OUT/seed-S;"
                    " the cut is training-free and shared; OUT/summary.md gives each arm's mean and spread")
     p.add_argument("--kd", type=float, default=1.0, help="forward-KL weight of the logit and feature arms")
@@ -331,13 +344,17 @@ def run_seed(a, out: Path) -> dict:
         manifest.publish(out / "runs" / arm / "student", out / arm)
         runs[arm] = {"wall_s": wall, "tokens_seen": metrics["tokens_seen"], "tokens_per_s": metrics["tokens_per_s"],
                      "top1_agreement": metrics.get("top1_agreement"), "run_val_perplexity": metrics.get("val_perplexity"),
-                     "final_terms": {k: v for k, v in metrics["history"][-1].items() if k in ("ce", "kd", "hidden", "attention", "loss")}}
+                     "final_terms": {k: v for k, v in metrics["history"][-1].items() if k in ("ce", "kd", "hidden", "attention", "loss")},
+                     "curve": learning_curve(metrics["history"], a.batch * a.block)}
         if arm == "seqkd":  # its budget includes writing the teacher text
             runs[arm].update(generate=gen, wall_with_generation_s=wall + gen["wall_s"])
         if arm == "onpolicy":
             runs[arm]["gen_s"] = sum(h.get("gen_s", 0.0) for h in metrics["history"])
         record(out / "runs" / f"{arm}.json", cfg, runs[arm])
         print(f"   {arm}: {wall:.0f} s, {metrics['tokens_per_s']:.0f} tok/s, run's own val ppl {metrics.get('val_perplexity'):.2f}", flush=True)
+        if runs[arm]["curve"]:
+            print(f"   {arm} learning curve (step: val ppl): " + ", ".join(f"{c['step']}: {c['val_perplexity']:.1f}" for c in runs[arm]["curve"]),
+                  flush=True)
 
     earlier = scored_earlier(out / "results.json", a, not trained)
     if earlier is not None:

@@ -186,6 +186,26 @@ def test_quality_data_mix_is_every_arms_data(tmp_path):
         quality.mix_weights("sotu=half")
 
 
+def test_quality_learning_curve_from_the_runs_checks():
+    """--eval-every N: each arm validates on the first 32 blocks every N steps, and its curve is (step, tokens,
+    perplexity) at the history rows that hold a val_loss (a mean token NLL), in order; none without it."""
+    import argparse
+
+    import quality
+
+    from raykd.config import from_dict
+
+    a = argparse.Namespace(block=64, val_blocks=8, steps=96, batch=2, lr=6e-4, precision="fp32", seed=0, data="sotu=1",
+                           eval_every=48)
+    train = from_dict(quality.base_config(a, Path("/tmp/q"))).train
+    assert (train.eval_every, train.eval_blocks) == (48, 32)
+    history = [{"step": 24, "ce": 5.0}, {"step": 48, "val_loss": math.log(180.0)}, {"step": 96, "val_loss": math.log(120.0)}]
+    curve = quality.learning_curve(history, tokens_per_step=2 * 64)
+    assert [c["step"] for c in curve] == [48, 96] and [c["tokens"] for c in curve] == [6144, 12288]
+    assert [round(c["val_perplexity"], 6) for c in curve] == [180.0, 120.0]
+    assert quality.learning_curve([{"step": 8, "ce": 4.0}], 128) == []
+
+
 def test_vs_trl_gemm_rate_is_measured_in_the_runs_precision(monkeypatch):
     """bench/vs_trl.py's roofline divides by the GEMM rate of the run's precision: a bf16 run times bf16
     operands (AMX where the CPU has it), not fp32 ones."""
