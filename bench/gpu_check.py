@@ -80,18 +80,20 @@ def _model(shape: str, dtype=torch.float32):
     return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
-def _cfg(strategy: str, weights: dict, batch: int, seq: int, steps: int):
+def _cfg(strategy: str, weights: dict, batch: int, seq: int, steps: int, compile_layers: bool = False):
     from raykd.config import from_dict
 
     return from_dict({
         "teacher": {"model": "tiny-random"}, "student": {"init": "list", "layers": [0, 2, 4]},
         "loss": {"kd": "forward_kl", "hidden": "cosine", "weights": weights},
         "data": {"block_size": seq}, "scale": {"strategy": strategy},
-        "train": {"max_steps": steps, "batch_size": batch, "warmup_steps": 1, "lr": 1e-4, "precision": "bf16"},
+        "train": {"max_steps": steps, "batch_size": batch, "warmup_steps": 1, "lr": 1e-4, "precision": "bf16",
+                  "compile": compile_layers},
     })
 
 
-def multitask_steps(strategy: str, shape: str, device, precision: str, batch: int, seq: int, steps: int) -> dict:
+def multitask_steps(strategy: str, shape: str, device, precision: str, batch: int, seq: int, steps: int,
+                    compile_layers: bool = False) -> dict:
     """A few steps of the full objective through the engine, the train loop's reductions, a checkpoint round trip."""
     from raykd import models
     from raykd.evaluate import nll_sums
@@ -104,7 +106,7 @@ def multitask_steps(strategy: str, shape: str, device, precision: str, batch: in
     depth = models.num_layers(teacher.config)
     kept = select_layers("uniform", depth, max(2, depth // 3))
     weights = {"ce": 1.0, "kd": 1.0, "hidden": 1.0, "attention": 1.0}
-    cfg = _cfg(strategy, weights, batch, seq, steps)
+    cfg = _cfg(strategy, weights, batch, seq, steps, compile_layers)
 
     def engine_for(seed: int):
         torch.manual_seed(seed)
@@ -151,16 +153,11 @@ def student_step(shape: str, device, precision: str, batch: int, seq: int, steps
     model = _model(shape)
     info = model_info(model.config, shape, "")
     flops = kd_flops_per_token(info, info, seq)["student_step"]
-    cfg = _cfg("ddp", {"ce": 1.0, "kd": 0.0}, batch, seq, steps + 3)
+    cfg = _cfg("ddp", {"ce": 1.0, "kd": 0.0}, batch, seq, steps + 3, compile_layers)
     from raykd.objective import Distiller
     from raykd.parallel import make_engine
 
     depth = model.config.num_hidden_layers
-    if compile_layers:  # torch.compile each decoder layer: fuses the norms', rope's and SiLU's elementwise kernels
-        from raykd.capture import decoder_layers
-
-        for layer in decoder_layers(model):
-            layer.compile()
     engine = make_engine(Distiller.build(model.train(), cfg.loss, [(depth - 1, depth - 1)], model.config.hidden_size, depth),
                          None, cfg, device, 1, precision)  # CE only: no teacher
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
@@ -211,7 +208,7 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak (default: from its name)")
     p.add_argument("--dry-run", action="store_true", help="CPU + gloo + a tiny shape: the code paths without a GPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile each student decoder layer in the student step")
+    p.add_argument("--compile", action="store_true", help="train.compile: the student layers' MLPs and norms torch.compile'd")
     p.add_argument("--profile", action="store_true", help="print the top ops of one student step per shape")
     p.add_argument("--precision", choices=("fp32", "bf16"), default=None, help="default: bf16 on a GPU, fp32 in a dry run")
     a = p.parse_args(argv)
@@ -232,7 +229,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     figures: dict[str, object] = {}
     for strategy in ("ddp", "fsdp2"):
-        r = multitask_steps(strategy, shapes[0], device, precision, batch if a.dry_run else 4, seq if a.dry_run else 512, 3)
+        r = multitask_steps(strategy, shapes[0], device, precision, batch if a.dry_run else 4, seq if a.dry_run else 512, 3, a.compile)
         print(f"gpu_check: {strategy} multi-task steps: terms {r['terms']}, val_loss {r['val_loss']:.4f}, checkpoint round trip {'ok' if r['checkpoint_ok'] else 'DIFFERS'}", flush=True)
         figures[f"{strategy}_ok"] = int(r["ok"] and r["checkpoint_ok"] and not bad)
     peak = None if a.dry_run else _peak(name, a.peak_tflops)
@@ -245,6 +242,7 @@ def main(argv=None) -> int:
     if bad:
         print(f"gpu_check: collectives given tensors off the GPU: {sorted(set(bad))}")
     figures["collectives_on_device"] = int(not bad)
+    figures["compile"] = int(a.compile)
     figures["wall_s"] = round(time.perf_counter() - t0, 1)
     dist.destroy_process_group()
     print(f"device: {name}  precision: {precision}  batch {batch} x {seq} tokens")

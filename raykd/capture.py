@@ -109,7 +109,7 @@ class LayerKwargs(dict):
     args: tuple = ()
 
 
-def _attn_module(layer: nn.Module) -> nn.Module:
+def attention_module(layer: nn.Module) -> nn.Module:
     for name in ("self_attn", "attention", "attn", "self_attention"):
         mod = getattr(layer, name, None)
         if isinstance(mod, nn.Module):
@@ -203,7 +203,7 @@ class Capture:
 
     # -- hook installation -------------------------------------------------------------------
     def _qkv_modules(self, j: int) -> tuple[nn.Module, dict[str, nn.Module]]:
-        attn = _attn_module(self.layers[j])
+        attn = attention_module(self.layers[j])
         if all(isinstance(getattr(attn, p, None), nn.Module) for p in ("q_proj", "k_proj", "v_proj")):
             mods = {"q": attn.q_proj, "k": attn.k_proj}
             if self.want_v:

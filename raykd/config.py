@@ -223,6 +223,7 @@ class TrainConfig:
     eval_blocks: int = 8  # validation blocks per check, split across workers
     final_training_state: bool = True  # the final checkpoint keeps the training state (student + projections, AdamW, schedule) so the run can go on past max_steps; false (sweep trials): the exported student, metrics and run state only
     activation_checkpointing: bool = False  # recompute the student's decoder layers in backward: less activation memory, ~1/3 more student compute
+    compile: bool = False  # torch.compile the student layers' MLPs and norms (fused elementwise kernels; the first steps pay the compile; ddp/fsdp2)
 
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "grad_accum", "report_every"):
@@ -332,6 +333,8 @@ class Config:
 
             for objective in (o for o in sw.objectives if o.startswith("task:")):
                 check_objective(objective, self.eval.tasks)
+        if self.train.compile and self.scale.strategy == "deepspeed":
+            raise ConfigError("train.compile: not with scale.strategy=deepspeed (ZeRO gathers weights in module hooks); use ddp or fsdp2, or drop train.compile")
         if self.loss.on_policy.active:
             self._check_on_policy()
         if self.teacher.cache:  # the cache holds log-probs and hidden states, not attention or the teacher's upper blocks

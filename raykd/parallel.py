@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from raykd.build_locks import stale_build_locks_cleared
-from raykd.capture import decoder_layers, store_for_autocast
+from raykd.capture import attention_module, decoder_layers, store_for_autocast
 from raykd.config import ConfigError
 
 OPTIM_FILE = "optimizer.pt"
@@ -64,6 +64,20 @@ def checkpoint_activations(model) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def compile_unhooked(model) -> list[str]:
+    """`train.compile`: torch.compile each decoder layer's children except its attention (the MLP and the norms, in
+    place), and return their names. Inductor fuses their elementwise work (RMSNorm, SiLU x up); the layer and its
+    attention stay eager because `raykd.capture` hooks them afresh every step, which a compiled graph would not see."""
+    done = []
+    for i, layer in enumerate(decoder_layers(model)):
+        attn = attention_module(layer)
+        for name, child in layer.named_children():
+            if child is not attn:
+                child.compile()
+                done.append(f"{i}.{name}")
+    return done
 
 
 def lr_lambda(warmup: int, total: int, floor: float = 0.1):
@@ -112,6 +126,8 @@ class Engine:
         self.distiller = distiller.to(device)
         self.teacher = teacher
         self.teacher_stored = 0  # teacher parameters stored in the autocast dtype (raykd.capture.store_for_autocast)
+        if cfg.train.compile:
+            compile_unhooked(self.distiller.student)
         if cfg.train.activation_checkpointing:  # the student only (the teacher keeps no activations: no grad)
             checkpoint_activations(self.distiller.student)  # before wrap(): FSDP2's layer hooks stay outside it
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
