@@ -11,7 +11,9 @@ size 1: enough to catch a CPU tensor in a collective, which NCCL refuses):
    the validation loss reduced as the train loop reduces them (`Engine.all_reduce`,
    `raykd.evaluate.nll_sums`); every collective's tensor checked to be on the GPU;
 2. a checkpoint save/load round trip of the engine (student, projections, optimizer, schedule);
-3. the student step (CE through the fused head, forward + backward + AdamW, bf16 autocast, fp32
+3. the distillation step itself (teacher forward + the full loss + the student's backward and AdamW) of the
+   135 M teacher and its uniform 10-layer cut at the student step's batch: `kd_tok_s_135m`;
+4. the student step (CE through the fused head, forward + backward + AdamW, bf16 autocast, fp32
    master weights) of both shapes: tokens/s and MFU = FLOPs/token (6·N_matmul + causal attention,
    `raykd.plan.kd_flops_per_token`'s student term) × tokens/s / the GPU's dense bf16 peak.
 
@@ -118,8 +120,11 @@ def multitask_steps(strategy: str, shape: str, device, precision: str, batch: in
     spec = engine.distiller.spec
     window = torch.zeros(len(spec.report_terms) + 1, dtype=torch.float64, device=device)
     vocab = teacher.config.vocab_size
-    for _ in range(steps):
+    times = []
+    for i in range(steps):
         ids = torch.randint(0, vocab, (batch, seq), device=device)
+        _sync(device)
+        t0 = time.perf_counter()
         with engine.autocast():
             t_out = teacher_forward(engine.teacher, ids, spec.teacher_needs())
         loss, terms = engine.forward(ids, t_out)
@@ -128,6 +133,9 @@ def multitask_steps(strategy: str, shape: str, device, precision: str, batch: in
         engine.step()
         window[:-1] += torch.stack([terms[k] for k in spec.report_terms]).double()
         window[-1] += 1
+        _sync(device)
+        if i >= min(3, steps - 1):  # up to 3 warm-up steps
+            times.append(time.perf_counter() - t0)
     sums = engine.all_reduce(window).tolist()
     val = torch.randint(0, vocab, (2 * batch, seq))
 
@@ -142,7 +150,8 @@ def multitask_steps(strategy: str, shape: str, device, precision: str, batch: in
         other.load(Path(d), steps)
         same = all(torch.equal(a, b) for a, b in zip(engine.distiller.state_dict().values(), other.distiller.state_dict().values()))
     ok = all(v == v and abs(v) != float("inf") for v in sums) and count == val.shape[0] * (seq - 1) and nll == nll
-    return {"terms": {k: sums[i] / sums[-1] for i, k in enumerate(spec.report_terms)}, "val_loss": nll / count, "ok": ok, "checkpoint_ok": same}
+    return {"terms": {k: sums[i] / sums[-1] for i, k in enumerate(spec.report_terms)}, "val_loss": nll / count, "ok": ok,
+            "checkpoint_ok": same, "tokens_per_s": batch * seq / sorted(times)[len(times) // 2]}
 
 
 def student_step(shape: str, device, precision: str, batch: int, seq: int, steps: int, profile: bool = False,
@@ -232,6 +241,11 @@ def main(argv=None) -> int:
         r = multitask_steps(strategy, shapes[0], device, precision, batch if a.dry_run else 4, seq if a.dry_run else 512, 3, a.compile)
         print(f"gpu_check: {strategy} multi-task steps: terms {r['terms']}, val_loss {r['val_loss']:.4f}, checkpoint round trip {'ok' if r['checkpoint_ok'] else 'DIFFERS'}", flush=True)
         figures[f"{strategy}_ok"] = int(r["ok"] and r["checkpoint_ok"] and not bad)
+    # the distillation step itself: teacher forward + the 10-of-30-layer student's CE + KL + hidden + attention step
+    r = multitask_steps("ddp", shapes[0], device, precision, batch, seq, 2 if a.dry_run else a.steps + 3, a.compile)
+    print(f"gpu_check: KD step, {shapes[0]} teacher -> its {max(2, SHAPES[shapes[0]]['num_hidden_layers'] // 3)}-layer cut,"
+          f" {batch} x {seq}: {r['tokens_per_s']:,.0f} tok/s", flush=True)
+    figures["kd_tok_s_135m"] = round(r["tokens_per_s"], 1)
     peak = None if a.dry_run else _peak(name, a.peak_tflops)
     for shape, tag in zip(shapes, ("135m", "1p7b")):
         r = student_step(shape, device, precision, batch, seq, 2 if a.dry_run else a.steps, a.profile, a.compile)
