@@ -151,7 +151,7 @@ def multitask_steps(strategy: str, shape: str, device, precision: str, batch: in
         same = all(torch.equal(a, b) for a, b in zip(engine.distiller.state_dict().values(), other.distiller.state_dict().values()))
     ok = all(v == v and abs(v) != float("inf") for v in sums) and count == val.shape[0] * (seq - 1) and nll == nll
     return {"terms": {k: sums[i] / sums[-1] for i, k in enumerate(spec.report_terms)}, "val_loss": nll / count, "ok": ok,
-            "checkpoint_ok": same, "tokens_per_s": batch * seq / sorted(times)[len(times) // 2]}
+            "checkpoint_ok": same, "tokens_per_s": batch * seq / sorted(times)[len(times) // 2], "student_layers": len(kept)}
 
 
 def student_step(shape: str, device, precision: str, batch: int, seq: int, steps: int, profile: bool = False,
@@ -243,7 +243,7 @@ def main(argv=None) -> int:
         figures[f"{strategy}_ok"] = int(r["ok"] and r["checkpoint_ok"] and not bad)
     # the distillation step itself: teacher forward + the 10-of-30-layer student's CE + KL + hidden + attention step
     r = multitask_steps("ddp", shapes[0], device, precision, batch, seq, 2 if a.dry_run else a.steps + 3, a.compile)
-    print(f"gpu_check: KD step, {shapes[0]} teacher -> its {max(2, SHAPES[shapes[0]]['num_hidden_layers'] // 3)}-layer cut,"
+    print(f"gpu_check: KD step, {shapes[0]} teacher -> its {r['student_layers']}-layer cut,"
           f" {batch} x {seq}: {r['tokens_per_s']:,.0f} tok/s", flush=True)
     figures["kd_tok_s_135m"] = round(r["tokens_per_s"], 1)
     peak = None if a.dry_run else _peak(name, a.peak_tflops)

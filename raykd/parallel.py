@@ -66,18 +66,15 @@ def checkpoint_activations(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def compile_unhooked(model) -> list[str]:
+def compile_unhooked(model) -> None:
     """`train.compile`: torch.compile each decoder layer's children except its attention (the MLP and the norms, in
-    place), and return their names. Inductor fuses their elementwise work (RMSNorm, SiLU x up); the layer and its
-    attention stay eager because `raykd.capture` hooks them afresh every step, which a compiled graph would not see."""
-    done = []
-    for i, layer in enumerate(decoder_layers(model)):
+    place). Inductor fuses their elementwise work (RMSNorm, SiLU x up); the layer and its attention stay eager
+    because `raykd.capture` hooks them afresh every step, which a compiled graph would not see."""
+    for layer in decoder_layers(model):
         attn = attention_module(layer)
-        for name, child in layer.named_children():
+        for child in layer.children():
             if child is not attn:
                 child.compile()
-                done.append(f"{i}.{name}")
-    return done
 
 
 def lr_lambda(warmup: int, total: int, floor: float = 0.1):
