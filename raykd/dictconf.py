@@ -60,7 +60,7 @@ def build(cls, data: dict, prefix: str):
     for key, value in data.items():
         path = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
-            raise ConfigError(f"{path}: unknown key{suggest(key, names)} valid keys here: {', '.join(names)}")
+            raise ConfigError(f"{path}: unknown key{suggest(key, names) or ';'} valid keys here: {', '.join(names)}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             if key == "teacher" and isinstance(value, str):  # `teacher: smollm2-135m` shorthand

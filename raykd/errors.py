@@ -20,7 +20,7 @@ def suggest(name: str, choices) -> str:
 def check_choice(path: str, value, choices) -> None:
     """One line when `value` is not one of `choices` (the nearest suggested)."""
     if value not in choices:
-        raise ConfigError(f"{path}: unknown value {value!r}{suggest(value, choices)} choose one of: {', '.join(map(str, choices))}")
+        raise ConfigError(f"{path}: unknown value {value!r}{suggest(value, choices) or ';'} choose one of: {', '.join(map(str, choices))}")
 
 
 def check_positive(path: str, value, allow_zero: bool = False) -> None:

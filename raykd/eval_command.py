@@ -63,9 +63,7 @@ def _run_eval(student_dir, teacher_spec, data, block_size, max_blocks, text_fiel
         models.check_same_vocab(tokenizer, models.load_tokenizer(student_dir, trust_remote_code), "--student")
     elif getattr(s_config, "vocab_size", None) != getattr(t_config, "vocab_size", None):
         raise ConfigError(f"--student: vocabulary size {s_config.vocab_size} differs from the teacher's {t_config.vocab_size}; use a student cut from this teacher")
-    context = getattr(t_config, "max_position_embeddings", None)
-    if context and block_size > context:
-        raise ConfigError(f"--block-size: {block_size} exceeds the teacher's context of {context} tokens; use at most {context}")
+    models.check_context("--block-size", block_size, t_config, "teacher")
     blocks = eval_blocks(data, tokenizer, block_size, max_blocks, text_field, field="--data")
     log(f"raykd: evaluating on {blocks.shape[0]} blocks x {block_size} tokens")
     student = models.load_model(student_dir, torch.float32, trust_remote_code, frozen=True)

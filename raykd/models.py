@@ -240,6 +240,13 @@ def _from_hub(repo_id: str, field: str) -> Path:
         raise ConfigError(f"{field}: could not download {repo_id!r} from the hub ({type(e).__name__}); pass a local model directory") from None
 
 
+def check_context(field: str, block_size: int, config, who: str) -> None:
+    """One line when a block is longer than a model's positions (`max_position_embeddings`), before any run starts."""
+    context = getattr(config, "max_position_embeddings", None)
+    if context and block_size > context:
+        raise ConfigError(f"{field}: {block_size} exceeds the {who}'s context of {context} tokens; use at most {context}")
+
+
 def resolve_dtype(name: str) -> torch.dtype:
     """`auto` picks bf16 only where it is fast: a CUDA GPU, or a CPU with avx512_bf16/amx: bf16 autocast ran 7-70x slower than fp32 on an avx2-only CPU."""
     if name != "auto":

@@ -124,10 +124,12 @@ def build_plan(cfg: Config, log=print) -> Plan:
     trc = cfg.teacher.trust_remote_code
     teacher_dir = models.resolve_model(cfg.teacher.model, "teacher.model", log)
     t_config = models.load_config(teacher_dir, trc)
+    models.check_context("data.block_size", cfg.data.block_size, t_config, "teacher")
     teacher = model_info(t_config, cfg.teacher.model, str(teacher_dir), trc)
     if cfg.student.model:
         s_dir = models.resolve_model(cfg.student.model, "student.model", log)
         s_config = models.load_config(s_dir, trc, "student.model")
+        models.check_context("data.block_size", cfg.data.block_size, s_config, "student")
         models.check_same_vocab(models.load_tokenizer(teacher_dir, trc), models.load_tokenizer(s_dir, trc))
         student = model_info(s_config, cfg.student.model, str(s_dir), trc)
         kept, importance = None, None

@@ -179,6 +179,7 @@ def test_cli_eval_table_and_named_teacher(capsys, student_dir):
         ("missing_data", "--data: "),
         ("short_data", "--data: the text holds"),
         ("bad_block_size", "--block-size: "),
+        ("block_over_context", "--block-size: 4096 exceeds the teacher's context of 2048 tokens; use at most 2048"),
     ],
 )
 def test_cli_eval_bad_input_exits_2_with_one_line(case, start, tmp_path, capsys, student_dir, tiny_teacher_dir):
@@ -199,6 +200,8 @@ def test_cli_eval_bad_input_exits_2_with_one_line(case, start, tmp_path, capsys,
         data = str(short)
     elif case == "bad_block_size":
         size = "1"
+    elif case == "block_over_context":
+        size = "4096"
     argv = ["eval", "--student", student, "--teacher", teacher, "--data", data, "--block-size", size]
     assert main(argv) == 2
     captured = capsys.readouterr()

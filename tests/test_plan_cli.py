@@ -42,6 +42,11 @@ def test_plan_json_and_overrides(capsys, tiny_teacher_dir):
         (["loss.weights.kd=-0.5"], "loss.weights.kd: negative weight"),
         (["student.model=tiny-random:vocab=512"], "student.model: vocabulary differs"),
         (["loss.attention_pairs=[7]"], "loss.attention_pairs: index 7 out of range"),
+        (["data.block_size=1"], "data.block_size: must be >= 2"),
+        (["data.block_size=4096"], "data.block_size: 4096 exceeds the teacher's context of 2048 tokens; use at most 2048"),
+        (["seed=-1"], "seed: must be >= 0, got -1"),
+        (["layer_map.strategy=diagonal"], "layer_map.strategy: unknown value 'diagonal'; choose one of: auto,"),
+        (["loss.weights.zzz=1"], "loss.weights.zzz: unknown key; valid keys here: ce, kd,"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(overrides, start, tiny_teacher_dir):
