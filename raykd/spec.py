@@ -47,10 +47,11 @@ def weights_of(loss) -> dict[str, float]:
 def cache_refusal(loss, sparse_unsupported) -> str | None:
     """Why a teacher cache cannot serve this loss config (one line naming the field), or None."""
     w = weights_of(loss)
-    for term in CACHE_CANNOT_SERVE:
-        if term in w:
-            return (f"loss.weights.{term}: the teacher cache (teacher.cache) cannot serve this term; "
-                    f"set loss.weights.{term}=0 or drop teacher.cache to run the teacher online")
+    terms = [t for t in CACHE_CANNOT_SERVE if t in w]  # every one named at once: one fix, not one per try
+    if terms:
+        fields = ", ".join(f"loss.weights.{t}" for t in terms)
+        return (f"{fields}: the teacher cache (teacher.cache) cannot serve {'these terms' if len(terms) > 1 else 'this term'}; "
+                f"set {' '.join(f'loss.weights.{t}=0' for t in terms)} or drop teacher.cache to run the teacher online")
     if "class_kd" in w:  # a softmax over the batch's tokens per vocabulary entry: top-k log-probs cannot give it
         return ("loss.weights.class_kd: class_kl needs every token's dense teacher logits, which the teacher cache "
                 "(top-k log-probs) does not hold; set loss.weights.class_kd=0 or drop teacher.cache to run the teacher online")

@@ -149,6 +149,10 @@ def test_config_refuses_terms_the_cache_cannot_serve():
     for term in ("attention", "relation", "blockwise"):
         with pytest.raises(ConfigError, match=f"loss.weights.{term}"):
             load_config(SMOKE, ["teacher.cache=x", *[f"loss.weights.{t}=0" for t in ("attention", "relation", "blockwise") if t != term]])
+    with pytest.raises(ConfigError) as e:  # all three weighted: one line names them all and the whole fix
+        load_config(SMOKE, ["teacher.cache=x", "loss.weights.attention=0.1", "loss.weights.relation=0.1", "loss.weights.blockwise=0.1"])
+    assert str(e.value).startswith("loss.weights.attention, loss.weights.relation, loss.weights.blockwise: the teacher cache")
+    assert "set loss.weights.attention=0 loss.weights.relation=0 loss.weights.blockwise=0 or drop teacher.cache" in str(e.value)
     with pytest.raises(ConfigError, match="loss.kd: dkd"):
         load_config(SMOKE, [*BASE, "teacher.cache=x", "loss.kd=dkd"])
 
