@@ -53,7 +53,7 @@ def _number_text(value, tp):
 def build(cls, data: dict, prefix: str):
     """The dataclass `cls` from `data` (nested sections built recursively; `prefix` names them in errors)."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix}: expected a mapping of fields, got {data!r}")
+        raise ConfigError(f"{prefix}: expected a mapping of fields, got {data!r}; set its fields one by one, e.g. {prefix}.FIELD=VALUE")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -103,7 +103,7 @@ def set_dotted(data: dict, dotted: str, value) -> None:
 def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
     out = []
     for item in items:
-        if "=" not in item:
+        if "=" not in item or not item.split("=", 1)[0].strip() or ".." in item.split("=", 1)[0]:
             raise ConfigError(f"{item}: overrides look like key=value, e.g. student.num_layers=10")
         key, raw = item.split("=", 1)
         try:

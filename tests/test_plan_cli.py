@@ -46,6 +46,8 @@ def test_plan_json_and_overrides(capsys, tiny_teacher_dir):
         (["data.block_size=4096"], "data.block_size: 4096 exceeds the teacher's context of 2048 tokens; use at most 2048"),
         (["seed=-1"], "seed: must be >= 0, got -1"),
         (["layer_map.strategy=diagonal"], "layer_map.strategy: unknown value 'diagonal'; choose one of: auto,"),
+        (["=3"], "=3: overrides look like key=value"),
+        (["loss=3"], "loss: expected a mapping of fields, got 3; set its fields one by one, e.g. loss.FIELD=VALUE"),
         (["loss.weights.zzz=1"], "loss.weights.zzz: unknown key; valid keys here: ce, kd,"),
     ],
 )
