@@ -9,9 +9,9 @@ import sys
 import time
 
 
-def _err(msg: str) -> int:
+def _err(msg: str, code: int = 2) -> int:
     print(f"raykd: error: {msg}", file=sys.stderr)
-    return 2
+    return code
 
 
 def cmd_plan(args) -> int:
@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from raykd.errors import ConfigError
+    from raykd.errors import ConfigError, Diverged
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -201,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except ConfigError as e:
         return _err(str(e))
+    except Diverged as e:  # bad input found by training (exit 1: the run started), one line as well
+        return _err(str(e), code=1)
 
 
 if __name__ == "__main__":

@@ -30,3 +30,19 @@ def check_positive(path: str, value, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{path}: must be {bound}, got {value}; set it to a value {bound}")
+
+
+class Diverged(RuntimeError):
+    """A run whose loss or gradient norm became non-finite: one line naming the step, the terms and the fix."""
+
+
+def check_finite(terms: dict, grad_norm: float, step: int, lr: float, norm_known: bool = True) -> None:
+    """Raise `Diverged` when a report window's mean loss terms or the step's global grad norm are not finite
+    (`norm_known` false: the engine reports nan for a norm it did not compute, DeepSpeed)."""
+    bad = {k: v for k, v in terms.items() if not math.isfinite(v)}
+    if math.isinf(grad_norm) or (norm_known and math.isnan(grad_norm)):
+        bad["grad_norm"] = grad_norm
+    if bad:
+        raise Diverged(f"train: the run diverged by step {step} ({', '.join(f'{k} {v}' for k, v in bad.items())}); "
+                       f"lower train.lr (now {lr:g}), raise train.warmup_steps or keep train.grad_clip on; "
+                       "no checkpoint of the diverged weights was written")

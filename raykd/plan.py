@@ -119,6 +119,20 @@ def _check_installed(cfg: Config) -> None:
             raise ConfigError(f"{key}: {module} is not installed here; pip install {pin} (a raykd dependency) or use {other}")
 
 
+def check_static(cfg: Config, t_config) -> None:
+    """What build_plan refuses that needs only the teacher's config (no weights, no importance search): the
+    block against its positions, the cut's depth or layers, the layer map, the objective's pair indices.
+    Sweeps run it on every listed value before a trial starts (an importance cut is checked as a `first` cut
+    of the same depth: same bounds)."""
+    depth = models.num_layers(t_config)
+    models.check_context("data.block_size", cfg.data.block_size, t_config, "teacher")
+    if cfg.student.model:
+        return
+    s, lm = cfg.student, cfg.layer_map
+    kept = select_layers("first" if s.init == "importance" else s.init, depth, s.num_layers, s.layers, s.ends_first)
+    ObjectiveSpec.build(cfg.loss, layer_map(lm.strategy, depth, len(kept), kept, lm.pairs, lm.num_pairs), depth)
+
+
 def build_plan(cfg: Config, log=print) -> Plan:
     _check_installed(cfg)
     trc = cfg.teacher.trust_remote_code

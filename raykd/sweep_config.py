@@ -18,6 +18,30 @@ OBJECTIVES = ("val_loss", "student_params")
 DOMAINS = ("choice", "grid", "uniform", "loguniform", "randint")
 
 
+def _number(value, field: str):
+    """A range bound as a number (`'1e-3'` -> 0.001), or one line naming the field."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{field}: bounds must be numbers, got {value!r}; e.g. [1.0e-4, 1.0e-2]")
+    return value
+
+
+def _flatten(params: dict, prefix: str = "") -> dict:
+    """Nested sections -> dotted keys: `sweep.params.train.lr={choice: [...]}` on the command line nests
+    as {train: {lr: {...}}}; YAML's `train.lr: {...}` is already flat. A later key wins (an override)."""
+    out: dict = {}
+    for key, spec in params.items():
+        if isinstance(spec, dict) and spec and not set(spec) & set(DOMAINS) and all(isinstance(v, dict) for v in spec.values()):
+            out.update(_flatten(spec, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = spec
+    return out
+
+
 @dataclass
 class SweepConfig:
     params: dict[str, Any] = field(default_factory=dict)  # dotted config key -> {choice|grid: [...]} or {uniform|loguniform|randint: [lo, hi]}
@@ -43,6 +67,7 @@ class SweepConfig:
         return self.evaluate == "front" and not any(str(o).startswith("task:") for o in self.objectives)
 
     def __post_init__(self):
+        self.params = _flatten(self.params) if isinstance(self.params, dict) else self.params
         if not self.params:
             raise ConfigError("sweep.params: nothing to search; add e.g. `student.num_layers: {choice: [2, 3, 4]}`")
         for key, spec in self.params.items():
@@ -51,6 +76,8 @@ class SweepConfig:
             kind, values = next(iter(spec.items()))
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"sweep.params.{key}.{kind}: expected a non-empty list of values")
+            if kind in ("uniform", "loguniform", "randint"):  # YAML 1.1 reads 1e-3 (no dot) as text
+                values = spec[kind] = [_number(v, f"sweep.params.{key}.{kind}") for v in values]
             if kind in ("uniform", "loguniform", "randint") and (len(values) != 2 or not values[0] < values[1]):
                 raise ConfigError(f"sweep.params.{key}.{kind}: expected [low, high] with low < high, got {values}")
             if kind == "loguniform" and values[0] <= 0:

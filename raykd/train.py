@@ -39,6 +39,7 @@ import torch
 from raykd import cut, manifest, models, runtime, tasks
 from raykd.config import Config, ConfigError, from_dict
 from raykd.data import cache, pipeline
+from raykd.errors import Diverged, check_finite
 from raykd.objective import Distiller, teacher_forward
 from raykd.onpolicy import OnPolicy
 
@@ -247,6 +248,7 @@ def report(w: Worker, state: RunState, window: torch.Tensor, meter: dict, grad_n
     window.zero_()
     elapsed = time.perf_counter() - meter["start"]
     metrics = w.spec.window_metrics(sums, w.world)
+    check_finite(metrics, grad_norm, step, w.engine.lr(), norm_known=w.cfg.scale.strategy != "deepspeed")  # every rank: same sums
     metrics.update(
         step=step, epoch=state.epoch, tokens_seen=state.tokens_seen, lr=w.engine.lr(), grad_norm=grad_norm,
         tokens_per_s=meter["tokens"] / max(elapsed, 1e-9), student_params=models.count_params(w.engine.distiller.student),
@@ -356,6 +358,19 @@ def build_trainer(cfg: Config, plan, log=print, callbacks: list | None = None, d
     )
 
 
+def fit_or_why(trainer):
+    """`trainer.fit()`; a run that diverged on its workers is one line (raykd.errors.Diverged), not Ray's traceback."""
+    from ray.train import WorkerGroupError
+
+    try:
+        return trainer.fit()
+    except WorkerGroupError as e:
+        why = next((str(f).strip().splitlines()[-1] for f in e.worker_failures.values() if isinstance(f, Diverged) or "Diverged" in type(f).__name__), None)
+        if why is None:
+            raise
+        raise Diverged(why.split("Diverged: ", 1)[-1]) from None
+
+
 def distill(cfg: Config, log=print) -> dict:
     """`raykd distill`: validate, start or join Ray, train, export OUTPUT/{student,metrics.json,config.yaml}."""
     from raykd.plan import resolve
@@ -370,7 +385,7 @@ def distill(cfg: Config, log=print) -> dict:
     runtime.require_shared_storage(resolved, how)
     runtime.wait_for_workers(resolved, how, log)
     trainer = build_trainer(resolved, plan, log)
-    result = trainer.fit()
+    result = fit_or_why(trainer)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     with result.checkpoint.as_directory() as d:

@@ -114,3 +114,14 @@ def test_runs_sharing_a_basename_get_their_own_checkpoint_storage(tmp_path):
     a, b = run_name(tmp_path / "x" / "run"), run_name(tmp_path / "y" / "run")
     assert a != b and a.startswith("run-") and b.startswith("run-")
     assert run_name(tmp_path / "x" / "run") == a  # the same output dir resumes its own checkpoints
+
+
+def test_check_finite_names_the_step_the_terms_and_the_fix():
+    from raykd.errors import Diverged, check_finite
+
+    check_finite({"loss": 3.2, "ce": 2.0}, 1.5, 10, 3e-4)  # finite: nothing
+    check_finite({"loss": 3.2}, float("nan"), 10, 3e-4, norm_known=False)  # DeepSpeed reports nan for a norm it did not take
+    with pytest.raises(Diverged, match=r"^train: the run diverged by step 10 \(kd inf\); lower train.lr \(now 0.0003\)"):
+        check_finite({"loss": 3.2, "kd": float("inf")}, 1.5, 10, 3e-4)
+    with pytest.raises(Diverged, match=r"by step 7 \(grad_norm nan\)"):
+        check_finite({"loss": 3.2}, float("nan"), 7, 1e-3)

@@ -76,6 +76,16 @@ def test_ce_only_run_trains_without_teacher_terms(local_ray, tmp_path):
     _check_output(tmp_path / "out", 6)
 
 
+def test_a_diverging_run_stops_at_its_first_report_with_one_line(local_ray, tmp_path):
+    """At lr 1e30 the loss is nan within two steps: the run stops at that report (raykd.errors.Diverged naming the
+    step, the terms and train.lr), before any checkpoint of the diverged weights, and exports nothing."""
+    from raykd.errors import Diverged
+    from raykd.train import distill
+
+    with pytest.raises(Diverged, match=r"^train: the run diverged by step [24] \(.*nan.*\); lower train.lr \(now [0-9.e+]+\)"):
+        distill(_cfg(tmp_path, "train.lr=1e30", "train.max_steps=6", "train.report_every=2", "scale.num_workers=1"))
+    assert not list((tmp_path / "out").rglob("checkpoint_*")) and not (tmp_path / "out" / "student").exists()
+
 
 def test_final_checkpoint_without_training_state(local_ray, tmp_path):
     """train.final_training_state=false (what sweep trials set): the last checkpoint holds the student and the

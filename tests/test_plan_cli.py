@@ -188,3 +188,26 @@ def test_importance_memo_is_keyed_by_the_teachers_weight_files(tmp_path):
     os.utime(teacher / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     assert memo_path(tmp_path, teacher, 4, ids, "block_ppl") != first
     assert memo_path(tmp_path, teacher, 5, ids, "block_ppl") != memo_path(tmp_path, teacher, 4, ids, "block_ppl")
+
+
+@pytest.mark.parametrize("override, start", [
+    # each listed value is checked against the teacher before any trial starts (the tiny teacher has 6 layers)
+    ("sweep.params.student.num_layers={choice: [2, 9]}", "sweep.params.student.num_layers: the value 9 makes an invalid config "
+                                                          "(student.num_layers: 9 must be between 1 and 5"),
+    ("sweep.params.data.block_size={choice: [64, 4096]}", "sweep.params.data.block_size: the value 4096 makes an invalid config "
+                                                          "(data.block_size: 4096 exceeds the teacher's context of 2048"),
+    # nested keys from the command line are the dotted keys of the YAML; 1e-3 (YAML 1.1: text) is a number
+    ("sweep.params.train.lr={loguniform: [1e-3, 1e-5]}", "sweep.params.train.lr.loguniform: expected [low, high] with low < high, got [0.001, 1e-05]"),
+    ("sweep.params.train.lr={uniform: [a, 1]}", "sweep.params.train.lr.uniform: bounds must be numbers, got 'a'"),
+])
+def test_a_sweep_space_is_checked_value_by_value_before_ray(override, start, tiny_teacher_dir, tmp_path):
+    proc = run_cli("sweep", "jobs/sweep-smoke.yaml", f"output_dir={tmp_path / 'sweep'}", override)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("raykd: error: " + start), proc.stderr
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_sweep_params_nested_from_the_command_line_are_dotted_keys():
+    from raykd.sweep_config import SweepConfig
+
+    sw = SweepConfig(params={"loss.kd": {"choice": ["jsd"]}, "train": {"lr": {"loguniform": ["1e-4", "1e-2"]}}})
+    assert sw.params == {"loss.kd": {"choice": ["jsd"]}, "train.lr": {"loguniform": [1e-4, 1e-2]}}

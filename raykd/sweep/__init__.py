@@ -102,13 +102,21 @@ def trial_config(base: dict, params: dict, sweep: SweepConfig, trial_dir: str) -
     return from_dict(d)
 
 
-def _check_space(base: dict, sweep: SweepConfig) -> None:
-    """Every listed choice must make a valid config on its own (caught here, before Ray)."""
+def _check_space(base: dict, sweep: SweepConfig, log=print) -> None:
+    """Every listed choice must make a valid config on its own, and one the teacher can take (its depth, its
+    positions, the layer map: raykd.plan.check_static), caught here, before Ray and before any trial."""
+    from raykd.plan import check_static
+
+    t_configs: dict = {}
     for key, spec in sweep.params.items():
         kind, values = next(iter(spec.items()))
         for value in values if kind in ("choice", "grid") else values[:2]:
             try:
-                trial_config(base, {key: value}, sweep, "check")
+                cfg = trial_config(base, {key: value}, sweep, "check")
+                if cfg.teacher.model not in t_configs:
+                    t_dir = models.resolve_model(cfg.teacher.model, "teacher.model", log)
+                    t_configs[cfg.teacher.model] = models.load_config(t_dir, cfg.teacher.trust_remote_code)
+                check_static(cfg, t_configs[cfg.teacher.model])
             except ConfigError as e:
                 raise ConfigError(f"sweep.params.{key}: the value {value!r} makes an invalid config ({e})") from None
 
@@ -207,9 +215,8 @@ def sweep(cfg: Config, resume: bool = False, log=print) -> dict:
         raise ConfigError("sweep: the config has no sweep: section; add sweep.params (see jobs/sweep-smoke.yaml)")
     sw = _build(SweepConfig, cfg.sweep, "sweep")
     base = cfg.to_dict()
-    _check_space(base, sw)
+    _check_space(base, sw, log)  # fetches/converts each teacher once, before trials race for it
     pipeline.preflight(cfg.data)
-    models.resolve_model(cfg.teacher.model, "teacher.model", log)  # fetch/convert once, before trials race for it
     pipeline.check_tokens(cfg.data, cfg.teacher.model, cfg.teacher.trust_remote_code)
     from raykd.tasks import prepare
 
