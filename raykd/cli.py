@@ -15,12 +15,23 @@ def _err(msg: str, code: int = 2) -> int:
 
 
 def cmd_plan(args) -> int:
+    from raykd import tasks
     from raykd.config import load_config
+    from raykd.data import pipeline
     from raykd.plan import build_plan, format_plan
 
     cfg = load_config(args.config, args.overrides)
     plan = build_plan(cfg, log=lambda m: print(m, file=sys.stderr))
-    print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(cfg, plan))
+    # what `raykd distill` refuses before Ray, refused here too: the corpus, one block per split, the tasks
+    data = pipeline.preflight(cfg.data)
+    pipeline.check_tokens(cfg.data, plan.teacher.path, cfg.teacher.trust_remote_code)
+    tasks.check(cfg.eval.tasks)
+    if args.json:
+        print(json.dumps({**plan.to_dict(), "data": data}, indent=2))
+    else:
+        print(format_plan(cfg, plan))
+        print(f"data       {data['train_documents']:,} training / {data['validation_documents']:,} validation documents "
+              f"from {data['train_files']} file(s), {data['bytes'] / 1e6:.1f} MB; eval tasks {', '.join(cfg.eval.tasks) or 'none'}")
     return 0
 
 

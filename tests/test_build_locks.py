@@ -69,16 +69,23 @@ def test_a_wait_on_a_lock_that_goes_stale_during_the_run_ends(tmp_path, monkeypa
 
 
 def test_a_start_that_stays_stuck_prints_where_it_waits(tmp_path, monkeypatch):
-    """A body still running after `stuck_s` dumps every thread's stack (faulthandler writes to a real fd)."""
+    """A body still running after `stuck_s` prints every thread's stack, again every `stuck_s`, and never after
+    the body has returned. The body waits for the second print itself rather than for a fixed time, so a
+    loaded machine (a starved thread) cannot change what is asserted."""
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     import subprocess
     import sys
 
-    code = ("import time\nfrom raykd.build_locks import stale_build_locks_cleared\n"
-            "def waiting_for_peers():\n    time.sleep(1.5)\n"
-            "with stale_build_locks_cleared(every_s=0.05, stuck_s=0.5):\n    waiting_for_peers()\n"
-            "time.sleep(1.0)\nprint('done')\n")
+    code = ("import sys, threading, time\nimport raykd.build_locks as bl\n"
+            "printed, two = [], threading.Event()\nreal = bl._print_stacks\n"
+            "def counting(headline):\n    real(headline)\n    printed.append(headline)\n"
+            "    if len(printed) >= 2:\n        two.set()\n"
+            "bl._print_stacks = counting\n"
+            "def waiting_for_peers():\n    assert two.wait(60), 'no second print in 60 s'\n"
+            "with bl.stale_build_locks_cleared(every_s=0.05, stuck_s=0.2):\n    waiting_for_peers()\n"
+            "print('BODY RETURNED', file=sys.stderr, flush=True)\ntime.sleep(1.0)\nprint('done')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "done", out.stderr
-    dumps = out.stderr.count("in waiting_for_peers")
-    assert 2 <= dumps <= 3, out.stderr  # at 0.5 s and 1.0 s (maybe 1.5 s), none after the body returned
+    during, after = out.stderr.split("BODY RETURNED", 1)
+    assert during.count("in waiting_for_peers") >= 2, out.stderr  # the stack names where the body waits
+    assert "still running after" not in after, out.stderr  # five stuck_s periods later: no print

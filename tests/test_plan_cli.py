@@ -117,18 +117,20 @@ def test_a_missing_strategy_package_is_one_line_at_plan(monkeypatch, tiny_teache
         build_plan(load_config("jobs/smoke.yaml", ["scale.strategy=deepspeed"]), log=lambda m: None)
 
 
+@pytest.mark.parametrize("verb", ["distill", "plan"])
 @pytest.mark.parametrize("split", ["train", "validation"])
-def test_corpus_too_short_for_one_block_is_one_line_before_ray(tmp_path, tiny_teacher_dir, split):
+def test_corpus_too_short_for_one_block_is_one_line_before_ray(tmp_path, tiny_teacher_dir, split, verb):
     """`raykd distill` on a corpus shorter than one block: exit 2 and one line naming the split and its
     token count, before Ray starts (the lane guard fails this unmarked test if anything calls ray.init)
-    and before anything is written (it used to start Ray, build the datasets, then fail)."""
+    and before anything is written (it used to start Ray, build the datasets, then fail). `raykd plan`,
+    the verb that validates, refuses it alike (it used to print a plan distill would then refuse)."""
     import re
 
     short = tmp_path / "short.txt"
     short.write_text("Four score and seven years ago our fathers brought forth, upon this continent, a new nation.\n")
     out = tmp_path / "out"
     data = ["data.train=[pydoc]", f"data.validation=[{short}]"] if split == "validation" else [f"data.train=[{short}]", "data.validation=[pydoc]"]
-    proc = run_cli("distill", "jobs/smoke.yaml", f"output_dir={out}", *data, "data.block_size=256")
+    proc = run_cli(verb, "jobs/smoke.yaml", f"output_dir={out}", *data, "data.block_size=256")
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
     fix = "add training text" if split == "train" else "add held-out text"
@@ -136,6 +138,20 @@ def test_corpus_too_short_for_one_block_is_one_line_before_ray(tmp_path, tiny_te
                      rf"{fix}.* or lower data\.block_size", lines[0])
     assert m and 10 < int(m.group(1)) < 256, lines[0]
     assert not out.exists()
+
+
+def test_plan_checks_the_corpus_and_the_task_files_as_distill_does(tmp_path, tiny_teacher_dir):
+    """`raykd plan` prints the corpus it would read and refuses an lm-eval task file distill would refuse."""
+    proc = run_cli("plan", "jobs/smoke.yaml")
+    assert proc.returncode == 0, proc.stderr
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("data "))
+    assert "training /" in line and "validation documents" in line and "eval tasks" in line, line
+    bad = tmp_path / "mytask.yaml"
+    bad.write_text("dataset_path: json\noutput_type: multiple_choice\n")
+    proc = run_cli("plan", "jobs/smoke.yaml", f"eval.tasks=[{bad}]")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"raykd: error: eval.tasks: task file {bad} has no `task:` name; an lm-eval task YAML starts with `task: NAME`"], proc.stderr
+    assert proc.stdout == ""
 
 
 def test_bridge_map_of_an_ends_cut(tiny_teacher_dir):

@@ -27,20 +27,26 @@ def prepare(names: list[str], field: str = "eval.tasks", fetch: bool = False, lo
     """Everything a task needs before any model loads, checked here (one-line errors): the sentiment
     set (fetched first when `fetch`), lm-eval task definitions. Returns {task: data} that travels to
     the workers with the config (small: at most 2,000 sentences)."""
-    check_names(names, field)
-    data: dict = {}
+    data = check(names, field)
     if "sentiment" in names:
         from raykd.tasks import sentiment
 
         if fetch:
             sentiment.fetch(log=log)
         data["sentiment"] = sentiment.load(field)
-    others = [n for n in names if not is_builtin(n)]
-    if others:
-        from raykd.tasks import harness
-
-        data["lm_eval"] = harness.check(others, field)
     return data
+
+
+def check(names: list[str], field: str = "eval.tasks") -> dict:
+    """`prepare`'s checks that need no task data fetched (what `raykd plan` runs): the names, and that
+    lm-eval knows every other task. Returns {"lm_eval": spec} when lm-eval tasks are named, else {}."""
+    check_names(names, field)
+    others = [n for n in names if not is_builtin(n)]
+    if not others:
+        return {}
+    from raykd.tasks import harness
+
+    return {"lm_eval": harness.check(others, field)}
 
 
 def run(student, teacher, tokenizer, names: list[str], data: dict, *, documents=None, blocks=None, limit: int = 200,
