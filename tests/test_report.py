@@ -244,3 +244,16 @@ document.body.setAttribute('data-order',[...t.tBodies[0].rows].map(r=>r.cells[0]
     assert sorted(order) == sorted(ppl)
     values = [ppl[i] for i in order]
     assert values[:5] == sorted(values[:5], reverse=True) and values[:5][0] == 600.0 and values[5:] == [None] * 3
+
+
+def test_report_of_a_directory_that_is_no_sweep_is_one_line(tmp_path, capsys):
+    """`raykd report` on a mistyped path or on a run that is not a sweep: exit 2, one line saying what to pass."""
+    from raykd.cli import main
+
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"raykd: error: report: {tmp_path / 'nope'} is not a directory; pass the output_dir of a raykd sweep"]
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"raykd: error: report: {tmp_path / 'tune'} holds no Tune experiment; pass the output_dir of a raykd sweep"], err
+    assert not (tmp_path / "report.md").exists()

@@ -356,12 +356,14 @@ def collect_trials(results, base: dict, sweep: SweepConfig, max_steps: int) -> l
 
 def rebuild_report(directory: str, log=print) -> dict:
     """`raykd report DIR`: the report again from the Tune experiment in DIR/tune."""
+    out = Path(directory).resolve()
+    if not out.is_dir():
+        raise ConfigError(f"report: {directory} is not a directory; pass the output_dir of a raykd sweep")
     from ray import tune
 
     from raykd.report import write_report
     from raykd.sweep import front
 
-    out = Path(directory).resolve()
     path = out / EXPERIMENT
     if not tune.Tuner.can_restore(str(path)):
         raise ConfigError(f"report: {path} holds no Tune experiment; pass the output_dir of a raykd sweep")
