@@ -24,7 +24,8 @@ def cmd_plan(args) -> int:
     plan = build_plan(cfg, log=lambda m: print(m, file=sys.stderr))
     # what `raykd distill` refuses before Ray, refused here too: the corpus, one block per split, the tasks
     data = pipeline.preflight(cfg.data)
-    pipeline.check_tokens(cfg.data, plan.teacher.path, cfg.teacher.trust_remote_code)
+    if pipeline.has_tokenizer(plan.teacher.path):  # a directory of just config.json plans too, without this check
+        pipeline.check_tokens(cfg.data, plan.teacher.path, cfg.teacher.trust_remote_code)
     tasks.check(cfg.eval.tasks)
     if args.json:
         print(json.dumps({**plan.to_dict(), "data": data}, indent=2))

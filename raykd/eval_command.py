@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from raykd.data.pipeline import has_tokenizer
 from raykd.errors import ConfigError
 from raykd.evaluate import eval_blocks, evaluate_pair
 
@@ -59,7 +60,7 @@ def _run_eval(student_dir, teacher_spec, data, block_size, max_blocks, text_fiel
     tokenizer = models.load_tokenizer(teacher_dir, trust_remote_code)
     s_config = models.load_config(student_dir, trust_remote_code, "--student")
     t_config = models.load_config(teacher_dir, trust_remote_code, "--teacher")
-    if _has_tokenizer(student_dir):
+    if has_tokenizer(student_dir):
         models.check_same_vocab(tokenizer, models.load_tokenizer(student_dir, trust_remote_code), "--student")
     elif getattr(s_config, "vocab_size", None) != getattr(t_config, "vocab_size", None):
         raise ConfigError(f"--student: vocabulary size {s_config.vocab_size} differs from the teacher's {t_config.vocab_size}; use a student cut from this teacher")
@@ -85,11 +86,6 @@ def _documents(sources: list[str], text_field: str):
 
     return documents(DataConfig(train=list(sources), validation=list(sources), text_field=text_field, min_chars=1, dedupe=False),
                      "validation")
-
-
-def _has_tokenizer(path: Path) -> bool:
-    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-    return any((path / name).is_file() for name in names)
 
 
 def format_eval(metrics: dict) -> str:

@@ -97,6 +97,11 @@ _PROBE = "_raykd_probe"  # attribute on datasets built here: (dataset before the
 # --- the Ray Data pipeline -------------------------------------------------------------------
 
 
+def has_tokenizer(path) -> bool:
+    """Whether the model directory `path` holds a tokenizer (a planning-only directory may hold just config.json)."""
+    return any((Path(path) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"))
+
+
 @functools.lru_cache(maxsize=4)
 def _tokenizer(teacher: str, trust_remote_code: bool):
     """The teacher's tokenizer, loaded once per process (a cache, not a knob). `teacher` is the
