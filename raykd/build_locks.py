@@ -56,7 +56,7 @@ def stale_build_locks_cleared(every_s: float = 30.0, idle_s: float = STALE_BUILD
         nonlocal next_dump
         while True:
             clear_stale_build_locks(idle_s)
-            if time.monotonic() >= next_dump:
+            if time.monotonic() >= next_dump and not done.is_set():  # a starved thread waking after the body: no dump
                 next_dump += stuck_s
                 _print_stacks(f"raykd: deepspeed.initialize still running after {time.monotonic() - t0:.0f} s")
             if done.wait(min(every_s, max(0.01, next_dump - time.monotonic()))):
