@@ -15,18 +15,12 @@ def _err(msg: str, code: int = 2) -> int:
 
 
 def cmd_plan(args) -> int:
-    from raykd import tasks
     from raykd.config import load_config
-    from raykd.data import pipeline
-    from raykd.plan import build_plan, format_plan
+    from raykd.plan import build_plan, check_inputs, format_plan
 
     cfg = load_config(args.config, args.overrides)
     plan = build_plan(cfg, log=lambda m: print(m, file=sys.stderr))
-    # what `raykd distill` refuses before Ray, refused here too: the corpus, one block per split, the tasks
-    data = pipeline.preflight(cfg.data)
-    if pipeline.has_tokenizer(plan.teacher.path):  # a directory of just config.json plans too, without this check
-        pipeline.check_tokens(cfg.data, plan.teacher.path, cfg.teacher.trust_remote_code)
-    tasks.check(cfg.eval.tasks)
+    data = check_inputs(cfg, plan.teacher.path, planning=True)  # what `raykd distill` refuses before Ray
     if args.json:
         print(json.dumps({**plan.to_dict(), "data": data}, indent=2))
     else:

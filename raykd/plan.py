@@ -133,6 +133,25 @@ def check_static(cfg: Config, t_config) -> None:
     ObjectiveSpec.build(cfg.loss, layer_map(lm.strategy, depth, len(kept), kept, lm.pairs, lm.num_pairs), depth)
 
 
+def check_inputs(cfg: Config, teacher: str, planning: bool = False, log=print) -> dict:
+    """What `raykd plan`, `distill` and `sweep` refuse before Ray, in one place: the corpus (files, text fields,
+    both splits), at least one block of tokens per split, the eval tasks. `teacher`: the teacher's spec or
+    directory. `planning`: nothing fetched (task names and lm-eval tasks only checked), and a directory without a
+    tokenizer (a planning-only directory of config.json) leaves the one-block check to the run. Returns the
+    corpus summary of `preflight`."""
+    from raykd import tasks
+    from raykd.data import pipeline
+
+    data = pipeline.preflight(cfg.data)
+    if planning:
+        tasks.check(cfg.eval.tasks)
+    else:
+        tasks.prepare(cfg.eval.tasks, fetch=True, log=log)  # task data fetched once (or refused)
+    if not planning or pipeline.has_tokenizer(teacher):
+        pipeline.check_tokens(cfg.data, teacher, cfg.teacher.trust_remote_code)
+    return data
+
+
 def build_plan(cfg: Config, log=print) -> Plan:
     _check_installed(cfg)
     trc = cfg.teacher.trust_remote_code

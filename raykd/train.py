@@ -373,12 +373,10 @@ def fit_or_why(trainer):
 
 def distill(cfg: Config, log=print) -> dict:
     """`raykd distill`: validate, start or join Ray, train, export OUTPUT/{student,metrics.json,config.yaml}."""
-    from raykd.plan import resolve
+    from raykd.plan import check_inputs, resolve
 
     resolved, plan = resolve(cfg, log)
-    pipeline.preflight(cfg.data)  # bad corpora fail here, before Ray starts
-    tasks.prepare(cfg.eval.tasks, fetch=True, log=log)  # task data fetched (or refused) before Ray starts
-    pipeline.check_tokens(resolved.data, resolved.teacher.model, resolved.teacher.trust_remote_code)
+    check_inputs(resolved, resolved.teacher.model, log=log)  # bad corpora and tasks fail here, before Ray starts
     if resolved.teacher.cache:
         cache.ensure(resolved, plan, log)  # a mismatching cache is refused before Ray starts; a missing one is built
     how = runtime.init_ray(resolved, log=log)

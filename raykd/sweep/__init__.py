@@ -207,7 +207,7 @@ def sweep(cfg: Config, resume: bool = False, log=print) -> dict:
     from ray import tune
 
     from raykd import runtime
-    from raykd.data import pipeline
+    from raykd.plan import check_inputs
     from raykd.report import write_report
     from raykd.runtime import init_ray, require_shared_storage
 
@@ -216,11 +216,7 @@ def sweep(cfg: Config, resume: bool = False, log=print) -> dict:
     sw = _build(SweepConfig, cfg.sweep, "sweep")
     base = cfg.to_dict()
     _check_space(base, sw, log)  # fetches/converts each teacher once, before trials race for it
-    pipeline.preflight(cfg.data)
-    pipeline.check_tokens(cfg.data, cfg.teacher.model, cfg.teacher.trust_remote_code)
-    from raykd.tasks import prepare
-
-    prepare(cfg.eval.tasks, fetch=True, log=log)  # task data fetched once (or refused) before Ray starts
+    check_inputs(cfg, cfg.teacher.model, log=log)  # the corpus and the task data (fetched once), before Ray starts
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     cache_run = _cache_config(cfg, sw, log) if cfg.teacher.cache else None  # a mismatching cache is refused here, before Ray
