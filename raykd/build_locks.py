@@ -5,6 +5,10 @@ machine, under torch's extension root (`TORCH_EXTENSIONS_DIR`, else `~/.cache/to
 guarded by a `lock` file that the build removes when it ends (`torch.utils.file_baton.FileBaton`). A build
 killed in between (Ctrl-C, a stopped job, the end of a CI run) leaves the lock, and every later DeepSpeed
 start on that machine waits on it forever, silently. No Ray, no DeepSpeed here.
+
+The sweeping thread imports nothing: an import in it while `deepspeed.initialize` imports in the main thread
+deadlocked both (setuptools' distutils finder imports while holding the interpreter's global import lock, and
+the thread held the module lock of `setuptools`, which it was importing through `torch.utils.cpp_extension`).
 """
 
 from __future__ import annotations
@@ -21,13 +25,18 @@ STALE_BUILD_S = 600  # a C++-extension build directory unchanged this long holds
 STUCK_S = 300  # a DeepSpeed start still in deepspeed.initialize after this long prints its threads' stacks
 
 
-def clear_stale_build_locks(idle_s: float = STALE_BUILD_S) -> list[Path]:
-    """Remove the `lock` files of builds that were killed mid-way, and return them: a build directory in
-    which nothing (lock included) changed for `idle_s` seconds has no build running in it. Each removal
-    is said in one line on stderr."""
+def extensions_root() -> Path:
+    """Where torch builds C++ extensions: `TORCH_EXTENSIONS_DIR`, else its default root (imports torch)."""
     from torch.utils.cpp_extension import get_default_build_root
 
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+
+
+def clear_stale_build_locks(idle_s: float = STALE_BUILD_S, root: Path | None = None) -> list[Path]:
+    """Remove the `lock` files of builds that were killed mid-way under `root` (default `extensions_root()`),
+    and return them: a build directory in which nothing (lock included) changed for `idle_s` seconds has no
+    build running in it. Each removal is said in one line on stderr. With `root` given it imports nothing."""
+    root = extensions_root() if root is None else root
     removed = []
     for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]:
         try:
@@ -47,7 +56,9 @@ def stale_build_locks_cleared(every_s: float = 30.0, idle_s: float = STALE_BUILD
     """Run the body (`deepspeed.initialize`, which may wait on a build lock) while a thread clears stale locks
     every `every_s` seconds: a lock left by a build killed just before this run goes once it is `idle_s` old.
     A body still running after `stuck_s` seconds prints every thread's stack to stderr, and again every `stuck_s`,
-    so a hung start says where it waits (from this thread, so not while the body holds the GIL in C)."""
+    so a hung start says where it waits (from this thread, so not while the body holds the GIL in C).
+    The root is resolved here, in the caller's thread, so that the thread never imports (module docstring)."""
+    root = extensions_root()
     done = threading.Event()
     t0 = time.monotonic()
     next_dump = t0 + stuck_s
@@ -55,7 +66,7 @@ def stale_build_locks_cleared(every_s: float = 30.0, idle_s: float = STALE_BUILD
     def sweep():
         nonlocal next_dump
         while True:
-            clear_stale_build_locks(idle_s)
+            clear_stale_build_locks(idle_s, root)
             if time.monotonic() >= next_dump and not done.is_set():  # a starved thread waking after the body: no dump
                 next_dump += stuck_s
                 _print_stacks(f"raykd: deepspeed.initialize still running after {time.monotonic() - t0:.0f} s")

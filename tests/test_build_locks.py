@@ -89,3 +89,32 @@ def test_a_start_that_stays_stuck_prints_where_it_waits(tmp_path, monkeypatch):
     during, after = out.stderr.split("BODY RETURNED", 1)
     assert during.count("in waiting_for_peers") >= 2, out.stderr  # the stack names where the body waits
     assert "still running after" not in after, out.stderr  # five stuck_s periods later: no print
+
+
+def test_the_sweeping_thread_imports_nothing(tmp_path, monkeypatch):
+    """An import in the sweeping thread while `deepspeed.initialize` imports in the main thread deadlocked both
+    (CI hung 20 min in test_parallel's DeepSpeed start: the thread imported torch.utils.cpp_extension, hence
+    setuptools, as setuptools' distutils finder in the main thread held the global import lock). In a fresh
+    interpreter (torch not yet imported) every import the thread would make is seen by a recording finder."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    import subprocess
+    import sys
+
+    code = ("import sys, threading\n"
+            "seen = []\n"
+            "class Recorder:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        seen.append((threading.current_thread().name, name))\n"
+            "        return None\n"
+            "sys.meta_path.insert(0, Recorder())\n"
+            "import raykd.build_locks as bl\n"
+            "assert 'torch' not in sys.modules\n"
+            "real, swept = bl.clear_stale_build_locks, threading.Event()\n"
+            "def counting(*a, **k):\n    out = real(*a, **k)\n    swept.set()\n    return out\n"
+            "bl.clear_stale_build_locks = counting\n"
+            "with bl.stale_build_locks_cleared(every_s=0.05):\n    assert swept.wait(60), 'no sweep in 60 s'\n"
+            "names = sorted({n for t, n in seen if t == 'raykd-build-locks'})\n"
+            "print(len(names), names[:5])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "0 []", out.stdout  # before: 800-odd modules, torch and setuptools among them

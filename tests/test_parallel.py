@@ -1,8 +1,10 @@
 """The three parallel strategies train the same student: 2 gloo processes, each on half of
 every batch, end with the weights of one process that saw the whole batch (no Ray here)."""
 
+import faulthandler
 import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 pytestmark = pytest.mark.slow  # 2 gloo processes for all the cases: about 1 minute on 2 cores
+HANG_S = 300  # a rank still running after this long prints every thread's stack and exits: a hang fails, named
 
 CFG = {
     "teacher": {"model": "tiny-random"},
@@ -69,7 +72,11 @@ def _train(rank, world, teacher_dir, strategy, grad_accum, shard_teacher, ckpt) 
 
 
 def _worker(rank, world, port, teacher_dir, out, cases):
-    """Every case in turn in one gloo group (one process start and import per rank, not one per case)."""
+    """Every case in turn in one gloo group (one process start and import per rank, not one per case).
+    The rank leaves by os._exit, as Ray ends its workers: the interpreter's teardown of gloo and DeepSpeed state
+    aborted a rank now and then ('terminate called without an active exception', no Python frame left), after
+    its results were written."""
+    faulthandler.dump_traceback_later(HANG_S, exit=True)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
@@ -77,10 +84,25 @@ def _worker(rank, world, port, teacher_dir, out, cases):
     if rank == 0:
         torch.save(results, out)
     dist.destroy_process_group()
+    faulthandler.cancel_dump_traceback_later()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _run(world, cases, tiny_teacher_dir, out) -> list[dict]:
-    mp.start_processes(_worker, args=(world, _port(), str(tiny_teacher_dir), str(out), cases), nprocs=world, start_method="spawn")
+    """Run the ranks to their end; any rank still alive when this returns or raises is killed, so that a hung rank
+    cannot keep pytest from exiting (multiprocessing joins its children at exit: CI once hung on that for an hour)."""
+    ctx = mp.start_processes(_worker, args=(world, _port(), str(tiny_teacher_dir), str(out), cases), nprocs=world,
+                             start_method="spawn", join=False)
+    try:
+        while not ctx.join():
+            pass
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+                p.join()
     return torch.load(out, weights_only=True)
 
 
