@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 pytestmark = pytest.mark.slow  # 2 gloo processes for all the cases: about 1 minute on 2 cores
-HANG_S = 300  # a rank still running after this long prints every thread's stack and exits: a hang fails, named
+HANG_S = 600  # a rank still running after this long prints every thread's stack and exits: a hang fails, named
 
 CFG = {
     "teacher": {"model": "tiny-random"},
