@@ -337,34 +337,20 @@ class Config:
                 check_objective(objective, self.eval.tasks)
         if self.train.compile and self.scale.strategy == "deepspeed":
             raise ConfigError("train.compile: not with scale.strategy=deepspeed (ZeRO gathers weights in module hooks); use ddp or fsdp2, or drop train.compile")
-        if self.loss.on_policy.active:
-            self._check_on_policy()
-        if self.teacher.cache:  # the cache holds log-probs and hidden states, not attention or the teacher's upper blocks
+        from raykd.spec import cache_refusal, on_policy_refusal
+
+        why = on_policy_refusal(self)
+        if not why and self.teacher.cache:  # the cache holds log-probs and hidden states, not attention or the upper blocks
             from raykd.losses.divergences import SPARSE_UNSUPPORTED
-            from raykd.spec import cache_refusal
 
             why = cache_refusal(self.loss, SPARSE_UNSUPPORTED)
-            if why:
-                raise ConfigError(why)
+        if why:
+            raise ConfigError(why)
 
     @property
     def val_blocks(self) -> int:
         """Validation blocks any reader of a run takes: perplexity / agreement (data.max_val_blocks) and the checks (train.eval_blocks)."""
         return max(self.data.max_val_blocks, self.train.eval_blocks)
-
-    def _check_on_policy(self) -> None:
-        from raykd.spec import weights_of
-
-        op = self.loss.on_policy
-        if self.teacher.cache:
-            raise ConfigError("loss.on_policy: the teacher must score the student's own samples, which a teacher cache (teacher.cache) "
-                              "cannot hold; drop teacher.cache or set loss.on_policy.fraction=0")
-        if op.max_new_tokens >= self.data.block_size:
-            raise ConfigError(f"loss.on_policy.max_new_tokens: must be below data.block_size={self.data.block_size} (the prompt is the "
-                              f"block's first block_size - max_new_tokens tokens), got {op.max_new_tokens}")
-        if set(weights_of(self.loss)) <= {"ce"}:
-            raise ConfigError("loss.on_policy: only cross-entropy is weighted and CE never trains on the student's own samples; "
-                              "give a teacher term a weight (e.g. loss.weights.kd=1) or set loss.on_policy.fraction=0")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

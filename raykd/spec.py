@@ -61,6 +61,23 @@ def cache_refusal(loss, sparse_unsupported) -> str | None:
     return None
 
 
+def on_policy_refusal(cfg) -> str | None:
+    """Why `loss.on_policy` cannot run with this `Config` (one line naming the field), or None (also when it is off)."""
+    op = cfg.loss.on_policy
+    if not op.active:
+        return None
+    if cfg.teacher.cache:
+        return ("loss.on_policy: the teacher must score the student's own samples, which a teacher cache (teacher.cache) "
+                "cannot hold; drop teacher.cache or set loss.on_policy.fraction=0")
+    if op.max_new_tokens >= cfg.data.block_size:
+        return (f"loss.on_policy.max_new_tokens: must be below data.block_size={cfg.data.block_size} (the prompt is the "
+                f"block's first block_size - max_new_tokens tokens), got {op.max_new_tokens}")
+    if set(weights_of(cfg.loss)) <= {"ce"}:
+        return ("loss.on_policy: only cross-entropy is weighted and CE never trains on the student's own samples; "
+                "give a teacher term a weight (e.g. loss.weights.kd=1) or set loss.on_policy.fraction=0")
+    return None
+
+
 @dataclass(frozen=True)
 class ObjectiveSpec:
     """The multi-task objective of one run: active terms, their pairs and what they need."""
