@@ -68,6 +68,7 @@ class StudentConfig:
     ends_first: int | None = None  # init=ends: how many leading layers to keep (the rest come from the end); default half
     importance_metric: str = "block_ppl"  # init=importance: block_ppl (drop a contiguous block, score perplexity) | block_influence (1 - cos(h_in, h_out))
     calibration_tokens: int = 2048  # init=importance: training tokens scored per candidate
+    freeze_embeddings: bool = False  # keep the token embeddings and output head as initialised (no gradient, no AdamW state; a cut student trained with ddp shares the teacher's)
 
     def __post_init__(self):
         if isinstance(self.num_layers, bool) or not isinstance(self.num_layers, int) or self.num_layers < 1:

@@ -53,3 +53,27 @@ def from_files(model_dir, keep: list[int], dtype: torch.dtype = torch.float32, t
     student.load_state_dict(state, strict=False)  # tied head weights are absent from the files
     student.tie_weights()
     return student.requires_grad_(True).train()
+
+
+def freeze_embeddings(student, teacher=None) -> int:
+    """`student.freeze_embeddings`: the student's token embeddings and output head (and its bias) keep their
+    initial weights: requires_grad off, so neither gets a gradient, the fused head loss skips its [V, H] weight
+    gradient and AdamW keeps no state for them (for SmolLM2's 10-layer cut: 28 M of 64 M parameters, ~450 MB
+    of weights' gradient and AdamW moments in fp32). With `teacher` (a student cut from it, whose tensors
+    equal the student's), the student holds the teacher's tensors instead of its copies. Returns the number of
+    parameters frozen (tied weights counted once)."""
+    pairs = [(student.get_input_embeddings(), teacher.get_input_embeddings() if teacher is not None else None)]
+    out, t_out = student.get_output_embeddings(), teacher.get_output_embeddings() if teacher is not None else None
+    if out is not None:
+        pairs.append((out, t_out))
+    frozen = {}
+    for mod, t_mod in pairs:
+        for name, p in list(mod.named_parameters(recurse=False)):
+            t_p = getattr(t_mod, name, None) if t_mod is not None else None
+            if (isinstance(t_p, torch.nn.Parameter) and t_p.shape == p.shape and t_p.dtype == p.dtype
+                    and t_p.device == p.device and torch.equal(t_p, p)):
+                p = t_p  # the teacher's own tensor: one copy in memory
+                setattr(mod, name, p)
+            p.requires_grad_(False)
+            frozen[id(p)] = p.numel()
+    return sum(frozen.values())

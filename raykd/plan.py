@@ -70,11 +70,12 @@ def model_info(config, source: str, path: str, trust_remote_code: bool = False) 
     )
 
 
-def kd_flops_per_token(teacher: ModelInfo, student: ModelInfo, block: int) -> dict[str, float]:
+def kd_flops_per_token(teacher: ModelInfo, student: ModelInfo, block: int, frozen_head: bool = False) -> dict[str, float]:
     """FLOPs per token: teacher forward 2·N_t, student forward+backward 6·N_s (N = matmul
-    parameters), plus causal attention scores 2·L·T·H forward per model (Kaplan et al. 2020)."""
+    parameters), plus causal attention scores 2·L·T·H forward per model (Kaplan et al. 2020).
+    `frozen_head` (student.freeze_embeddings): no weight gradient for the [V, H] head, 2·V·H less."""
     t_fwd = 2 * teacher.matmul_params + 2 * teacher.layers * block * teacher.hidden
-    s_step = 3 * (2 * student.matmul_params + 2 * student.layers * block * student.hidden)
+    s_step = 3 * (2 * student.matmul_params + 2 * student.layers * block * student.hidden) - (2 * student.vocab * student.hidden if frozen_head else 0)
     return {"teacher_forward": float(t_fwd), "student_step": float(s_step), "total": float(t_fwd + s_step)}
 
 
@@ -178,7 +179,7 @@ def build_plan(cfg: Config, log=print) -> Plan:
         _check_attention_modules(t_config, field, trc)
         _check_attention_modules(s_config, field, trc)
     plan = Plan(teacher, student, kept, importance, pairs, objective)
-    plan.flops_per_token = kd_flops_per_token(teacher, student, cfg.data.block_size)
+    plan.flops_per_token = kd_flops_per_token(teacher, student, cfg.data.block_size, cfg.student.freeze_embeddings)
     return plan
 
 

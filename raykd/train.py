@@ -99,6 +99,8 @@ def _build_models(cfg: Config):
     teacher = None if (cached and student is not None) else models.load_model(teacher_dir, models.resolve_dtype(cfg.teacher.dtype), trc, frozen=True)
     if student is None:
         student = models.cut_student(teacher, cfg.student.layers, dtype=torch.float32)
+    if cfg.student.freeze_embeddings:  # shared with the teacher only where no strategy re-partitions the student
+        cut.freeze_embeddings(student, teacher if cfg.scale.strategy == "ddp" else None)
     pairs = [tuple(p) for p in cfg.layer_map.pairs]  # explicit: written by raykd.plan.resolve
     distiller = Distiller.build(student, cfg.loss, pairs, t_config.hidden_size, models.num_layers(t_config))
     return teacher_dir, None if cached else teacher, distiller

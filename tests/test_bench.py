@@ -241,4 +241,7 @@ def test_vs_trl_step_gemms_are_the_plans_matmul_flops(tiny_teacher_dir):
     no_scores = kd_flops_per_token(dataclasses.replace(teacher, layers=0), dataclasses.replace(student, layers=0), 16)["total"]
     norms = config.hidden_size * (2 * depth + 1) * 2 + config.hidden_size * (2 * kept + 1) * 6  # norm weights count as matmul params in the plan
     assert flops == pytest.approx((no_scores - norms) * tokens, rel=1e-9)
+    frozen = kd_flops_per_token(dataclasses.replace(teacher, layers=0), dataclasses.replace(student, layers=0), 16, frozen_head=True)
+    assert (1, config.hidden_size, tokens, config.vocab_size) in gemms  # the head's dW = X^T dY, the one GEMM a frozen head skips:
+    assert frozen["total"] == no_scores - 2 * config.vocab_size * config.hidden_size
     assert len(gemms) == 8 + 3 * 8 and {g[0] for g in gemms} == {1, depth, kept}

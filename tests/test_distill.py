@@ -106,6 +106,23 @@ def test_final_checkpoint_without_training_state(local_ray, tmp_path):
     with pytest.raises(ray.train.TrainingFailedError, match=r"train.max_steps: .*train.final_training_state=false"):
         distill(_cfg(tmp_path, *light[1:], "train.max_steps=6"))
 
+def test_frozen_embeddings_run_trains_every_other_weight(local_ray, tmp_path):
+    """student.freeze_embeddings through Ray Train (two DDP workers): the exported student's embeddings (and tied
+    head) are the teacher's, bit for bit, while its decoder layers moved and the student learned."""
+    import torch
+    from safetensors.torch import load_file
+
+    from raykd import models
+    from raykd.train import distill
+
+    metrics = distill(_cfg(tmp_path, "student.freeze_embeddings=true", "train.max_steps=6", "train.report_every=2", "eval.final=light"))
+    assert metrics["steps"] == 6 and metrics["val_perplexity"] < metrics["init_val_perplexity"]
+    saved = load_file(tmp_path / "out" / "student" / "model.safetensors")
+    teacher = models.load_model(models.resolve_model("tiny-random"), torch.float32).state_dict()
+    assert torch.equal(saved["model.embed_tokens.weight"], teacher["model.embed_tokens.weight"])
+    assert not torch.equal(saved["model.layers.0.mlp.up_proj.weight"], teacher["model.layers.0.mlp.up_proj.weight"])
+
+
 def _ray_workers(since: float):
     """Ray Train worker processes started after `since` (older ones belong to earlier runs)."""
     import psutil
