@@ -42,13 +42,13 @@ DIR/summary.md and DIR/summary.json give each model's mean, sd and min-max over 
 paired lead over logit-only KD, called within noise when under its 95% interval or the arm's seed spread
 (bench/_quality_seeds.py). Rerun into the same DIR, it keeps every arm that finished there with the same
 config (runs/ARM.json) and trains the rest, and a seed whose arms were all kept and scored with the same
-settings is not scored again. `--eval-every N` checks each arm's perplexity on the first 32 validation blocks every
-N steps during its run (the learning curve, printed and kept in runs/ARM.json: how far a budget is from a goal).
+settings is not scored again. `--eval-every N` checks each arm's perplexity on the first 32 validation blocks
+every N steps (the learning curve, kept in runs/ARM.json); `--set KEY=VALUE` changes every arm's run config alike.
 The figures are means over seeds (`_sd` beside them). Goals (issues 7, 18):
 the feature arm beats both others, its perplexity at most 2.5x the teacher's, out of domain (pydoc, mail)
 at most 4x, and it keeps at least 0.8 of the teacher's task score over chance.
 
-    .venv/bin/python bench/quality.py [--out DIR] [--seeds 0,1,2] [--steps 192] [--hidden 0.5] [--attention 0.1]
+    .venv/bin/python bench/quality.py [--out DIR] [--seeds 0,1,2] [--steps 192] [--set student.freeze_embeddings=true]
 """
 from __future__ import annotations
 
@@ -66,6 +66,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 import _quality_seeds as S  # noqa: E402
 from _quality_io import apply_recipe, finished, record, run_cli, sweep_recipe  # noqa: E402
+
+from raykd.dictconf import parse_overrides, set_dotted  # noqa: E402
 
 TEACHER_TEXT = "teacher-text"  # a --data source: the teacher's unconditional text, written by the study (general_text)
 ARMS = ("ce", "logit", "feature", "seqkd", "onpolicy", "recipe")
@@ -97,8 +99,7 @@ def base_config(a, out: Path) -> dict:
                   "precision": a.precision, "generation_eval": False, "eval_every": every,
                   **({"eval_blocks": 32} if every else {})},  # the curve: the first 32 validation blocks
         "scale": {"num_workers": 1, "strategy": "ddp"},
-        "output_dir": str(out),
-        "seed": a.seed,
+        "output_dir": str(out), "seed": a.seed,
     }
 
 
@@ -116,6 +117,8 @@ def arm_config(arm: str, resolved: dict, a, out: Path, gen_dir: Path) -> dict:
         apply_recipe(cfg, a.recipe_params)
     if arm == "onpolicy":
         cfg["loss"]["on_policy"] = {"fraction": a.onpolicy, "max_new_tokens": a.onpolicy_tokens, "temperature": 1.0}
+    for key, value in parse_overrides(getattr(a, "set", None) or []):  # --set: every arm alike
+        set_dotted(cfg, key, value)
     return cfg
 
 
@@ -236,6 +239,7 @@ def parse_args():
     p.add_argument("--bos-prompts", type=int, default=512, help=f"samples of the teacher's own text written for a {TEACHER_TEXT} source in --data")
     p.add_argument("--recipe", default=str(C.ROOT / "docs" / "sweeps" / "demo-cpu" / "trials.csv"),
                    help="the recipe arm's sweep report trials.csv: its best full-budget trial at 10 layers gives the settings")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a run-config override applied to every arm (repeatable), e.g. student.freeze_embeddings=true")
     p.add_argument("--fresh", action="store_true", help="train every arm again (by default an arm that finished in --out with the same config is kept)")
     p.add_argument("--task-limit", type=int, default=400, help="examples per task (sentiment sentences of 2,000, cloze passages)")
     a = p.parse_args()

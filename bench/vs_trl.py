@@ -7,7 +7,10 @@ precision (fp32: TRL's default bf16=True is turned off), AdamW (torch, non-fused
 constant LR, grad-norm clipping at 1.0 everywhere. Gradient (activation) checkpointing is off in
 the three main arms and on in a second pair, raykd_ckpt vs trl_ckpt (raykd
 `train.activation_checkpointing=true`, TRL `gradient_checkpointing=True`, both HF's non-reentrant
-checkpointing of the student's decoder layers), run after the first three (`--no-ckpt` skips it).
+checkpointing of the student's decoder layers), run after the first three (`--no-ckpt` skips it), and a
+third pair, raykd_frozen vs trl_frozen (`--no-frozen` skips it): checkpointing on and the student's
+embeddings / tied head frozen in both (raykd `student.freeze_embeddings=true`, which also shares the
+teacher's tensor; TRL: requires_grad off on the same weights, so its AdamW skips them).
 
 * raykd: what `raykd.train.train_loop_per_worker` does per step, without Ray: `teacher_forward`
   -> `raykd.parallel.Engine` (Distiller with CE 1 + forward KL 1, fused chunked LM-head loss)
@@ -25,7 +28,7 @@ parent with wait4); the children of a group run at once but take their steps str
 load (it is shared) hits all arms alike. `--warmup` steps are excluded; tokens/s = tokens per step / median time
 of the `--steps` timed steps. Figures: tokens_per_s_ratio = raykd / TRL (goal >= 2.2),
 peak_memory_ratio = raykd / TRL peak RSS (goal <= 0.5), plain_loop_ratio = raykd / plain
-tokens/s (goal >= 1.1), peak_memory_ratio_ckpt = raykd_ckpt / trl_ckpt peak RSS (goal <= 0.5),
+tokens/s (goal >= 1.1), peak_memory_ratio_ckpt = raykd_ckpt / trl_ckpt peak RSS (goal <= 0.5; _frozen: the third pair),
 roofline = model FLOPs per token (`raykd plan`'s flops/tok: teacher forward 2·N_t + student
 forward+backward 6·N_s, attention scores included) x raykd tokens/s / this machine's GEMM
 rate in the run's precision (the best of a few 2048 x 2048 x 2048 `torch.matmul`s at the same
@@ -66,10 +69,11 @@ def _finish(times, a, extra=None):
     C.report({"step_s": C.median(timed), "times": timed, "tokens_per_step": a.batch * a.block, **(extra or {})})
 
 
-def arm_raykd(a, ckpt: bool = False) -> None:
+def arm_raykd(a, ckpt: bool = False, frozen: bool = False) -> None:
     import torch
 
     from raykd.config import from_dict
+    from raykd.cut import freeze_embeddings
     from raykd.layer_map import layer_map
     from raykd.models import num_layers
     from raykd.objective import Distiller, teacher_forward
@@ -77,12 +81,14 @@ def arm_raykd(a, ckpt: bool = False) -> None:
 
     teacher, student, _, batches = _prepare(a)
     cfg = from_dict({
-        "teacher": {"model": "smollm2-135m"}, "student": {"init": "list", "layers": C.KEPT},
+        "teacher": {"model": "smollm2-135m"}, "student": {"init": "list", "layers": C.KEPT, "freeze_embeddings": frozen},
         "loss": {"kd": "forward_kl", "weights": {"ce": 1.0, "kd": 1.0}, "chunk_size": a.chunk},
         "data": {"block_size": a.block},
         "train": {"max_steps": a.warmup + a.steps, "batch_size": a.batch, "lr": LR, "warmup_steps": 0, "grad_clip": 1.0,
                   "precision": a.precision, "activation_checkpointing": ckpt},
     })
+    if frozen:  # as raykd.train does: the student's embeddings/head are the teacher's tensor, no gradient
+        freeze_embeddings(student, teacher)
     depth = num_layers(teacher.config)
     pairs = layer_map("auto", depth, len(C.KEPT), C.KEPT, None, None)
     distiller = Distiller.build(student, cfg.loss, pairs, teacher.config.hidden_size, depth)
@@ -134,13 +140,16 @@ def arm_plain(a) -> None:
     _finish(times, a, {"losses": losses})
 
 
-def arm_trl(a, ckpt: bool = False) -> None:
+def arm_trl(a, ckpt: bool = False, frozen: bool = False) -> None:
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     teacher, student, tok, batches = _prepare(a)
+    if frozen:  # the Trainer's AdamW takes only parameters that require grad
+        student.get_input_embeddings().requires_grad_(False)
+        student.get_output_embeddings().requires_grad_(False)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     rows = torch.cat(batches)
@@ -179,8 +188,9 @@ def arm_trl(a, ckpt: bool = False) -> None:
 
 
 ARMS = {"raykd": arm_raykd, "trl": arm_trl, "plain": arm_plain,
-        "raykd_ckpt": lambda a: arm_raykd(a, ckpt=True), "trl_ckpt": lambda a: arm_trl(a, ckpt=True)}
-MAIN, CKPT = ["raykd", "trl", "plain"], ["raykd_ckpt", "trl_ckpt"]
+        "raykd_ckpt": lambda a: arm_raykd(a, ckpt=True), "trl_ckpt": lambda a: arm_trl(a, ckpt=True),
+        "raykd_frozen": lambda a: arm_raykd(a, ckpt=True, frozen=True), "trl_frozen": lambda a: arm_trl(a, ckpt=True, frozen=True)}
+MAIN, CKPT, FROZEN = ["raykd", "trl", "plain"], ["raykd_ckpt", "trl_ckpt"], ["raykd_frozen", "trl_frozen"]
 
 
 def gemm_flops(threads: int, precision: str = "fp32", n: int = 2048, reps: int = 5) -> float:
@@ -284,6 +294,8 @@ def main() -> int:
     p.add_argument("--chunk", type=int, default=None, help="raykd's loss.chunk_size (default: the project default)")
     p.add_argument("--ckpt", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the activation-checkpointing pair raykd_ckpt vs trl_ckpt (--no-ckpt: the three main arms only)")
+    p.add_argument("--frozen", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run the pair raykd_frozen vs trl_frozen: checkpointing on and the student's embeddings/head frozen in both")
     a = p.parse_args()
     if a.chunk is None:
         from raykd.config import LossConfig
@@ -300,6 +312,8 @@ def main() -> int:
                  "gradient checkpointing off in raykd, trl and plain; on in both arms of the second pair, raykd_ckpt (train.activation_checkpointing=true) "
                  "and trl_ckpt (gradient_checkpointing=True): HF's non-reentrant checkpointing of the student's decoder layers in both"
                  + ("" if a.ckpt else " (not run: --no-ckpt)"),
+                 "third pair raykd_frozen vs trl_frozen: checkpointing on and the student's embeddings / tied head frozen in both "
+                 "(raykd student.freeze_embeddings=true, sharing the teacher's tensor; TRL requires_grad off)" + ("" if a.frozen else " (not run: --no-frozen)"),
                  f"raykd: the project's Engine step with its default fused chunked LM-head loss (loss.chunk_size={a.chunk}); "
                  "plain: the same CE + forward KL on full logits (its step-1 loss is checked equal to raykd's, and raykd_ckpt's to raykd's)",
                  "TRL: lmbda=0 (no generation), beta=0 = forward KL, KD loss only; raykd and plain: CE + forward KL (more work, not less); "
@@ -323,6 +337,8 @@ def main() -> int:
     runs = _run_group(script, MAIN, fwd, a.reps)
     if a.ckpt:
         runs.update(_run_group(script, CKPT, fwd, a.reps))
+    if a.frozen:
+        runs.update(_run_group(script, FROZEN, fwd, a.reps))
     gemm.append(gemm_flops(a.threads, a.precision))
     shapes = gemm_model_shapes(a.threads, a.precision, a.batch, a.block)
     print(f"{a.precision} GEMM after the arms: {gemm[1] / 1e9:.1f} GFLOP/s; one step's linear-layer GEMMs at the model's own shapes, "
@@ -348,6 +364,10 @@ def main() -> int:
         figures["peak_memory_ratio_ckpt"] = rss["raykd_ckpt"] / rss["trl_ckpt"]
         figures["roofline_ckpt"] = flops["total"] * tps["raykd_ckpt"] / peak
         figures["tokens_per_s_ratio_ckpt"] = tps["raykd_ckpt"] / tps["trl_ckpt"]
+    if a.frozen:  # raykd shares the teacher's embedding tensor and skips the head's weight gradient; TRL keeps a frozen copy
+        figures["peak_memory_ratio_frozen"] = rss["raykd_frozen"] / rss["trl_frozen"]
+        figures["tokens_per_s_ratio_frozen"] = tps["raykd_frozen"] / tps["trl_frozen"]
+        figures["same_loss_raykd_frozen"] = int(_same(first["raykd_frozen"], first["raykd"], 1e-5))
     figures.update({f"{k}_tok_s": v for k, v in tps.items()})
     figures.update({f"{k}_rss_mib": v for k, v in rss.items()})
     if a.ckpt:

@@ -182,6 +182,11 @@ def test_quality_data_mix_is_every_arms_data(tmp_path):
     feature, seqkd = (quality.arm_config(arm, base, a, tmp_path, tmp_path / "gen") for arm in ("feature", "seqkd"))
     assert feature["data"]["mix"] == base["data"]["mix"] and feature["loss"]["weights"]["hidden"] == 0.5
     assert from_dict(seqkd).data.mix == {"sotu": 0.375, "moby-dick": 0.125, str(tmp_path / "gen"): 0.5}
+    assert not feature["student"]["freeze_embeddings"]
+    a.set = ["student.freeze_embeddings=true", "train.lr=1e-3"]  # --set: every arm alike, on top of the arm's own changes
+    for arm in ("ce", "feature", "seqkd"):
+        cfg = from_dict(quality.arm_config(arm, base, a, tmp_path, tmp_path / "gen"))
+        assert cfg.student.freeze_embeddings and cfg.train.lr == 1e-3 and cfg.loss.weights.ce == 1.0
     with pytest.raises(SystemExit, match=r"^--data: expected SOURCE=WEIGHT pairs"):
         quality.mix_weights("sotu=half")
 
