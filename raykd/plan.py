@@ -201,7 +201,8 @@ def format_plan(cfg: Config, plan: Plan) -> str:
     lines = [
         f"teacher    {t.source}  ({t.path})",
         f"           {t.arch}: {t.layers} layers, hidden {t.hidden}, {t.heads} heads / {t.kv_heads} kv heads, vocab {t.vocab}, {_m(t.params)} params",
-        f"student    {s.source}: {s.layers} layers, hidden {s.hidden}, {_m(s.params)} params ({100 * s.params / t.params:.1f}% of the teacher)",
+        f"student    {s.source}: {s.layers} layers, hidden {s.hidden}, {_m(s.params)} params ({100 * s.params / t.params:.1f}% of the teacher)"
+        + ("; embeddings and head frozen" if cfg.student.freeze_embeddings else ""),
     ]
     if plan.kept is not None:
         lines.append(f"           kept teacher layers {plan.kept}")

@@ -19,7 +19,15 @@ def test_plan_smoke_prints_sizes_layers_map_terms_flops(capsys, tiny_teacher_dir
     assert "LlamaForCausalLM: 6 layers, hidden 64" in out
     assert "kept teacher layers [0, 2, 5]" in out or "kept teacher layers [0, 3, 5]" in out
     assert "layer map" in out and "1*ce" in out and "0.5*hidden(cosine)" in out and "0.1*attention" in out
-    assert "flops/tok" in out
+    assert "flops/tok" in out and "frozen" not in out
+    assert main(["plan", "jobs/smoke.yaml", "student.freeze_embeddings=true", "--json"]) == 0
+    frozen = json.loads(capsys.readouterr().out)
+    assert main(["plan", "jobs/smoke.yaml", "--json"]) == 0
+    trained = json.loads(capsys.readouterr().out)
+    head = trained["student"]["vocab"] * trained["student"]["hidden"]  # the head's weight gradient: 2·V·H FLOPs a token
+    assert trained["flops_per_token"]["student_step"] - frozen["flops_per_token"]["student_step"] == 2 * head
+    assert main(["plan", "jobs/smoke.yaml", "student.freeze_embeddings=true"]) == 0
+    assert "embeddings and head frozen" in capsys.readouterr().out
 
 
 def test_plan_json_and_overrides(capsys, tiny_teacher_dir):
