@@ -16,7 +16,9 @@ warm-up pass, records its RSS as the baseline and resets its peak RSS (VmHWM, vi
 pass time and its peak RSS minus that baseline. Figures are medians over the repetitions:
 peak_memory_ratio = raykd / naive memory increase (goal <= 0.25), time_ratio = raykd / naive
 time (goal <= 1.2), both at the project's default chunk size; raykd at `--also-chunks`
-(default 1024, the default before this was measured) beside them as extra figures (`peak_memory_ratio_chunk1024=` ...).
+(default 1024, the default before this was measured) beside them as extra figures (`peak_memory_ratio_chunk1024=` ...),
+and raykd with its elementwise passes over whole chunks instead of `ROW_BLOCK`-row blocks (`--also-row-blocks`, default
+256: how it ran before the row blocks) as `time_ratio_rows256=` / `peak_memory_ratio_rows256=`.
 
     .venv/bin/python bench/chunked_loss.py [--tokens 2048] [--reps 3] [--iters 2] [--also-chunks 1024] [--precision fp32]
 """
@@ -99,6 +101,10 @@ def child(a) -> None:
         res["tolerance"] = tol
         C.report(res)
         return
+    if a.row_block:
+        import raykd.losses.fused as fused
+
+        fused.ROW_BLOCK = a.row_block
     fn = STEPS[a.arm]
     fn(*inputs, a)  # warm-up (thread pools, allocator, kernels), not timed, not in the memory figure
     sh.grad = sw.grad = None
@@ -129,6 +135,9 @@ def main() -> int:
     p.add_argument("--chunk", type=int, default=LossConfig().chunk_size, help="chunk size of the headline figures (default: the project's)")
     p.add_argument("--also-chunks", type=lambda x: [int(c) for c in x.split(",") if c], default=[1024],
                    help="comma-separated extra chunk sizes measured for raykd beside the headline (extra figures); '' for none")
+    p.add_argument("--row-block", type=int, default=0, help=argparse.SUPPRESS)  # a child's raykd.losses.fused.ROW_BLOCK (0: the default)
+    p.add_argument("--also-row-blocks", type=lambda x: [int(c) for c in x.split(",") if c], default=[256],
+                   help="comma-separated row blocks of the elementwise passes measured for raykd beside the default (extra figures); '' for none")
     p.add_argument("--reps", type=int, default=3, help="child processes per arm (alternating)")
     p.add_argument("--iters", type=int, default=2, help="timed passes per child, after one warm-up")
     p.add_argument("--threads", type=int, default=os.cpu_count())
@@ -144,7 +153,7 @@ def main() -> int:
                  f"each repetition of an arm is its own child process; arms alternate (order reversed every other round); "
                  f"{a.reps} children x {a.iters} timed passes per arm after 1 warm-up; medians",
                  f"headline figures at the project's default loss.chunk_size ({a.chunk}); raykd at chunk {', '.join(map(str, a.also_chunks)) or '-'} "
-                 "measured beside it as extra figures",
+                 f"and with row blocks of {', '.join(map(str, a.also_row_blocks)) or '-'} measured beside it as extra figures",
                  "memory = the child's peak RSS over the timed passes (VmHWM, reset after the warm-up pass) minus its RSS at that reset "
                  "(inputs, weights and hidden states allocated); the gradients [N, Hs] + [V, Hs] count in both arms",
                  f"same torch threads ({a.threads}) and precision ({a.precision}) in both arms",
@@ -156,19 +165,20 @@ def main() -> int:
     print(f"check (tolerance {check['tolerance']}): loss raykd {check['loss_values'][0]:.6f} vs naive {check['loss_values'][1]:.6f}; "
           + "; ".join(f"{k} allclose={check[k]['ok']} max|diff|={check[k]['max_abs_diff']:.2e} (max|x|={check[k]['max_abs']:.2e})"
                       for k in ("loss", "grad_hidden", "grad_weight")), flush=True)
-    arms = [("raykd", a.chunk), ("naive", a.chunk)] + [("raykd", c) for c in a.also_chunks if c != a.chunk]
+    arms = ([("raykd", a.chunk, 0), ("naive", a.chunk, 0)] + [("raykd", c, 0) for c in a.also_chunks if c != a.chunk]
+            + [("raykd", a.chunk, r) for r in a.also_row_blocks])
     runs = {arm: [] for arm in arms}
     for rep in range(a.reps):
-        for arm, chunk in (arms if rep % 2 == 0 else arms[::-1]):
-            r = C.run_arm(script, arm, [*fwd, f"--chunk={chunk}"])
-            runs[(arm, chunk)].append(r)
-            label = f"{arm} (chunk {chunk})" if arm == "raykd" else "naive"
-            print(f"rep {rep + 1}/{a.reps} {label:18s}: {r['time_s']:.3f} s per fwd+bwd, peak RSS +{r['mem_increase_mib']:.0f} MiB "
+        for arm, chunk, rows in (arms if rep % 2 == 0 else arms[::-1]):
+            r = C.run_arm(script, arm, [*fwd, f"--chunk={chunk}", f"--row-block={rows}"])
+            runs[(arm, chunk, rows)].append(r)
+            label = f"{arm} (chunk {chunk}{f', rows {rows}' if rows else ''})" if arm == "raykd" else "naive"
+            print(f"rep {rep + 1}/{a.reps} {label:27s}: {r['time_s']:.3f} s per fwd+bwd, peak RSS +{r['mem_increase_mib']:.0f} MiB "
                   f"over {r['base_rss_mib']:.0f} MiB baseline{'' if r['peak_reset'] else ' (peak not resettable: whole-life peak)'}",
                   flush=True)
     t = {k: C.median(x["time_s"] for x in v) for k, v in runs.items()}
     m = {k: C.median(x["mem_increase_mib"] for x in v) for k, v in runs.items()}
-    main_arm, naive = ("raykd", a.chunk), ("naive", a.chunk)
+    main_arm, naive = ("raykd", a.chunk, 0), ("naive", a.chunk, 0)
     if m[naive] < MEM_FLOOR_MIB:  # the allocator reused the warm-up's pages: no increase to compare against
         print(f"naive arm's memory increase {m[naive]:.2f} MiB is under {MEM_FLOOR_MIB} MiB (RSS resolution at this size): "
               "memory ratios are not measurable and print as nan; use larger --tokens/--vocab", flush=True)
@@ -178,13 +188,14 @@ def main() -> int:
 
     for k in runs:
         if k != naive:
-            print(f"median: raykd chunk {k[1]}: {t[k]:.3f} s, +{m[k]:.0f} MiB vs naive {t[naive]:.3f} s, +{m[naive]:.0f} MiB -> "
+            print(f"median: raykd chunk {k[1]}{f' rows {k[2]}' if k[2] else ''}: {t[k]:.3f} s, +{m[k]:.0f} MiB vs naive {t[naive]:.3f} s, +{m[naive]:.0f} MiB -> "
                   f"time x{t[k] / t[naive]:.3f}, memory x{mem_ratio(m[k]):.3f}", flush=True)
     extra = {}
     for k in runs:
         if k not in (main_arm, naive):
-            extra[f"peak_memory_ratio_chunk{k[1]}"] = mem_ratio(m[k])
-            extra[f"time_ratio_chunk{k[1]}"] = t[k] / t[naive]
+            tag = f"rows{k[2]}" if k[2] else f"chunk{k[1]}"
+            extra[f"peak_memory_ratio_{tag}"] = mem_ratio(m[k])
+            extra[f"time_ratio_{tag}"] = t[k] / t[naive]
     C.figures({
         "peak_memory_ratio": mem_ratio(m[main_arm]), "time_ratio": t[main_arm] / t[naive],
         "raykd_mem_mib": m[main_arm], "naive_mem_mib": m[naive], "raykd_s": t[main_arm], "naive_s": t[naive],

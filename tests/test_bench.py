@@ -81,14 +81,14 @@ def test_tiny_chunked_loss_run_makes_a_document(tmp_path):
     # sizes where the naive arm's logits (256 x 4096 fp32 = 4 MiB, several copies) are well above RSS noise: at
     # 48 x 320 the allocator served them from the warm-up's freed pages and the increase was 0 MiB
     args = ["--tokens=256", "--vocab=4096", "--hidden=24", "--teacher-hidden=40", "--chunk=64", "--also-chunks=",
-            "--reps=1", "--iters=1", "--threads=1"]
+            "--also-row-blocks=64", "--reps=1", "--iters=1", "--threads=1"]
     info = collect.run(BENCH / "chunked_loss.py", args, echo=False)
     assert info["error"] is None, info["error"]
     fig = info["figures"]
     assert fig["same_result"] == "1"
     assert (fig["tokens"], fig["vocab"], fig["chunk"]) == ("256", "4096", "64")
     assert float(fig["naive_mem_mib"]) >= 1, fig
-    for key in ("peak_memory_ratio", "time_ratio", "raykd_s", "naive_s"):
+    for key in ("peak_memory_ratio", "time_ratio", "raykd_s", "naive_s", "time_ratio_rows64"):
         assert math.isfinite(float(fig[key])) and float(fig[key]) >= 0, (key, fig[key])
     assert float(fig["raykd_s"]) > 0 and float(fig["naive_s"]) > 0
     assert info["title"].startswith("chunked LM-head loss")

@@ -193,8 +193,8 @@ def test_fused_keeps_no_n_by_v_tensors():
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
         total, _ = L.fused_head_losses(sh, sw, th, tw, y, mask, kd="jsd", chunk_size=chunk)
-    # per-chunk graphs save [chunk, V] tensors at most ...
-    assert saved and max(saved) <= chunk * v, max(saved)
+    # the loss's graphs (one per AUTOGRAD_ROW_BLOCK rows of a chunk) save [block, V] tensors at most ...
+    assert saved and max(saved) <= fused_mod.AUTOGRAD_ROW_BLOCK * v < chunk * v, max(saved)
     # ... and once the forward returns none of them survives (the [N, H] / [V, H] gradient buffers are held
     # by the autograd node, not saved through these hooks)
     survivors = [r().numel() for r in alive if r() is not None]
@@ -289,13 +289,15 @@ def test_fused_backward_twice_is_a_clear_error():
 
 def test_fused_workspace_is_reused_and_changes_nothing():
     """A kept HeadWorkspace gives the same loss and gradients as a fresh one, and a second call
-    (same shapes) allocates no new [chunk, V] buffer: it reuses the same memory."""
+    (same shapes) allocates no new buffer: it reuses the same memory. Only the two logits buffers
+    are [chunk, V]; the elementwise passes' temporaries are [ROW_BLOCK, V]."""
     sh, sw, th, tw, y, mask, _, _ = _head(seed=29, dtype=torch.float32)
     ws = fused_mod.HeadWorkspace()
+    chunk, block = 3 * fused_mod.ROW_BLOCK, fused_mod.ROW_BLOCK
 
     def run(workspace):
         x, w = _leaves(sh, sw)
-        total, _ = L.fused_head_losses(x, w, th, tw, y, mask, kd="forward_kl", temperature=2.0, chunk_size=8,
+        total, _ = L.fused_head_losses(x, w, th, tw, y, mask, kd="forward_kl", temperature=2.0, chunk_size=chunk,
                                        workspace=workspace)
         total.backward()
         return total.detach(), x.grad, w.grad
@@ -303,11 +305,44 @@ def test_fused_workspace_is_reused_and_changes_nothing():
     fresh = run(None)
     first = run(ws)
     ptrs, size = {k: b.data_ptr() for k, b in ws._bufs.items()}, ws.nbytes
-    assert set(ptrs) == {"s", "t", "w", "ce"} and size == 4 * 8 * sw.shape[0] * 4
+    assert {k: b.shape[0] for k, b in ws._bufs.items()} == {"s": chunk, "t": chunk, "w": block, "ce": block}
+    assert size == (2 * chunk + 2 * block) * sw.shape[0] * 4
     second = run(ws)
     assert {k: b.data_ptr() for k, b in ws._bufs.items()} == ptrs and ws.nbytes == size
     for a, b, c in zip(fresh, first, second):
         assert torch.equal(a, b) and torch.equal(b, c)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("kd,T,ce_w,topk", [("forward_kl", 1.0, 0.7, False), ("reverse_kl", 2.0, 0.7, False),
+                                             ("forward_kl", 2.0, 0.0, False), (None, 1.0, 1.0, False),
+                                             ("forward_kl", 1.0, 0.7, True), ("reverse_kl", 2.0, 0.7, True)])
+def test_fused_row_blocks_change_nothing(kd, T, ce_w, topk, autocast, monkeypatch):
+    """The closed form's elementwise passes over ROW_BLOCK rows at a time (1, 3, or the whole chunk at
+    once) give the same loss and gradients, equal to autograd's, with a CE row mask, dense or top-k teacher targets, in fp32
+    and under bf16 autocast (where each block's gradient is written back into the bf16 logits buffer)."""
+    sh, sw, th, tw, y, mask, _, _ = _head(n=45, hs=32, ht=32, v=64, seed=33, dtype=torch.float32)
+    ce_mask = torch.arange(45) % 4 != 0
+    target = L.teacher_topk(th @ tw.T, 9) if topk else th
+
+    def run(block):
+        monkeypatch.setattr(fused_mod, "ROW_BLOCK", block)
+        x, w = _leaves(sh, sw)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            total, terms = L.fused_head_losses(x, w, None if kd is None else target, None if kd is None or topk else tw, y,
+                                               mask, kd=kd or "forward_kl", temperature=T, ce_weight=ce_w, chunk_size=20,
+                                               ce_mask=ce_mask)
+        total.backward()
+        return total.detach(), *terms.values(), x.grad, w.grad
+
+    whole = run(1000)
+    for block in (1, 3):
+        for a, b in zip(run(block), whole):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    monkeypatch.setattr(fused_mod, "CLOSED_FORM", frozenset())  # and all of them equal autograd's gradients
+    tol = {"rtol": 2e-2, "atol": 2e-3} if autocast else {"rtol": 1e-5, "atol": 1e-6}
+    for a, b in zip(run(3), whole):
+        torch.testing.assert_close(a, b, **tol)
 
 
 @pytest.mark.parametrize("kd", sorted(fused_mod.CLOSED_FORM))

@@ -30,7 +30,7 @@ CLOSED_FORM = frozenset({"forward_kl", "reverse_kl"})  # KD losses whose chunk g
 def _dense_kd(logq: Tensor, logp: Tensor, kd: str, a: float, c, need_grad: bool, ws: HeadWorkspace, tgt: Tensor | None):
     """Forward / reverse KL of one chunk from the student's and teacher's logits over T (buffers it overwrites):
     (kd_sum, g = a · dKL/du + c · q in a buffer or None, −log q at tgt [C, 1] or None), as `closed_form_kd`."""
-    logq.sub_(_exp_lse(logq, ws, "w")[0])
+    logq.sub_(_exp_lse(logq, ws, "w", normalise=False)[0])
     lse_p, p = _exp_lse(logp, ws, "w")
     logp.sub_(lse_p)
     nll = None if tgt is None else -logq.gather(1, tgt[:, None])
@@ -49,22 +49,48 @@ def _dense_kd(logq: Tensor, logp: Tensor, kd: str, a: float, c, need_grad: bool,
     return kd_sum, g, nll
 
 
-def _closed_form_chunk(h, th, sw, sb, tw, tb, tgt, kd, temperature, ce_w, kd_w, scale, need_grad, ws, cdt, keep=None):
+ROW_BLOCK = 8  # rows of a chunk the elementwise passes work on at once, so their [8, V] fp32 temporaries stay in cache
+AUTOGRAD_ROW_BLOCK = 32  # rows per autograd graph on the other losses: [32, V] temporaries, few enough graphs per chunk
+
+
+def _closed_form_chunk(h, th, sw, sb, tw, tb, tgt, kd, temperature, ce_w, kd_w, scale, need_grad, ws, cdt, keep=None,
+                       block=None):
     """CE and forward/reverse KL of one chunk with the gradient written out, in place in workspace
-    buffers, so that a chunk costs a few passes over [C, V] and no autograd graph (the same
-    derivatives Liger Kernel's fused kernels use; own implementation).
+    buffers, so that a chunk costs two GEMMs, a few passes over [C, V] and no autograd graph (the
+    same derivatives Liger Kernel's fused kernels use; own implementation).
 
     h [C, Hs], th [C, Ht], a `TopK` [C, k] of cached targets (raykd.losses.topk.closed_form_kd) or None
-    (CE only), tgt [C] valid ids; logits are computed in `cdt`.
-    Returns (ce_sum, kd_sum, g): sums over the chunk ([], None when the term is off; kd_sum without
-    T²) and g [C, V] in `cdt` = scale · d(ce_w·ce_sum + kd_w·T²·kd_sum)/d logits, or None. With z
-    the student logits, q = softmax(z/T), p = softmax(t/T): d CE/dz = softmax(z) − onehot(tgt);
-    d T²·KL(p‖q)/dz = T·(q − p); d T²·KL(q‖p)/dz = T·q ⊙ (log q − log p − KL(q‖p)).
-    `keep` [C] (or None: every row 1) weighs each row's CE (`fused_head_losses`' ce_mask).
+    (CE only), tgt [C] valid ids; logits are computed in `cdt` into the [C, V] buffers "s" and "t"
+    (the GEMMs want the whole chunk), then every elementwise pass runs on `block` rows at a time in
+    fp32 [block, V] temporaries (`_closed_form_rows`), so the passes stay in cache and only the two
+    [C, V] buffers in `cdt` exist at full size; each block's gradient is written back over its
+    student logits. Returns (ce_sum, kd_sum, g): sums over the chunk ([], None when the term is off;
+    kd_sum without T²) and g [C, V] in `cdt` (buffer "s") = scale · d(ce_w·ce_sum + kd_w·T²·kd_sum)/d
+    logits, or None. `keep` [C] (or None: every row 1) weighs each row's CE (`fused_head_losses`' ce_mask).
     """
     f = torch.float64 if h.dtype == torch.float64 else torch.float32
-    T = float(temperature)
-    z = _logits_into(ws, "s", h, sw, sb, cdt, f)
+    z = _logits_into(ws, "s", h, sw, sb, cdt)
+    t = _logits_into(ws, "t", th, tw, tb, cdt) if kd is not None and not isinstance(th, TopK) else None
+    sums, block = [None, None], block or ROW_BLOCK
+    for r0 in range(0, z.shape[0], block):
+        r = slice(r0, r0 + block)
+        zb = z[r] if cdt == f else ws.take("s32", *z[r].shape, f, z.device).copy_(z[r])
+        tt = th.rows(r) if isinstance(th, TopK) else None if t is None else t[r] if cdt == f else ws.take("t32", *zb.shape, f, z.device).copy_(t[r])
+        *part, g = _closed_form_rows(zb, tt, tgt[r], kd, temperature, ce_w, kd_w, scale, need_grad, ws,
+                                     None if keep is None else keep[r])
+        sums = [b if a is None else a if b is None else a + b for a, b in zip(sums, part)]
+        if g is not None and g.data_ptr() != z[r].data_ptr():
+            z[r].copy_(g)  # the block's gradient over its logits, in `cdt`
+    return *sums, z if need_grad and (ce_w != 0 or kd is not None) else None
+
+
+def _closed_form_rows(z, t, tgt, kd, temperature, ce_w, kd_w, scale, need_grad, ws, keep=None):
+    """CE and forward/reverse KL of a block of rows and their logit gradient, in place: z [R, V] the
+    student's logits and t [R, V] the teacher's (fp32 / fp64 buffers this overwrites), or t a `TopK`
+    [R, k] or None. Returns (ce_sum, kd_sum, g [R, V] in z's buffer or a workspace one, or None). With
+    q = softmax(z/T), p = softmax(t/T): d CE/dz = softmax(z) − onehot(tgt); d T²·KL(p‖q)/dz = T·(q − p);
+    d T²·KL(q‖p)/dz = T·q ⊙ (log q − log p − KL(q‖p))."""
+    f, T = z.dtype, float(temperature)
     ce_sum = kd_sum = g = ce_g = None
     keep = None if keep is None else keep.to(f)[:, None]
     cs = ce_w * scale if keep is None else keep * (ce_w * scale)  # CE's gradient coefficient: a number, or one per row [C, 1]
@@ -79,10 +105,10 @@ def _closed_form_chunk(h, th, sw, sb, tw, tb, tgt, kd, temperature, ce_w, kd_w, 
     c = cs if shared else 0.0
     if kd is not None:
         u = _scaled_(z, T)
-        if isinstance(th, TopK):  # cached top-k targets: the (k+1)-bin KL (raykd.losses.topk)
-            kd_sum, g, nll = closed_form_kd(u, th, kd, T, a, c, need_grad, tgt if shared else None)
+        if isinstance(t, TopK):  # cached top-k targets: the (k+1)-bin KL (raykd.losses.topk)
+            kd_sum, g, nll = closed_form_kd(u, t, kd, T, a, c, need_grad, tgt if shared else None)
         else:
-            kd_sum, g, nll = _dense_kd(u, _scaled_(_logits_into(ws, "t", th, tw, tb, cdt, f), T), kd, a, c, need_grad, ws, tgt if shared else None)
+            kd_sum, g, nll = _dense_kd(u, _scaled_(t, T), kd, a, c, need_grad, ws, tgt if shared else None)
         if shared:
             ce_sum = kept(nll)
         if ce_g is not None and need_grad:
@@ -94,8 +120,6 @@ def _closed_form_chunk(h, th, sw, sb, tw, tb, tgt, kd, temperature, ce_w, kd_w, 
     if ce_w != 0:
         src = torch.full((tgt.shape[0], 1), -cs, dtype=g.dtype, device=g.device) if keep is None else (-cs).to(g.dtype)
         g.scatter_add_(1, tgt[:, None], src)
-    if g.dtype != cdt:
-        g = ws.take("s", *g.shape, cdt, g.device).copy_(g)
     return ce_sum, kd_sum, g
 
 
@@ -177,34 +201,48 @@ def _class_term(sh, sw_c, sb, th, tw_c, tb, chunks, cfg: HeadLoss, ws, cdt, need
 
 
 def _autograd_chunk(h, th, sw, sb, tw, tb, tgt, rows, cfg: HeadLoss, sparse: bool, need_grad: bool, denom: int, sums: dict, keep=None):
-    """One chunk through autograd on its own [C, V] logits (losses without a written-out gradient):
-    adds the chunk's CE / KD sums to `sums` (CE rows weighed by `keep` [C] when given); returns the
-    logit gradient [C, V] (or None)."""
+    """One chunk through autograd (losses without a written-out gradient): both models' [C, V] logits
+    from one GEMM each, then autograd on AUTOGRAD_ROW_BLOCK rows at a time, so the loss's own
+    temporaries are [block, V], not [C, V]; adds the chunk's CE / KD sums to `sums` (CE rows weighed
+    by `keep` [C] when given); returns the logit gradient [C, V] (written over the logits) or None."""
     kd_fn = TOKEN_LOSSES[cfg.kd] if cfg.kd is not None else None
     with torch.no_grad():
         logits = F.linear(h, sw, sb)  # [C, V] in the input dtype
         t_logits = F.linear(th[rows], tw, tb) if kd_fn is not None and not sparse else None
-    with torch.enable_grad() if need_grad else nullcontext():
-        leaf = logits.detach().requires_grad_(need_grad)
-        obj = 0.0
-        if cfg.ce_weight != 0:
-            ce_c = (F.cross_entropy(_upcast(leaf), tgt, reduction="sum") if keep is None
-                    else (F.cross_entropy(_upcast(leaf), tgt, reduction="none") * keep).sum())
-            sums["ce"] += ce_c.detach()
-            obj = obj + cfg.ce_weight * ce_c
-        if kd_fn is not None:
-            if sparse:  # (k+1)-bin distributions, already at temperature (raykd.losses.topk)
-                kd_c = kd_fn(*sparse_bins(leaf, th.rows(rows), cfg.temperature), 1.0, **cfg.kd_params).sum()
-            else:
-                extra = {"targets": tgt} if cfg.kd in NEEDS_TARGETS else {}
-                kd_c = kd_fn(leaf, t_logits, cfg.temperature, **cfg.kd_params, **extra).sum()
-            sums["kd"] += kd_c.detach()
-            obj = obj + cfg.kd_weight * cfg.temperature * cfg.temperature * kd_c
-        obj = obj / denom
-    if not (need_grad and torch.is_tensor(obj)):
-        return None
-    (g,) = torch.autograd.grad(obj, leaf)  # [C, V], input dtype
-    return g
+    targets = th.rows(rows) if kd_fn is not None and sparse else t_logits
+    got = False
+    for r0 in range(0, logits.shape[0], AUTOGRAD_ROW_BLOCK):
+        r = slice(r0, r0 + AUTOGRAD_ROW_BLOCK)
+        with torch.enable_grad() if need_grad else nullcontext():
+            leaf = logits[r].detach().requires_grad_(need_grad)
+            obj = _autograd_objective(leaf, None if targets is None else targets.rows(r) if sparse else targets[r], tgt[r],
+                                      cfg, sums, None if keep is None else keep[r]) / denom
+        if need_grad and torch.is_tensor(obj) and obj.requires_grad:
+            (g,) = torch.autograd.grad(obj, leaf)  # [block, V], input dtype
+            logits[r].copy_(g)
+            got = True
+    return logits if got else None
+
+
+def _autograd_objective(leaf, target, tgt, cfg: HeadLoss, sums: dict, keep):
+    """ce_weight·CE + kd_weight·T²·KD summed over the rows of `leaf` [R, V] (student logits) against `target`
+    (teacher logits [R, V] or `TopK` [R, k]); adds the sums to `sums`."""
+    obj = 0.0
+    if cfg.ce_weight != 0:
+        ce_c = (F.cross_entropy(_upcast(leaf), tgt, reduction="sum") if keep is None
+                else (F.cross_entropy(_upcast(leaf), tgt, reduction="none") * keep).sum())
+        sums["ce"] += ce_c.detach()
+        obj = obj + cfg.ce_weight * ce_c
+    if cfg.kd is not None:
+        kd_fn = TOKEN_LOSSES[cfg.kd]
+        if isinstance(target, TopK):  # (k+1)-bin distributions, already at temperature (raykd.losses.topk)
+            kd_c = kd_fn(*sparse_bins(leaf, target, cfg.temperature), 1.0, **cfg.kd_params).sum()
+        else:
+            extra = {"targets": tgt} if cfg.kd in NEEDS_TARGETS else {}
+            kd_c = kd_fn(leaf, target, cfg.temperature, **cfg.kd_params, **extra).sum()
+        sums["kd"] += kd_c.detach()
+        obj = obj + cfg.kd_weight * cfg.temperature * cfg.temperature * kd_c
+    return obj
 
 
 def _accumulate(g, h, sw, rows, gh, gw, gb, acc):

@@ -35,22 +35,24 @@ class HeadWorkspace:
         return sum(b.numel() * b.element_size() for b in self._bufs.values())
 
 
-def _logits_into(ws: HeadWorkspace, name: str, h: Tensor, w: Tensor, b: Tensor | None, cdt: torch.dtype, f: torch.dtype) -> Tensor:
-    """h [C, H] @ w[V, H]^T (+ b) computed in `cdt` into buffer `name`; returned as [C, V] in `f` (a buffer too)."""
+def _logits_into(ws: HeadWorkspace, name: str, h: Tensor, w: Tensor, b: Tensor | None, cdt: torch.dtype,
+                 f: torch.dtype | None = None) -> Tensor:
+    """h [C, H] @ w[V, H]^T (+ b) computed in `cdt` into buffer `name`; returned as [C, V] in `f` (a buffer too; None: `cdt`)."""
     out = ws.take(name, h.shape[0], w.shape[0], cdt, h.device)
     torch.mm(h.to(cdt), w.t(), out=out)
     if b is not None:
         out.add_(b)
-    return out if cdt == f else ws.take(name + "32", h.shape[0], w.shape[0], f, h.device).copy_(out)
+    return out if f is None or cdt == f else ws.take(name + "32", h.shape[0], w.shape[0], f, h.device).copy_(out)
 
 
-def _exp_lse(x: Tensor, ws: HeadWorkspace, name: str) -> tuple[Tensor, Tensor]:
-    """x [C, V] -> (logsumexp [C, 1], softmax(x) [C, V] in buffer `name`); one exp pass, no fresh [C, V]."""
+def _exp_lse(x: Tensor, ws: HeadWorkspace, name: str, normalise: bool = True) -> tuple[Tensor, Tensor]:
+    """x [C, V] -> (logsumexp [C, 1], softmax(x) [C, V] in buffer `name`, or exp(x − max) when not
+    `normalise`: for the log-sum-exp alone); one exp pass, no fresh [C, V]."""
     m = x.amax(-1, keepdim=True)
     m.masked_fill_(~torch.isfinite(m), 0.0)  # a row of -inf stays -inf, not NaN
     e = torch.sub(x, m, out=ws.take(name, *x.shape, x.dtype, x.device)).exp_()
     ssum = e.sum(-1, keepdim=True)
-    return ssum.log().add_(m), e.div_(ssum)
+    return ssum.log().add_(m), e.div_(ssum) if normalise else e
 
 
 def _scaled_(x: Tensor, temperature: float) -> Tensor:
