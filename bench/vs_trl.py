@@ -281,75 +281,38 @@ def _same(x: float, y: float, rel: float) -> bool:
     return abs(x - y) <= rel * abs(y)
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arm", choices=list(ARMS))
-    p.add_argument("--steps", type=int, default=5, help="timed steps per arm")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    p.add_argument("--reps", type=int, default=1, help="child processes per arm (arms alternate)")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--block", type=int, default=256)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--chunk", type=int, default=None, help="raykd's loss.chunk_size (default: the project default)")
-    p.add_argument("--ckpt", action=argparse.BooleanOptionalAction, default=True,
-                   help="also run the activation-checkpointing pair raykd_ckpt vs trl_ckpt (--no-ckpt: the three main arms only)")
-    p.add_argument("--frozen", action=argparse.BooleanOptionalAction, default=True,
-                   help="also run the pair raykd_frozen vs trl_frozen: checkpointing on and the student's embeddings/head frozen in both")
-    a = p.parse_args()
-    if a.chunk is None:
-        from raykd.config import LossConfig
+def _notes(a) -> list[str]:
+    """How the comparison was made fair (the document's notes), for these arguments."""
+    return [
+        f"same teacher, same student init, same {a.batch} x {a.block} SOTU blocks in the same order, {a.warmup} warm-up + {a.steps} timed steps per arm",
+        f"{a.precision} everywhere (TRL's bf16 default set to match), torch AdamW (weight decay 0) "
+        "at lr 1e-5, grad-norm clip 1.0 in all arms (raykd: its warm-up-free cosine schedule; TRL and plain: constant LR; speed does not depend on it)",
+        "gradient checkpointing off in raykd, trl and plain; on in both arms of the second pair, raykd_ckpt (train.activation_checkpointing=true) "
+        "and trl_ckpt (gradient_checkpointing=True): HF's non-reentrant checkpointing of the student's decoder layers in both"
+        + ("" if a.ckpt else " (not run: --no-ckpt)"),
+        "third pair raykd_frozen vs trl_frozen: checkpointing on and the student's embeddings / tied head frozen in both "
+        "(raykd student.freeze_embeddings=true, sharing the teacher's tensor; TRL requires_grad off)" + ("" if a.frozen else " (not run: --no-frozen)"),
+        f"raykd: the project's Engine step with its default fused chunked LM-head loss (loss.chunk_size={a.chunk}); "
+        "plain: the same CE + forward KL on full logits (its step-1 loss is checked equal to raykd's, and raykd_ckpt's to raykd's)",
+        "TRL: lmbda=0 (no generation), beta=0 = forward KL, KD loss only; raykd and plain: CE + forward KL (more work, not less); "
+        "TRL's step time runs from its on_step_begin to on_step_end callback (batch fetch and logging between steps not counted)",
+        "each arm is its own child process; the arms of a group (raykd, trl, plain; then raykd_ckpt, trl_ckpt) run side by side but "
+        "take their steps strictly in turn (round-robin, order rotating), so each step has the cores to itself and all arms of a group "
+        "see the same machine load over time",
+        "peak memory = each child's own peak RSS (wait4 ru_maxrss): everything it loaded (both models, optimizer, libraries) included",
+        f"tokens/s = {a.batch * a.block} tokens / median timed step; same torch threads ({a.threads}) in all arms",
+        "roofline_ceiling = the rate of one step's linear-layer GEMMs at the model's own shapes (teacher fwd, student fwd + bwd), "
+        "each timed alone, over the 2048³ rate; gemm_share = their time / raykd's step time",
+        "roofline = raykd plan's model FLOPs per token (teacher fwd 2·N_t + student fwd+bwd 6·N_s + attention scores; recomputation "
+        f"not counted) x tokens/s / the best {a.precision} GEMM rate measured here ({a.threads} threads, 2048³ torch.matmul, before and after the arms)",
+    ]
 
-        a.chunk = LossConfig().chunk_size
-    if a.arm:
-        ARMS[a.arm](a)
-        return 0
-    C.header("raykd step vs TRL GKDTrainer (logit-only) vs a plain PyTorch loop: SmolLM2-135M -> 10-layer cut",
-             a.threads, a.precision, [
-                 f"same teacher, same student init, same {a.batch} x {a.block} SOTU blocks in the same order, {a.warmup} warm-up + {a.steps} timed steps per arm",
-                 f"{a.precision} everywhere (TRL's bf16 default set to match), torch AdamW (weight decay 0) "
-                 "at lr 1e-5, grad-norm clip 1.0 in all arms (raykd: its warm-up-free cosine schedule; TRL and plain: constant LR; speed does not depend on it)",
-                 "gradient checkpointing off in raykd, trl and plain; on in both arms of the second pair, raykd_ckpt (train.activation_checkpointing=true) "
-                 "and trl_ckpt (gradient_checkpointing=True): HF's non-reentrant checkpointing of the student's decoder layers in both"
-                 + ("" if a.ckpt else " (not run: --no-ckpt)"),
-                 "third pair raykd_frozen vs trl_frozen: checkpointing on and the student's embeddings / tied head frozen in both "
-                 "(raykd student.freeze_embeddings=true, sharing the teacher's tensor; TRL requires_grad off)" + ("" if a.frozen else " (not run: --no-frozen)"),
-                 f"raykd: the project's Engine step with its default fused chunked LM-head loss (loss.chunk_size={a.chunk}); "
-                 "plain: the same CE + forward KL on full logits (its step-1 loss is checked equal to raykd's, and raykd_ckpt's to raykd's)",
-                 "TRL: lmbda=0 (no generation), beta=0 = forward KL, KD loss only; raykd and plain: CE + forward KL (more work, not less); "
-                 "TRL's step time runs from its on_step_begin to on_step_end callback (batch fetch and logging between steps not counted)",
-                 "each arm is its own child process; the arms of a group (raykd, trl, plain; then raykd_ckpt, trl_ckpt) run side by side but "
-                 "take their steps strictly in turn (round-robin, order rotating), so each step has the cores to itself and all arms of a group "
-                 "see the same machine load over time",
-                 "peak memory = each child's own peak RSS (wait4 ru_maxrss): everything it loaded (both models, optimizer, libraries) included",
-                 f"tokens/s = {a.batch * a.block} tokens / median timed step; same torch threads ({a.threads}) in all arms",
-                 "roofline_ceiling = the rate of one step's linear-layer GEMMs at the model's own shapes (teacher fwd, student fwd + bwd), "
-                 "each timed alone, over the 2048³ rate; gemm_share = their time / raykd's step time",
-                 "roofline = raykd plan's model FLOPs per token (teacher fwd 2·N_t + student fwd+bwd 6·N_s + attention scores; recomputation "
-                 f"not counted) x tokens/s / the best {a.precision} GEMM rate measured here ({a.threads} threads, 2048³ torch.matmul, before and after the arms)",
-             ])
-    flops = model_flops_per_token(a)
-    gemm = [gemm_flops(a.threads, a.precision)]
-    print(f"{a.precision} GEMM before the arms: {gemm[0] / 1e9:.1f} GFLOP/s; model FLOPs/token {flops['total'] / 1e9:.3f} G "
-          f"(teacher fwd {flops['teacher_forward'] / 1e9:.3f} G + student step {flops['student_step'] / 1e9:.3f} G)", flush=True)
-    fwd = [f"--{k}={getattr(a, k)}" for k in ("steps", "warmup", "batch", "block", "threads", "precision", "chunk")]
-    script = os.path.abspath(__file__)
-    runs = _run_group(script, MAIN, fwd, a.reps)
-    if a.ckpt:
-        runs.update(_run_group(script, CKPT, fwd, a.reps))
-    if a.frozen:
-        runs.update(_run_group(script, FROZEN, fwd, a.reps))
-    gemm.append(gemm_flops(a.threads, a.precision))
-    shapes = gemm_model_shapes(a.threads, a.precision, a.batch, a.block)
-    print(f"{a.precision} GEMM after the arms: {gemm[1] / 1e9:.1f} GFLOP/s; one step's linear-layer GEMMs at the model's own shapes, "
-          f"timed alone: {shapes['flops'] / 1e9:.0f} GFLOP in {shapes['seconds']:.3f} s = {shapes['flop_s'] / 1e9:.1f} GFLOP/s", flush=True)
-    first = {k: v[0]["losses"][0] for k, v in runs.items() if "losses" in v[0]}
-    same_loss = _same(first["raykd"], first["plain"], 1e-3)
-    print(f"step-1 loss (CE + forward KL, same init and batch): raykd {first['raykd']:.5f}, plain {first['plain']:.5f} -> "
-          f"{'same' if same_loss else 'DIFFERENT'}", flush=True)
+
+def _figures(a, runs: dict, flops: dict, peak: float, shapes: dict, first: dict, same_loss: bool) -> dict:
+    """The printed figures from the arms' runs, the model's FLOPs per token, the best GEMM rate `peak`, the model-shape
+    GEMM timing and each arm's step-1 loss."""
     tps = {k: C.median(r["tokens_per_step"] / r["step_s"] for r in v) for k, v in runs.items()}
     rss = {k: C.median(r["peak_rss_mib"] for r in v) for k, v in runs.items()}
-    peak = max(gemm)
     figures = {
         "tokens_per_s_ratio": tps["raykd"] / tps["trl"], "peak_memory_ratio": rss["raykd"] / rss["trl"],
         "plain_loop_ratio": tps["raykd"] / tps["plain"], "roofline": flops["total"] * tps["raykd"] / peak,
@@ -374,7 +337,54 @@ def main() -> int:
         figures["same_loss_raykd_ckpt"] = int(_same(first["raykd_ckpt"], first["raykd"], 1e-5))
     figures.update({"same_loss_raykd_plain": int(same_loss), "gemm_gflops": peak / 1e9, "model_gflops_per_token": flops["total"] / 1e9,
                     "steps": a.steps, "threads": a.threads, "precision": a.precision, "chunk": a.chunk})
-    C.figures(figures)
+    return figures
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arm", choices=list(ARMS))
+    p.add_argument("--steps", type=int, default=5, help="timed steps per arm")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--reps", type=int, default=1, help="child processes per arm (arms alternate)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--block", type=int, default=256)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--chunk", type=int, default=None, help="raykd's loss.chunk_size (default: the project default)")
+    p.add_argument("--ckpt", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run the activation-checkpointing pair raykd_ckpt vs trl_ckpt (--no-ckpt: the three main arms only)")
+    p.add_argument("--frozen", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run the pair raykd_frozen vs trl_frozen: checkpointing on and the student's embeddings/head frozen in both")
+    a = p.parse_args()
+    if a.chunk is None:
+        from raykd.config import LossConfig
+
+        a.chunk = LossConfig().chunk_size
+    if a.arm:
+        ARMS[a.arm](a)
+        return 0
+    C.header("raykd step vs TRL GKDTrainer (logit-only) vs a plain PyTorch loop: SmolLM2-135M -> 10-layer cut",
+             a.threads, a.precision, _notes(a))
+    flops = model_flops_per_token(a)
+    gemm = [gemm_flops(a.threads, a.precision)]
+    print(f"{a.precision} GEMM before the arms: {gemm[0] / 1e9:.1f} GFLOP/s; model FLOPs/token {flops['total'] / 1e9:.3f} G "
+          f"(teacher fwd {flops['teacher_forward'] / 1e9:.3f} G + student step {flops['student_step'] / 1e9:.3f} G)", flush=True)
+    fwd = [f"--{k}={getattr(a, k)}" for k in ("steps", "warmup", "batch", "block", "threads", "precision", "chunk")]
+    script = os.path.abspath(__file__)
+    runs = _run_group(script, MAIN, fwd, a.reps)
+    if a.ckpt:
+        runs.update(_run_group(script, CKPT, fwd, a.reps))
+    if a.frozen:
+        runs.update(_run_group(script, FROZEN, fwd, a.reps))
+    gemm.append(gemm_flops(a.threads, a.precision))
+    shapes = gemm_model_shapes(a.threads, a.precision, a.batch, a.block)
+    print(f"{a.precision} GEMM after the arms: {gemm[1] / 1e9:.1f} GFLOP/s; one step's linear-layer GEMMs at the model's own shapes, "
+          f"timed alone: {shapes['flops'] / 1e9:.0f} GFLOP in {shapes['seconds']:.3f} s = {shapes['flop_s'] / 1e9:.1f} GFLOP/s", flush=True)
+    first = {k: v[0]["losses"][0] for k, v in runs.items() if "losses" in v[0]}
+    same_loss = _same(first["raykd"], first["plain"], 1e-3)
+    print(f"step-1 loss (CE + forward KL, same init and batch): raykd {first['raykd']:.5f}, plain {first['plain']:.5f} -> "
+          f"{'same' if same_loss else 'DIFFERENT'}", flush=True)
+    C.figures(_figures(a, runs, flops, max(gemm), shapes, first, same_loss))
     return 0
 
 
