@@ -129,7 +129,7 @@ class LossConfig:
     kd_params: dict[str, float] = field(default_factory=dict)  # extra parameters of the logit loss (jsd: beta; skew_*: alpha; dkd: alpha, beta)
     hidden: str = "cosine"  # hidden-state loss: mse | cosine | nmse
     weights: LossWeights = field(default_factory=LossWeights)  # weight of each term in the one objective
-    chunk_size: int = 256  # tokens per chunk of the fused LM-head + logit loss (256 was faster than 1024 and 4x leaner here)
+    chunk_size: int = 256  # tokens per chunk of the fused LM-head + logit loss (256: 2.4x leaner than 1024, 7% slower)
     relation_heads: int | None = None  # relation heads of the MiniLM-v2 loss (default: largest divisor <= 64 of all widths)
     attention_pairs: list[int] | None = None  # indices into the layer map used by attention/relation terms (default: all pairs)
     blockwise_pairs: list[int] | None = None  # indices into the layer map used by block-wise KD (default: the middle pair)
