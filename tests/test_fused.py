@@ -345,6 +345,14 @@ def test_fused_row_blocks_change_nothing(kd, T, ce_w, topk, autocast, monkeypatc
         torch.testing.assert_close(a, b, **tol)
 
 
+def test_row_blocks_are_for_the_cpu_only():
+    """On CPU the passes run over ROW_BLOCK / AUTOGRAD_ROW_BLOCK rows; on an accelerator, where a block is a
+    kernel launch rather than a cache-sized piece, over the whole chunk."""
+    assert fused_mod.row_block(torch.device("cpu"), 256, fused_mod.ROW_BLOCK) == fused_mod.ROW_BLOCK < 256
+    assert fused_mod.row_block(torch.device("cuda", 0), 256, fused_mod.ROW_BLOCK) == 256
+    assert fused_mod.row_block(torch.device("cuda"), 256, fused_mod.AUTOGRAD_ROW_BLOCK) == 256
+
+
 @pytest.mark.parametrize("kd", sorted(fused_mod.CLOSED_FORM))
 def test_fused_closed_form_under_bf16_autocast(kd, monkeypatch):
     """Under CPU bf16 autocast the closed form computes logits in bf16 like F.linear would, and

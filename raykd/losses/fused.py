@@ -49,19 +49,24 @@ def _dense_kd(logq: Tensor, logp: Tensor, kd: str, a: float, c, need_grad: bool,
     return kd_sum, g, nll
 
 
+# On CPU only; an accelerator takes the whole chunk at once (there each block would be more kernel launches, not cache)
 ROW_BLOCK = 8  # rows of a chunk the elementwise passes work on at once, so their [8, V] fp32 temporaries stay in cache
 AUTOGRAD_ROW_BLOCK = 32  # rows per autograd graph on the other losses: [32, V] temporaries, few enough graphs per chunk
 
 
-def _closed_form_chunk(h, th, sw, sb, tw, tb, tgt, kd, temperature, ce_w, kd_w, scale, need_grad, ws, cdt, keep=None,
-                       block=None):
+def row_block(device: torch.device, rows: int, cpu_rows: int) -> int:
+    """Rows per elementwise block of a [rows, V] chunk: `cpu_rows` on CPU, all of them elsewhere."""
+    return cpu_rows if device.type == "cpu" else rows
+
+
+def _closed_form_chunk(h, th, sw, sb, tw, tb, tgt, kd, temperature, ce_w, kd_w, scale, need_grad, ws, cdt, keep=None):
     """CE and forward/reverse KL of one chunk with the gradient written out, in place in workspace
     buffers, so that a chunk costs two GEMMs, a few passes over [C, V] and no autograd graph (the
     same derivatives Liger Kernel's fused kernels use; own implementation).
 
     h [C, Hs], th [C, Ht], a `TopK` [C, k] of cached targets (raykd.losses.topk.closed_form_kd) or None
     (CE only), tgt [C] valid ids; logits are computed in `cdt` into the [C, V] buffers "s" and "t"
-    (the GEMMs want the whole chunk), then every elementwise pass runs on `block` rows at a time in
+    (the GEMMs want the whole chunk), then every elementwise pass runs on `row_block` rows (CPU: ROW_BLOCK) at a time in
     fp32 [block, V] temporaries (`_closed_form_rows`), so the passes stay in cache and only the two
     [C, V] buffers in `cdt` exist at full size; each block's gradient is written back over its
     student logits. Returns (ce_sum, kd_sum, g): sums over the chunk ([], None when the term is off;
@@ -71,7 +76,7 @@ def _closed_form_chunk(h, th, sw, sb, tw, tb, tgt, kd, temperature, ce_w, kd_w, 
     f = torch.float64 if h.dtype == torch.float64 else torch.float32
     z = _logits_into(ws, "s", h, sw, sb, cdt)
     t = _logits_into(ws, "t", th, tw, tb, cdt) if kd is not None and not isinstance(th, TopK) else None
-    sums, block = [None, None], block or ROW_BLOCK
+    sums, block = [None, None], row_block(z.device, z.shape[0], ROW_BLOCK)
     for r0 in range(0, z.shape[0], block):
         r = slice(r0, r0 + block)
         zb = z[r] if cdt == f else ws.take("s32", *z[r].shape, f, z.device).copy_(z[r])
@@ -202,7 +207,7 @@ def _class_term(sh, sw_c, sb, th, tw_c, tb, chunks, cfg: HeadLoss, ws, cdt, need
 
 def _autograd_chunk(h, th, sw, sb, tw, tb, tgt, rows, cfg: HeadLoss, sparse: bool, need_grad: bool, denom: int, sums: dict, keep=None):
     """One chunk through autograd (losses without a written-out gradient): both models' [C, V] logits
-    from one GEMM each, then autograd on AUTOGRAD_ROW_BLOCK rows at a time, so the loss's own
+    from one GEMM each, then autograd on AUTOGRAD_ROW_BLOCK rows at a time (on CPU), so the loss's own
     temporaries are [block, V], not [C, V]; adds the chunk's CE / KD sums to `sums` (CE rows weighed
     by `keep` [C] when given); returns the logit gradient [C, V] (written over the logits) or None."""
     kd_fn = TOKEN_LOSSES[cfg.kd] if cfg.kd is not None else None
@@ -211,8 +216,9 @@ def _autograd_chunk(h, th, sw, sb, tw, tb, tgt, rows, cfg: HeadLoss, sparse: boo
         t_logits = F.linear(th[rows], tw, tb) if kd_fn is not None and not sparse else None
     targets = th.rows(rows) if kd_fn is not None and sparse else t_logits
     got = False
-    for r0 in range(0, logits.shape[0], AUTOGRAD_ROW_BLOCK):
-        r = slice(r0, r0 + AUTOGRAD_ROW_BLOCK)
+    step = row_block(logits.device, logits.shape[0], AUTOGRAD_ROW_BLOCK)
+    for r0 in range(0, logits.shape[0], step):
+        r = slice(r0, r0 + step)
         with torch.enable_grad() if need_grad else nullcontext():
             leaf = logits[r].detach().requires_grad_(need_grad)
             obj = _autograd_objective(leaf, None if targets is None else targets.rows(r) if sparse else targets[r], tgt[r],
