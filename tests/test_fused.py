@@ -345,6 +345,38 @@ def test_fused_row_blocks_change_nothing(kd, T, ce_w, topk, autocast, monkeypatc
         torch.testing.assert_close(a, b, **tol)
 
 
+def test_frozen_head_is_cast_once_and_follows_changes():
+    """Under bf16 autocast a head without gradient (the teacher's, a frozen student's, or one tensor shared by
+    both) is cast to bf16 once and reused across calls, with the same results as a fresh cast; changed in place
+    (its version moves) it is cast again; a trained head is never kept."""
+    sh, sw, th, _, y, mask, _, _ = _head(n=40, hs=32, ht=32, v=64, seed=34, dtype=torch.float32)
+    head = sw.clone()  # frozen, and the teacher's too (the teacher hidden has the same width)
+    ws = fused_mod.HeadWorkspace()
+
+    def run(workspace, weight=head):
+        x = sh.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            total, _ = L.fused_head_losses(x, weight, th, head.detach(), y, mask, chunk_size=16, workspace=workspace)
+        total.backward()
+        return total.detach(), x.grad
+
+    first = run(ws)
+    casts = {k: c.data_ptr() for k, (_, _, c) in ws._casts.items()}
+    assert list(casts) == ["sw"]  # the teacher's detached view of the same memory found the student's cast
+    for a, b in zip(run(ws), first):
+        assert torch.equal(a, b)
+    assert {k: c.data_ptr() for k, (_, _, c) in ws._casts.items()} == casts  # reused, not cast again
+    for a, b in zip(run(None), first):
+        assert torch.equal(a, b)
+    head.mul_(0.5)  # an in-place change: the kept cast is stale and must not be used
+    for a, b in zip(run(ws), run(None)):
+        assert torch.equal(a, b)
+    trained = sw.clone().requires_grad_()
+    fresh = fused_mod.HeadWorkspace()
+    run(fresh, trained)
+    assert "sw" not in fresh._casts and "tw" in fresh._casts
+
+
 def test_row_blocks_are_for_the_cpu_only():
     """On CPU the passes run over ROW_BLOCK / AUTOGRAD_ROW_BLOCK rows; on an accelerator, where a block is a
     kernel launch rather than a cache-sized piece, over the whole chunk."""

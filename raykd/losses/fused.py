@@ -162,8 +162,8 @@ def _fused_pass(sh, sw, sb, th, tw, tb, targets, mask, keep, cfg: HeadLoss, ws, 
     dev = sh.device.type
     # the dtype F.linear would give the logits (autocast's, else the input's); the closed form calls torch.mm itself
     cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) and sh.dtype != torch.float64 else sh.dtype
-    if closed or cfg.class_weight != 0:  # once per call, not per chunk (no-ops when the dtypes already agree)
-        sw_c, tw_c = sw.to(cdt), None if tw is None else tw.to(cdt)
+    if closed or cfg.class_weight != 0:  # once per call, not per chunk; once per run for a head without gradient (HeadWorkspace.cast)
+        sw_c, tw_c = ws.cast("sw", sw, cdt), None if tw is None else ws.cast("tw", tw, cdt)
     chunks = [slice(a, min(a + chunk, n)) if idx is None else idx[a:a + chunk] for a in range(0, n, chunk)]
     for rows in chunks if ce_w != 0 or kd_fn is not None else ():  # the token terms
         h, tgt = sh[rows], targets[rows]

@@ -21,6 +21,23 @@ class HeadWorkspace:
 
     def __init__(self) -> None:
         self._bufs: dict[str, Tensor] = {}
+        self._casts: dict[str, tuple[Tensor, int, Tensor]] = {}  # name -> (source, its version when cast, the cast)
+
+    def cast(self, name: str, w: Tensor, dtype: torch.dtype) -> Tensor:
+        """`w` in `dtype`. A weight that takes no gradient (the teacher's head, a frozen student head) is
+        cast once and reused while it is the same memory, unmodified (its version counter), instead of
+        on every call; the entry keeps its source alive, so equal memory means the same tensor. A head
+        the teacher and a frozen student share is cast once for both."""
+        if w.dtype == dtype:
+            return w
+        if w.requires_grad:
+            return w.to(dtype)
+        for src, version, out in self._casts.values():
+            if (src.data_ptr(), src.shape, src.stride(), version, out.dtype) == (w.data_ptr(), w.shape, w.stride(), w._version, dtype):
+                return out
+        out = w.to(dtype)
+        self._casts[name] = (w, w._version, out)
+        return out
 
     def take(self, name: str, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         """A [rows, cols] view of buffer `name` (contents undefined), grown or re-made as needed."""
@@ -32,7 +49,8 @@ class HeadWorkspace:
 
     @property
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self._bufs.values())
+        bufs = [*self._bufs.values(), *(c for _, _, c in self._casts.values())]
+        return sum(b.numel() * b.element_size() for b in bufs)
 
 
 def _logits_into(ws: HeadWorkspace, name: str, h: Tensor, w: Tensor, b: Tensor | None, cdt: torch.dtype,
