@@ -15,8 +15,10 @@ class HeadWorkspace:
     Every fresh [chunk, V] tensor costs the kernel a page fault per 4 KiB and the zeroing of its
     memory; on this project's 2-core CPU that was about a third of the LM head's time (≈400 k
     faults, 1.6 GB, per 1,020-token KD step at V = 49,152). A training loop that keeps one
-    workspace (`Distiller` does) pays that once. Holds at most 4 × chunk × V floats (plus two in
-    the logits dtype under autocast); `fused_head_losses` makes a throw-away one when given none.
+    workspace (`Distiller` does) pays that once. Holds the chunk's two [chunk, V] logits buffers in
+    the logits dtype, at most four [ROW_BLOCK, V] fp32 ones on CPU (whole-chunk ones elsewhere, or
+    with the class-level KL on) and the casts of heads without gradient (`cast`);
+    `fused_head_losses` makes a throw-away one when given none.
     """
 
     def __init__(self) -> None:
