@@ -89,7 +89,7 @@ def arm_weights(arm: str, a) -> dict:
 def base_config(a, out: Path) -> dict:
     """jobs/demo.yaml's settings, with this study's budget; the arms change only loss.weights and output_dir."""
     every = getattr(a, "eval_every", 0)  # --eval-every (absent from Namespaces built by hand)
-    return {
+    cfg = {
         "teacher": {"model": "smollm2-135m", "dtype": "float32"},
         "student": {"num_layers": 10, "init": "importance", "importance_metric": "block_ppl", "calibration_tokens": 2048},
         "layer_map": {"strategy": "auto"},
@@ -101,6 +101,9 @@ def base_config(a, out: Path) -> dict:
         "scale": {"num_workers": 1, "strategy": "ddp"},
         "output_dir": str(out), "seed": a.seed,
     }
+    for key, value in parse_overrides(getattr(a, "set", None) or []):  # --set here too: a changed cut is the shared one
+        set_dotted(cfg, key, value)
+    return cfg
 
 
 def arm_config(arm: str, resolved: dict, a, out: Path, gen_dir: Path) -> dict:
@@ -311,7 +314,7 @@ def run_seed(a, out: Path) -> dict:
 
     import torch
 
-    from raykd import manifest, models
+    from raykd import manifest, models, replace
     from raykd.config import from_dict
     from raykd.evaluate import eval_blocks, perplexity
     from raykd.plan import resolve
@@ -367,7 +370,7 @@ def run_seed(a, out: Path) -> dict:
     # the models are loaded for scoring only, after the arms (the CLI runs train in their own processes)
     tok = models.load_tokenizer(teacher_dir)
     teacher = models.load_model(teacher_dir, torch.float32, frozen=True)
-    models.cut_student(teacher, kept, dtype=torch.float32).save_pretrained(out / "init")
+    replace.stand_ins(resolved, teacher_dir, models.cut_student(teacher, kept, dtype=torch.float32), teacher).save_pretrained(out / "init")
     tok.save_pretrained(out / "init")
     manifest.publish(teacher_dir, out / "teacher")
     val = eval_blocks(["sotu"], tok, a.block, a.val_blocks)

@@ -27,6 +27,7 @@ from raykd.generate_config import GenerateConfig, OnPolicyConfig
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 INITS = ("uniform", "first", "last", "ends", "list", "importance")
 IMPORTANCE_METRICS = ("block_ppl", "block_influence")
+DROPPED = ("drop", "linear")
 MAP_STRATEGIES = ("auto", "kept", "bridge", "uniform", "last", "list")
 HIDDEN_LOSS_NAMES = ("mse", "cosine", "nmse")
 STRATEGIES = ("ddp", "fsdp2", "deepspeed")
@@ -69,6 +70,8 @@ class StudentConfig:
     importance_metric: str = "block_ppl"  # init=importance: block_ppl (drop a contiguous block, score perplexity) | block_influence (1 - cos(h_in, h_out))
     calibration_tokens: int = 2048  # init=importance: training tokens scored per candidate
     freeze_embeddings: bool = False  # keep the token embeddings and output head as initialised (no gradient, no AdamW state; a cut student trained with ddp shares the teacher's)
+    dropped: str = "drop"  # what stands in for a cut student's dropped layers: drop (nothing) | linear (a least-squares map folded into the kept layer before them; ReplaceMe)
+    fit_tokens: int = 16384  # dropped=linear: training tokens the maps are fitted on (after the importance search's own)
 
     def __post_init__(self):
         if isinstance(self.num_layers, bool) or not isinstance(self.num_layers, int) or self.num_layers < 1:
@@ -84,6 +87,10 @@ class StudentConfig:
         if self.ends_first is not None and not 0 <= self.ends_first <= self.num_layers:
             raise ConfigError(f"student.ends_first: must be between 0 and student.num_layers={self.num_layers}, got {self.ends_first}")
         _positive("student.calibration_tokens", self.calibration_tokens)
+        _choice("student.dropped", self.dropped, DROPPED)
+        _positive("student.fit_tokens", self.fit_tokens)
+        if self.dropped == "linear" and self.model:
+            raise ConfigError("student.dropped: 'linear' folds maps into a student cut from the teacher; unset student.model or use student.dropped=drop")
 
 
 @dataclass

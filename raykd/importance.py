@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from raykd import models
+from raykd import models, replace
 from raykd.capture import Capture, decoder_layers
 from raykd.evaluate import perplexity
 from raykd.layer_map import contiguous_drops, evenly_spaced
@@ -59,13 +59,19 @@ def only_layers(model, keep: list[int]):
             c.num_hidden_layers = d
 
 
-def score_block_ppl(model, k: int, ids: torch.Tensor) -> dict[tuple[int, ...], float]:
-    """Perplexity of each candidate cut keeping k layers (contiguous drops + uniform)."""
+def candidates(depth: int, k: int) -> list[tuple[int, ...]]:
+    """The cuts block_ppl scores: every contiguous drop of depth - k layers, and the uniform cut."""
+    return sorted({tuple(c) for c in contiguous_drops(depth, k)} | {tuple(evenly_spaced(depth, k))})
+
+
+def score_block_ppl(model, k: int, ids: torch.Tensor, maps: dict | None = None) -> dict[tuple[int, ...], float]:
+    """Perplexity of each candidate cut keeping k layers (contiguous drops + uniform). `maps` (student.dropped:
+    linear; `raykd.replace.fit` over every candidate's gaps): each cut is scored with its stand-ins folded in."""
     L = len(decoder_layers(model))
-    candidates = {tuple(c) for c in contiguous_drops(L, k)} | {tuple(evenly_spaced(L, k))}
     scores = {}
-    for keep in sorted(candidates):
-        with only_layers(model, list(keep)):
+    for keep in candidates(L, k):
+        own = {g: maps[g] for g in replace.gaps(list(keep), L)} if maps is not None else {}
+        with replace.folded(model, own), only_layers(model, list(keep)):  # folded first: it indexes the whole teacher
             scores[keep] = perplexity(model, ids, batch_size=1)
     return scores
 
@@ -86,13 +92,13 @@ def block_influence(model, ids: torch.Tensor) -> list[float]:
     return (sums / len(ids)).tolist()
 
 
-def importance_cut(model, k: int, ids: torch.Tensor, metric: str = "block_ppl") -> tuple[list[int], dict]:
-    """The kept layers for a k-layer student and the scores that chose them."""
+def importance_cut(model, k: int, ids: torch.Tensor, metric: str = "block_ppl", maps: dict | None = None) -> tuple[list[int], dict]:
+    """The kept layers for a k-layer student and the scores that chose them (`maps`: see score_block_ppl)."""
     was_training = model.training
     model.eval()
     try:
         if metric == "block_ppl":
-            scores = score_block_ppl(model, k, ids)
+            scores = score_block_ppl(model, k, ids, maps)
             best = min(scores, key=scores.get)
             return list(best), {"metric": metric, "perplexity": {",".join(map(str, c)): s for c, s in scores.items()}}
         bi = block_influence(model, ids)

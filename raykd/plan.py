@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from raykd import models
+from raykd import models, replace
 from raykd.capture import decoder_layers
 from raykd.config import Config, ConfigError
 from raykd.layer_map import layer_map, select_layers
@@ -88,24 +88,47 @@ def _check_attention_modules(model_config, field: str, trust_remote_code: bool) 
 def _choose_kept(cfg: Config, teacher_dir: Path, depth: int, log) -> tuple[list[int], dict | None]:
     s = cfg.student
     if s.init != "importance":
-        return select_layers(s.init, depth, s.num_layers, s.layers, s.ends_first), None
+        kept = select_layers(s.init, depth, s.num_layers, s.layers, s.ends_first)
+        if s.dropped == "linear":
+            replace.maps_for(cfg, teacher_dir, kept, log=log)  # fitted here once, read by the workers
+        return kept, None
     select_layers("first", depth, s.num_layers)  # the depth check, before loading anything
     from raykd import importance as imp
     from raykd.data.reader import calibration_text
 
     tok = models.load_tokenizer(teacher_dir, cfg.teacher.trust_remote_code)
-    text = calibration_text(cfg.data, n_chars=8 * s.calibration_tokens)
-    ids = imp.calibration_ids(tok, text, s.calibration_tokens, cfg.data.block_size)
-    memo = imp.memo_path(models.cache_root(), teacher_dir, s.num_layers, ids, s.importance_metric)
+    linear = s.dropped == "linear" and s.importance_metric == "block_ppl"  # candidates scored with their stand-ins
+    if linear:
+        ids, fit_ids = replace.calibration(cfg, tok)
+    else:
+        ids = imp.calibration_ids(tok, calibration_text(cfg.data, n_chars=8 * s.calibration_tokens), s.calibration_tokens, cfg.data.block_size)
+    memo = imp.memo_path(models.cache_root(), teacher_dir, s.num_layers, ids, s.importance_metric + ("+linear" if linear else ""))
     if (found := imp.memo_load(memo)) is not None:
         log(f"raykd: the {s.importance_metric} cut of {s.num_layers} layers, scored before on the same teacher and tokens ({memo})")
-        return found
-    log(f"raykd: scoring {s.importance_metric} cuts of the teacher on {s.calibration_tokens} calibration tokens")
-    teacher = models.load_model(teacher_dir, models.DTYPE["float32"], cfg.teacher.trust_remote_code, frozen=True)
-    kept, scores = imp.importance_cut(teacher, s.num_layers, ids, s.importance_metric)
-    scores["calibration_tokens"] = int(ids.numel())
-    imp.memo_save(memo, kept, scores)
-    return kept, scores
+    else:
+        log(f"raykd: scoring {s.importance_metric} cuts of the teacher on {s.calibration_tokens} calibration tokens"
+            + (f" with linear stand-ins fitted on {fit_ids.numel()} more" if linear else ""))
+        teacher = models.load_model(teacher_dir, models.DTYPE["float32"], cfg.teacher.trust_remote_code, frozen=True)
+        maps = None
+        if linear:
+            replace.check_foldable(teacher)
+            maps, _ = replace.fit(teacher, fit_ids, sorted({g for c in imp.candidates(depth, s.num_layers) for g in replace.gaps(list(c), depth)}))
+        kept, scores = imp.importance_cut(teacher, s.num_layers, ids, s.importance_metric, maps)
+        scores["calibration_tokens"] = int(ids.numel())
+        if maps is not None:  # the chosen cut's maps, where the workers look for them
+            replace.save(replace.memo_path(models.cache_root(), teacher_dir, kept, fit_ids), {g: maps[g] for g in replace.gaps(kept, depth)})
+        imp.memo_save(memo, kept, scores)
+        found = kept, scores
+    if s.dropped == "linear":
+        replace.maps_for(cfg, teacher_dir, found[0], log=log)  # read back (or fitted: block_influence, a memo from elsewhere)
+    return found
+
+
+def map_strategy(cfg: Config) -> str:
+    """`layer_map.strategy`, with `auto` made explicit for a cut whose dropped layers have linear stand-ins:
+    `bridge` (the layer before a gap now writes the state at its end, so it is aligned with that state)."""
+    s = cfg.student
+    return "bridge" if cfg.layer_map.strategy == "auto" and s.dropped == "linear" and not s.model else cfg.layer_map.strategy
 
 
 def _check_installed(cfg: Config) -> None:
@@ -131,7 +154,7 @@ def check_static(cfg: Config, t_config) -> None:
         return
     s, lm = cfg.student, cfg.layer_map
     kept = select_layers("first" if s.init == "importance" else s.init, depth, s.num_layers, s.layers, s.ends_first)
-    ObjectiveSpec.build(cfg.loss, layer_map(lm.strategy, depth, len(kept), kept, lm.pairs, lm.num_pairs), depth)
+    ObjectiveSpec.build(cfg.loss, layer_map(map_strategy(cfg), depth, len(kept), kept, lm.pairs, lm.num_pairs), depth)
 
 
 def check_inputs(cfg: Config, teacher: str, planning: bool = False, log=print) -> dict:
@@ -172,7 +195,7 @@ def build_plan(cfg: Config, log=print) -> Plan:
         s_config = models.student_config(t_config, kept)
         student = model_info(s_config, f"cut from the teacher (init={cfg.student.init})", "", trc)
     lm = cfg.layer_map
-    pairs = layer_map(lm.strategy, teacher.layers, student.layers, kept, lm.pairs, lm.num_pairs)
+    pairs = layer_map(map_strategy(cfg), teacher.layers, student.layers, kept, lm.pairs, lm.num_pairs)
     objective = ObjectiveSpec.build(cfg.loss, pairs, teacher.layers)  # bad attention/blockwise pair indices fail here
     if objective.attn_pairs:
         field = "loss.weights.attention" if "attention" in objective.weights else "loss.weights.relation"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from raykd import models
+from raykd import models, replace
 from raykd.config import Config, ConfigError
 
 KEYS = ("val_perplexity", "teacher_val_perplexity", "top1_agreement", "tokens_seen", "train_wall_s")
@@ -45,7 +45,7 @@ def save_init_student(cfg: Config, dst: Path, log=print) -> Config:
         tok_dir = models.resolve_model(resolved.student.model, "student.model")
     else:
         teacher = models.load_model(plan.teacher_dir, torch.float32, trc, frozen=True)
-        student = models.cut_student(teacher, resolved.student.layers, dtype=torch.float32)
+        student = replace.stand_ins(resolved, plan.teacher_dir, models.cut_student(teacher, resolved.student.layers, dtype=torch.float32), teacher)
         tok_dir = plan.teacher_dir
     tmp = dst.with_name(f".{dst.name}.tmp")
     student.save_pretrained(tmp)
@@ -61,7 +61,7 @@ def round_config(cfg: Config, k: int, out: Path, init: Path) -> Config:
     if k == 1:
         return rc
     teacher = dataclasses.replace(cfg.teacher, model=str(out / f"round{k - 1}" / "student"), cache=None, dtype="float32")
-    student = dataclasses.replace(cfg.student, model=str(init), init="uniform", layers=None, ends_first=None)
+    student = dataclasses.replace(cfg.student, model=str(init), init="uniform", layers=None, ends_first=None, dropped="drop")  # init holds the stand-ins
     layer_map = dataclasses.replace(cfg.layer_map, strategy="uniform", pairs=None, num_pairs=None)
     return dataclasses.replace(rc, teacher=teacher, student=student, layer_map=layer_map)
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from raykd import cut, manifest, models, runtime, tasks
+from raykd import cut, manifest, models, replace, runtime, tasks
 from raykd.config import Config, ConfigError, from_dict
 from raykd.data import cache, pipeline
 from raykd.errors import Diverged, check_finite
@@ -99,6 +99,7 @@ def _build_models(cfg: Config):
     teacher = None if (cached and student is not None) else models.load_model(teacher_dir, models.resolve_dtype(cfg.teacher.dtype), trc, frozen=True)
     if student is None:
         student = models.cut_student(teacher, cfg.student.layers, dtype=torch.float32)
+    replace.stand_ins(cfg, teacher_dir, student, teacher)  # student.dropped=linear: the maps the plan fitted, folded in
     if cfg.student.freeze_embeddings:  # shared with the teacher only where no strategy re-partitions the student
         cut.freeze_embeddings(student, teacher if cfg.scale.strategy == "ddp" else None)
     pairs = [tuple(p) for p in cfg.layer_map.pairs]  # explicit: written by raykd.plan.resolve
