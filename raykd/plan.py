@@ -229,10 +229,13 @@ def format_plan(cfg: Config, plan: Plan) -> str:
     ]
     if plan.kept is not None:
         lines.append(f"           kept teacher layers {plan.kept}")
+        if cfg.student.dropped == "linear" and (gaps := replace.gaps(plan.kept, t.layers)):
+            lines.append("           dropped layers stood in for by linear maps folded into teacher layer(s) "
+                         + ", ".join(f"{a} (for {a + 1}..{b - 1})" for a, b in gaps))
     if plan.importance and "perplexity" in plan.importance:
         best = sorted(plan.importance["perplexity"].items(), key=lambda kv: kv[1])[:3]
         lines.append("           best cuts by calibration perplexity: " + "; ".join(f"[{k}] {v:.4g}" for k, v in best))
-    lines.append(f"layer map  ({cfg.layer_map.strategy}) teacher->student " + ", ".join(f"{a}->{b}" for a, b in plan.pairs))
+    lines.append(f"layer map  ({map_strategy(cfg)}) teacher->student " + ", ".join(f"{a}->{b}" for a, b in plan.pairs))
     parts = []
     for name, wt in plan.terms.items():
         detail = {"kd": f"({cfg.loss.kd}, T={cfg.loss.temperature:g})", "class_kd": f"(class_kl, T={cfg.loss.temperature:g})",

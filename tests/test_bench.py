@@ -187,6 +187,8 @@ def test_quality_data_mix_is_every_arms_data(tmp_path):
     for arm in ("ce", "feature", "seqkd"):
         cfg = from_dict(quality.arm_config(arm, base, a, tmp_path, tmp_path / "gen"))
         assert cfg.student.freeze_embeddings and cfg.train.lr == 1e-3 and cfg.loss.weights.ce == 1.0
+    a.set = ["student.dropped=linear"]  # and the shared cut: the importance search and the map see it too
+    assert from_dict(quality.base_config(a, tmp_path)).student.dropped == "linear"
     with pytest.raises(SystemExit, match=r"^--data: expected SOURCE=WEIGHT pairs"):
         quality.mix_weights("sotu=half")
 

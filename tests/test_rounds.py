@@ -1,6 +1,7 @@
 """`raykd distill --rounds N` (born-again distillation): round configs chain teacher -> student, every
 round starts from the same saved student, and two real rounds of the smoke job run end to end."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -26,6 +27,8 @@ def test_round_configs_chain_the_teachers(tmp_path):
     assert third.teacher.model == str(tmp_path / "round2" / "student") and third.teacher.cache is None  # the cache is round 1's teacher's
     assert third.student.model == str(init) and third.layer_map.strategy == "uniform"
     assert third.loss == cfg.loss and third.train == cfg.train and third.data == cfg.data
+    linear = dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, dropped="linear"))
+    assert round_config(linear, 2, tmp_path, init).student.dropped == "drop"  # init already holds round 1's stand-ins
 
 
 def test_rounds_below_one_are_refused_before_anything_runs(tmp_path):
