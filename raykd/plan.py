@@ -254,4 +254,8 @@ def format_plan(cfg: Config, plan: Plan) -> str:
     lo, hi = sc.worker_range
     workers = f"{lo}-{hi} workers (elastic; global batch {hi * cfg.train.grad_accum * cfg.train.batch_size} sequences at any size)" if sc.elastic else f"{hi} worker(s)"
     lines.append(f"scale      {workers}, {sc.strategy}, {'gpu' if sc.use_gpu else 'cpu'}; output {cfg.output_dir}")
+    t = cfg.train
+    if t.warmup_steps >= t.max_steps:  # allowed (smoke runs of a few steps), but rarely meant
+        lines.append(f"note       train.warmup_steps ({t.warmup_steps}) >= train.max_steps ({t.max_steps}): the LR never reaches "
+                     f"train.lr and there is no decay; set train.warmup_steps below {t.max_steps} (about a tenth)")
     return "\n".join(lines)

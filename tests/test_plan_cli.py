@@ -27,7 +27,12 @@ def test_plan_smoke_prints_sizes_layers_map_terms_flops(capsys, tiny_teacher_dir
     head = trained["student"]["vocab"] * trained["student"]["hidden"]  # the head's weight gradient: 2·V·H FLOPs a token
     assert trained["flops_per_token"]["student_step"] - frozen["flops_per_token"]["student_step"] == 2 * head
     assert main(["plan", "jobs/smoke.yaml", "student.freeze_embeddings=true"]) == 0
-    assert "embeddings and head frozen" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "embeddings and head frozen" in out and "note" not in out and "stood in" not in out
+    assert main(["plan", "jobs/smoke.yaml", "train.max_steps=2", "student.dropped=linear"]) == 0  # allowed, but said
+    out = capsys.readouterr().out
+    assert "note       train.warmup_steps (2) >= train.max_steps (2): the LR never reaches train.lr" in out
+    assert "layer map  (bridge)" in out and "linear maps folded into teacher layer(s) 0 (for 1..1)" in out
 
 
 def test_plan_json_and_overrides(capsys, tiny_teacher_dir):
