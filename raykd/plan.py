@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from raykd import models, replace
 from raykd.capture import decoder_layers
 from raykd.config import Config, ConfigError
@@ -102,7 +104,8 @@ def _choose_kept(cfg: Config, teacher_dir: Path, depth: int, log) -> tuple[list[
         ids, fit_ids = replace.calibration(cfg, tok)
     else:
         ids = imp.calibration_ids(tok, calibration_text(cfg.data, n_chars=8 * s.calibration_tokens), s.calibration_tokens, cfg.data.block_size)
-    memo = imp.memo_path(models.cache_root(), teacher_dir, s.num_layers, ids, s.importance_metric + ("+linear" if linear else ""))
+    key = (torch.cat([ids.flatten(), fit_ids.flatten()])[None], f"{s.importance_metric}+linear-v{replace.MEMO_VERSION}") if linear else (ids, s.importance_metric)
+    memo = imp.memo_path(models.cache_root(), teacher_dir, s.num_layers, *key)  # with stand-ins: their tokens too
     if (found := imp.memo_load(memo)) is not None:
         log(f"raykd: the {s.importance_metric} cut of {s.num_layers} layers, scored before on the same teacher and tokens ({memo})")
     else:

@@ -30,7 +30,7 @@ from torch import nn
 from raykd.capture import decoder_layers
 
 RIDGE = 1e-3  # lam as a fraction of the mean diagonal of M^T M: keeps T well posed on few tokens
-MEMO_VERSION = 1  # bump when the fit changes: older memos are then never read
+MEMO_VERSION = 2  # bump when the fit changes: older memos are then never read
 
 
 def gaps(kept: list[int], depth: int) -> list[tuple[int, int]]:
@@ -180,18 +180,49 @@ def load(path: Path) -> dict[tuple[int, int], torch.Tensor] | None:
 # --- the run's maps: fitted once (the driver's plan), read by every worker of the node ------------------------
 
 
+def spread_text(data_cfg, n_chars: int, skip_chars: int, pieces: int = 64, cap: int = 256) -> str:
+    """About `n_chars` of training text in `pieces` pieces taken at evenly spaced characters of the training
+    split after its first `skip_chars` (the importance search's text; at most cap * n_chars read), so each
+    source counts by its share of the text: a fit on the corpus, not on its first documents (a corpus in date
+    order would hand the maps its oldest text alone)."""
+    from raykd.data.reader import calibration_text, documents
+
+    docs, seen, skipped = [], 0, 0
+    for doc in documents(data_cfg, "train"):
+        if skipped < skip_chars:
+            skipped += len(doc)
+            continue
+        docs.append(doc)
+        seen += len(doc)
+        if seen >= cap * n_chars:
+            break
+    if not docs:  # a corpus too small for both: the importance search's text
+        return calibration_text(data_cfg, n_chars)
+    import bisect
+    import itertools
+
+    starts = list(itertools.accumulate((len(d) for d in docs), initial=0))
+    piece, out = n_chars // pieces + 1, []
+    for i in range(pieces):  # evenly spaced over the text's characters: each source by its share of them
+        at = int((i + 0.5) * seen / pieces)
+        j = bisect.bisect_right(starts, at) - 1
+        d, off = docs[j], at - starts[j]
+        out.append(d[max(0, min(off - piece // 2, len(d) - piece)):][:piece])
+    return "\n\n".join(out)
+
+
 def calibration(cfg, tok) -> tuple[torch.Tensor, torch.Tensor]:
     """(score ids [n, T], fit ids [m, T]) of the run's training text: the importance search's
-    `student.calibration_tokens`, then the next `student.fit_tokens` for the maps (the same blocks when the
-    corpus holds no more)."""
+    `student.calibration_tokens` (its first documents, as without stand-ins), and `student.fit_tokens` for
+    the maps from documents spread over the rest (`spread_text`)."""
     from raykd.data.reader import calibration_text
     from raykd.importance import calibration_ids
 
-    s = cfg.student
-    n = s.calibration_tokens + s.fit_tokens
-    ids = calibration_ids(tok, calibration_text(cfg.data, n_chars=8 * n), n, cfg.data.block_size)
-    n_score = max(1, min(len(ids) - 1, s.calibration_tokens // ids.shape[1]))
-    return ids[:n_score], (ids[n_score:] if len(ids) > n_score else ids)
+    s, block = cfg.student, cfg.data.block_size
+    text = calibration_text(cfg.data, n_chars=8 * s.calibration_tokens)
+    score = calibration_ids(tok, text, s.calibration_tokens, block)
+    fit = calibration_ids(tok, spread_text(cfg.data, 8 * s.fit_tokens, len(text)), s.fit_tokens, block)
+    return score, fit
 
 
 def memo_path(root: Path, teacher_dir: Path, kept: list[int], ids: torch.Tensor) -> Path:

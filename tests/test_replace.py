@@ -158,3 +158,21 @@ def test_the_real_teachers_cut_starts_far_nearer_it_on_held_out_speeches(smollm2
     replace.fold_student(folded, kept, maps)
     val = blocks("validation", 8)
     assert perplexity(folded, val) < 0.2 * perplexity(plain, val)
+
+
+def test_the_maps_are_fitted_on_text_spread_over_the_corpus(tmp_path):
+    """The fit's text comes from the whole training split by its share of characters (both sources of a
+    two-source corpus), after the importance search's first documents, not from the corpus's first documents."""
+    from raykd.config import DataConfig
+    from raykd.data.reader import calibration_text
+
+    for i in range(40):
+        word = "first" if i == 0 else ("alpha" if i < 30 else "omega")
+        (tmp_path / f"doc{i:02d}.txt").write_text(" ".join(f"{word}{i}" for _ in range(300)) + "\n")
+    data = DataConfig(train=[str(tmp_path)], val_fraction=0.0)
+    head = calibration_text(data, 2000)
+    assert "first0" in head and "alpha" not in head
+    text = replace.spread_text(data, 4000, len(head), pieces=16)
+    assert "first0" not in text and "omega" in text and "alpha2" in text and 3000 <= len(text) <= 4200
+    late = sum(text.count(f"omega{i}") for i in range(30, 40))
+    assert 0.15 < late * len("omega30 ") / len(text) < 0.45  # the last quarter of the text: about a quarter of the fit
