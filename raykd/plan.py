@@ -134,6 +134,17 @@ def map_strategy(cfg: Config) -> str:
     return "bridge" if cfg.layer_map.strategy == "auto" and s.dropped == "linear" and not s.model else cfg.layer_map.strategy
 
 
+def _attention_on_kept(cfg: Config, kept: list[int] | None, pairs: list[tuple[int, int]]):
+    """`cfg.loss`, where the bridge map pairs a student layer before a gap with the teacher layer at the gap's end,
+    with the attention and relation terms (a layer's own Q/K/V) on the pairs whose teacher layer is the one the
+    student layer was copied from; unchanged when `loss.attention_pairs` is set or no pair is such a copy."""
+    loss, w = cfg.loss, cfg.loss.weights
+    if map_strategy(cfg) != "bridge" or kept is None or loss.attention_pairs is not None or not (w.attention or w.relation):
+        return loss
+    same = [i for i, (t, j) in enumerate(pairs) if t == kept[j]]
+    return dataclasses.replace(loss, attention_pairs=same) if same else loss
+
+
 def _check_installed(cfg: Config) -> None:
     """A strategy or search whose package is missing is one line here, not a crash inside the workers."""
     import importlib.util
@@ -199,7 +210,7 @@ def build_plan(cfg: Config, log=print) -> Plan:
         student = model_info(s_config, f"cut from the teacher (init={cfg.student.init})", "", trc)
     lm = cfg.layer_map
     pairs = layer_map(map_strategy(cfg), teacher.layers, student.layers, kept, lm.pairs, lm.num_pairs)
-    objective = ObjectiveSpec.build(cfg.loss, pairs, teacher.layers)  # bad attention/blockwise pair indices fail here
+    objective = ObjectiveSpec.build(_attention_on_kept(cfg, kept, pairs), pairs, teacher.layers)  # bad attention/blockwise pair indices fail here
     if objective.attn_pairs:
         field = "loss.weights.attention" if "attention" in objective.weights else "loss.weights.relation"
         _check_attention_modules(t_config, field, trc)
@@ -215,7 +226,7 @@ def resolve(cfg: Config, log=print) -> tuple[Config, Plan]:
     plan = build_plan(cfg, log)
     student = cfg.student if plan.kept is None else dataclasses.replace(cfg.student, init="list", layers=list(plan.kept))
     layer_map_cfg = dataclasses.replace(cfg.layer_map, strategy="list", pairs=[list(p) for p in plan.pairs], num_pairs=None)
-    return dataclasses.replace(cfg, student=student, layer_map=layer_map_cfg), plan
+    return dataclasses.replace(cfg, student=student, layer_map=layer_map_cfg, loss=_attention_on_kept(cfg, plan.kept, plan.pairs)), plan
 
 
 def _m(n: float) -> str:

@@ -176,3 +176,20 @@ def test_the_maps_are_fitted_on_text_spread_over_the_corpus(tmp_path):
     assert "first0" not in text and "omega" in text and "alpha2" in text and 3000 <= len(text) <= 4200
     late = sum(text.count(f"omega{i}") for i in range(30, 40))
     assert 0.15 < late * len("omega30 ") / len(text) < 0.45  # the last quarter of the text: about a quarter of the fit
+
+
+def test_with_the_bridge_map_attention_reads_the_layers_the_student_copied(tiny_teacher_dir, monkeypatch, tmp_path):
+    """A pair (end of a gap, layer before it) compares outputs; the attention and relation terms compare a layer's
+    own Q/K/V, so they keep the pairs whose teacher layer the student layer is a copy of, written into the
+    resolved config (the workers build the same objective); an explicit loss.attention_pairs is kept as given."""
+    from raykd.plan import resolve
+
+    monkeypatch.setenv("RAYKD_CACHE", str(tmp_path / "cache"))
+    cfg, plan = resolve(load_config("jobs/smoke.yaml", ["student.dropped=linear", "student.num_layers=4"]), log=lambda m: None)
+    assert plan.kept == [0, 2, 3, 5] and plan.pairs == [(1, 0), (2, 1), (4, 2), (5, 3)]
+    assert cfg.loss.attention_pairs == [1, 3] and plan.objective.attn_pairs == ((2, 1), (5, 3))
+    cfg, plan = resolve(load_config("jobs/smoke.yaml", ["layer_map.strategy=bridge", "student.num_layers=4", "loss.attention_pairs=[0]"]),
+                        log=lambda m: None)
+    assert cfg.loss.attention_pairs == [0] and plan.objective.attn_pairs == ((1, 0),)
+    cfg, plan = resolve(load_config("jobs/smoke.yaml", ["student.num_layers=4"]), log=lambda m: None)  # the kept map: all pairs
+    assert cfg.loss.attention_pairs is None and len(plan.objective.attn_pairs) == 4
