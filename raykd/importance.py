@@ -31,14 +31,6 @@ from raykd.evaluate import perplexity
 from raykd.layer_map import contiguous_drops, evenly_spaced
 
 
-def calibration_ids(tokenizer, text: str, n_tokens: int, block: int) -> torch.Tensor:
-    """[n_blocks, block] token ids from `text` (at least one block, at most ~n_tokens)."""
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
-    block = min(block, len(ids))
-    n_blocks = max(1, min(n_tokens, len(ids)) // block)
-    return ids[: n_blocks * block].view(n_blocks, block)
-
-
 @contextlib.contextmanager
 def only_layers(model, keep: list[int]):
     """Temporarily run `model` with just the decoder layers `keep` (restored on exit)."""

@@ -96,14 +96,15 @@ def _choose_kept(cfg: Config, teacher_dir: Path, depth: int, log) -> tuple[list[
         return kept, None
     select_layers("first", depth, s.num_layers)  # the depth check, before loading anything
     from raykd import importance as imp
+    from raykd.calibration import calibration, calibration_ids
     from raykd.data.reader import calibration_text
 
     tok = models.load_tokenizer(teacher_dir, cfg.teacher.trust_remote_code)
     linear = s.dropped == "linear" and s.importance_metric == "block_ppl"  # candidates scored with their stand-ins
     if linear:
-        ids, fit_ids = replace.calibration(cfg, tok)
+        ids, fit_ids = calibration(cfg, tok)
     else:
-        ids = imp.calibration_ids(tok, calibration_text(cfg.data, n_chars=8 * s.calibration_tokens), s.calibration_tokens, cfg.data.block_size)
+        ids = calibration_ids(tok, calibration_text(cfg.data, n_chars=8 * s.calibration_tokens), s.calibration_tokens, cfg.data.block_size)
     key = (torch.cat([ids.flatten(), fit_ids.flatten()])[None], f"{s.importance_metric}+linear-v{replace.MEMO_VERSION}") if linear else (ids, s.importance_metric)
     memo = imp.memo_path(models.cache_root(), teacher_dir, s.num_layers, *key)  # with stand-ins: their tokens too
     if (found := imp.memo_load(memo)) is not None:

@@ -180,51 +180,6 @@ def load(path: Path) -> dict[tuple[int, int], torch.Tensor] | None:
 # --- the run's maps: fitted once (the driver's plan), read by every worker of the node ------------------------
 
 
-def spread_text(data_cfg, n_chars: int, skip_chars: int, pieces: int = 64, cap: int = 256) -> str:
-    """About `n_chars` of training text in `pieces` pieces taken at evenly spaced characters of the training
-    split after its first `skip_chars` (the importance search's text; at most cap * n_chars read), so each
-    source counts by its share of the text: a fit on the corpus, not on its first documents (a corpus in date
-    order would hand the maps its oldest text alone)."""
-    from raykd.data.reader import calibration_text, documents
-
-    docs, seen, skipped = [], 0, 0
-    for doc in documents(data_cfg, "train"):
-        if skipped < skip_chars:
-            skipped += len(doc)
-            continue
-        docs.append(doc)
-        seen += len(doc)
-        if seen >= cap * n_chars:
-            break
-    if not docs:  # a corpus too small for both: the importance search's text
-        return calibration_text(data_cfg, n_chars)
-    import bisect
-    import itertools
-
-    starts = list(itertools.accumulate((len(d) for d in docs), initial=0))
-    piece, out = n_chars // pieces + 1, []
-    for i in range(pieces):  # evenly spaced over the text's characters: each source by its share of them
-        at = int((i + 0.5) * seen / pieces)
-        j = bisect.bisect_right(starts, at) - 1
-        d, off = docs[j], at - starts[j]
-        out.append(d[max(0, min(off - piece // 2, len(d) - piece)):][:piece])
-    return "\n\n".join(out)
-
-
-def calibration(cfg, tok) -> tuple[torch.Tensor, torch.Tensor]:
-    """(score ids [n, T], fit ids [m, T]) of the run's training text: the importance search's
-    `student.calibration_tokens` (its first documents, as without stand-ins), and `student.fit_tokens` for
-    the maps from documents spread over the rest (`spread_text`)."""
-    from raykd.data.reader import calibration_text
-    from raykd.importance import calibration_ids
-
-    s, block = cfg.student, cfg.data.block_size
-    text = calibration_text(cfg.data, n_chars=8 * s.calibration_tokens)
-    score = calibration_ids(tok, text, s.calibration_tokens, block)
-    fit = calibration_ids(tok, spread_text(cfg.data, 8 * s.fit_tokens, len(text)), s.fit_tokens, block)
-    return score, fit
-
-
 def memo_path(root: Path, teacher_dir: Path, kept: list[int], ids: torch.Tensor) -> Path:
     """Where the maps of the cut `kept` fitted on `ids` are kept: a name hashing the teacher's weight files (path,
     size, mtime), the cut, the ridge and the token ids, so a changed teacher or corpus never reads old maps."""
@@ -242,6 +197,8 @@ def maps_for(cfg, teacher_dir: Path, kept: list[int], teacher: nn.Module | None 
     from raykd import models
 
     trc = cfg.teacher.trust_remote_code
+    from raykd.calibration import calibration
+
     _, fit_ids = calibration(cfg, models.load_tokenizer(teacher_dir, trc))
     path = memo_path(models.cache_root(), teacher_dir, kept, fit_ids)
     if (found := load(path)) is not None:

@@ -163,6 +163,7 @@ def test_the_real_teachers_cut_starts_far_nearer_it_on_held_out_speeches(smollm2
 def test_the_maps_are_fitted_on_text_spread_over_the_corpus(tmp_path):
     """The fit's text comes from the whole training split by its share of characters (both sources of a
     two-source corpus), after the importance search's first documents, not from the corpus's first documents."""
+    from raykd.calibration import spread_text
     from raykd.config import DataConfig
     from raykd.data.reader import calibration_text
 
@@ -172,7 +173,7 @@ def test_the_maps_are_fitted_on_text_spread_over_the_corpus(tmp_path):
     data = DataConfig(train=[str(tmp_path)], val_fraction=0.0)
     head = calibration_text(data, 2000)
     assert "first0" in head and "alpha" not in head
-    text = replace.spread_text(data, 4000, len(head), pieces=16)
+    text = spread_text(data, 4000, len(head), pieces=16)
     assert "first0" not in text and "omega" in text and "alpha2" in text and 3000 <= len(text) <= 4200
     late = sum(text.count(f"omega{i}") for i in range(30, 40))
     assert 0.15 < late * len("omega30 ") / len(text) < 0.45  # the last quarter of the text: about a quarter of the fit
