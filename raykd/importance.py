@@ -17,7 +17,6 @@ calibration tokens hashed), so the trials of a sweep and reruns of a job do not 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -107,10 +106,7 @@ def memo_path(root: Path, teacher_dir: Path, k: int, ids: torch.Tensor, metric: 
     """Where the importance cut of `k` layers of the teacher in `teacher_dir`, scored by `metric` on the
     calibration blocks `ids` [N, T], is kept: a name hashing the teacher's weight files (path, size,
     mtime), k, the metric and the token ids, so a changed teacher or corpus never reads an old cut."""
-    h = hashlib.sha256(f"v{MEMO_VERSION}|{Path(teacher_dir).resolve()}|{k}|{metric}|{tuple(ids.shape)}".encode())
-    h.update(repr(models.file_stats(teacher_dir)).encode())
-    h.update(ids.to(torch.int64).numpy().tobytes())
-    return root / "importance" / f"{h.hexdigest()[:32]}.json"
+    return root / "importance" / f"{models.memo_digest(f'v{MEMO_VERSION}', teacher_dir, ids, k, metric)}.json"
 
 
 def memo_load(path: Path) -> tuple[list[int], dict] | None:

@@ -107,13 +107,13 @@ def _choose_kept(cfg: Config, teacher_dir: Path, depth: int, log) -> tuple[list[
         ids = calibration_ids(tok, calibration_text(cfg.data, n_chars=8 * s.calibration_tokens), s.calibration_tokens, cfg.data.block_size)
     key = (torch.cat([ids.flatten(), fit_ids.flatten()])[None], f"{s.importance_metric}+linear-v{replace.MEMO_VERSION}") if linear else (ids, s.importance_metric)
     memo = imp.memo_path(models.cache_root(), teacher_dir, s.num_layers, *key)  # with stand-ins: their tokens too
+    maps = None
     if (found := imp.memo_load(memo)) is not None:
         log(f"raykd: the {s.importance_metric} cut of {s.num_layers} layers, scored before on the same teacher and tokens ({memo})")
     else:
         log(f"raykd: scoring {s.importance_metric} cuts of the teacher on {s.calibration_tokens} calibration tokens"
             + (f" with linear stand-ins fitted on {fit_ids.numel()} more" if linear else ""))
         teacher = models.load_model(teacher_dir, models.DTYPE["float32"], cfg.teacher.trust_remote_code, frozen=True)
-        maps = None
         if linear:
             replace.check_foldable(teacher)
             maps, _ = replace.fit(teacher, fit_ids, sorted({g for c in imp.candidates(depth, s.num_layers) for g in replace.gaps(list(c), depth)}))
@@ -123,8 +123,8 @@ def _choose_kept(cfg: Config, teacher_dir: Path, depth: int, log) -> tuple[list[
             replace.save(replace.memo_path(models.cache_root(), teacher_dir, kept, fit_ids), {g: maps[g] for g in replace.gaps(kept, depth)})
         imp.memo_save(memo, kept, scores)
         found = kept, scores
-    if s.dropped == "linear":
-        replace.maps_for(cfg, teacher_dir, found[0], log=log)  # read back (or fitted: block_influence, a memo from elsewhere)
+    if s.dropped == "linear" and maps is None:  # a memo found, or block_influence: the cut's maps read back or fitted
+        replace.maps_for(cfg, teacher_dir, found[0], log=log)
     return found
 
 

@@ -20,7 +20,6 @@ each, fp64) are kept, and a forward stops after the deepest layer any gap needs.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from pathlib import Path
 
@@ -185,20 +184,16 @@ def memo_path(root: Path, teacher_dir: Path, kept: list[int], ids: torch.Tensor)
     size, mtime), the cut, the ridge and the token ids, so a changed teacher or corpus never reads old maps."""
     from raykd import models
 
-    h = hashlib.sha256(f"v{MEMO_VERSION}|{Path(teacher_dir).resolve()}|{list(kept)}|{RIDGE}|{tuple(ids.shape)}".encode())
-    h.update(repr(models.file_stats(teacher_dir)).encode())
-    h.update(ids.to(torch.int64).numpy().tobytes())
-    return root / "dropped" / f"{h.hexdigest()[:32]}.safetensors"
+    return root / "dropped" / f"{models.memo_digest(f'v{MEMO_VERSION}', teacher_dir, ids, list(kept), RIDGE)}.safetensors"
 
 
 def maps_for(cfg, teacher_dir: Path, kept: list[int], teacher: nn.Module | None = None, log=print):
     """The maps of the cut `kept` for a run config with `student.dropped: linear`: read from the node's cache, or
     fitted on an fp32 teacher (`teacher` when it is one, else loaded for the fit) and cached."""
     from raykd import models
-
-    trc = cfg.teacher.trust_remote_code
     from raykd.calibration import calibration
 
+    trc = cfg.teacher.trust_remote_code
     _, fit_ids = calibration(cfg, models.load_tokenizer(teacher_dir, trc))
     path = memo_path(models.cache_root(), teacher_dir, kept, fit_ids)
     if (found := load(path)) is not None:
