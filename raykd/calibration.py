@@ -1,14 +1,17 @@
-"""The calibration text and token blocks of training-free steps: the importance search (`student.init:
+"""The calibration text, token blocks and memo names of training-free steps: the importance search (`student.init:
 importance`, its first documents) and the linear stand-ins' fit (`student.dropped: linear`, spread over the
 corpus). Text comes from `raykd.data.reader` (no Ray)."""
 
 from __future__ import annotations
 
 import bisect
+import hashlib
 import itertools
+from pathlib import Path
 
 import torch
 
+from raykd import models
 from raykd.data.reader import calibration_text, documents
 
 
@@ -55,3 +58,13 @@ def calibration(cfg, tok) -> tuple[torch.Tensor, torch.Tensor]:
     score = calibration_ids(tok, text, s.calibration_tokens, block)
     fit = calibration_ids(tok, spread_text(cfg.data, 8 * s.fit_tokens, len(text)), s.fit_tokens, block)
     return score, fit
+
+
+def memo_digest(version: str, teacher_dir: Path, ids: torch.Tensor, *parts) -> str:
+    """The name of a memo computed from a teacher and token ids [N, T] (the importance cut, the stand-ins' maps):
+    a hash of `version`, the teacher's path and weight files (`file_stats`), `parts`, and the ids, so a changed
+    teacher or corpus never reads an old memo."""
+    h = hashlib.sha256("|".join([version, str(Path(teacher_dir).resolve()), *map(str, parts), str(tuple(ids.shape))]).encode())
+    h.update(repr(models.file_stats(teacher_dir)).encode())
+    h.update(ids.to(torch.int64).numpy().tobytes())
+    return h.hexdigest()[:32]

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from raykd import models, replace
+from raykd import calibration, replace
 from raykd.capture import Capture, decoder_layers
 from raykd.evaluate import perplexity
 from raykd.layer_map import contiguous_drops, evenly_spaced
@@ -106,7 +106,7 @@ def memo_path(root: Path, teacher_dir: Path, k: int, ids: torch.Tensor, metric: 
     """Where the importance cut of `k` layers of the teacher in `teacher_dir`, scored by `metric` on the
     calibration blocks `ids` [N, T], is kept: a name hashing the teacher's weight files (path, size,
     mtime), k, the metric and the token ids, so a changed teacher or corpus never reads an old cut."""
-    return root / "importance" / f"{models.memo_digest(f'v{MEMO_VERSION}', teacher_dir, ids, k, metric)}.json"
+    return root / "importance" / f"{calibration.memo_digest(f'v{MEMO_VERSION}', teacher_dir, ids, k, metric)}.json"
 
 
 def memo_load(path: Path) -> tuple[list[int], dict] | None:

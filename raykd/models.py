@@ -66,16 +66,6 @@ def file_stats(directory: Path, patterns: tuple[str, ...] = ("*.safetensors", "*
     return tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
 
 
-def memo_digest(version: str, teacher_dir: Path, ids: torch.Tensor, *parts) -> str:
-    """The name of a memo computed from a teacher and token ids [N, T] (the importance cut, the stand-ins' maps):
-    a hash of `version`, the teacher's path and weight files (`file_stats`), `parts`, and the ids, so a changed
-    teacher or corpus never reads an old memo."""
-    h = hashlib.sha256("|".join([version, str(Path(teacher_dir).resolve()), *map(str, parts), str(tuple(ids.shape))]).encode())
-    h.update(repr(file_stats(teacher_dir)).encode())
-    h.update(ids.to(torch.int64).numpy().tobytes())
-    return h.hexdigest()[:32]
-
-
 def _is_model_dir(path: Path) -> bool:
     return (path / "config.json").is_file() and any(path.glob("*.safetensors")) or (path / "pytorch_model.bin").is_file()
 

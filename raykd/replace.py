@@ -182,9 +182,9 @@ def load(path: Path) -> dict[tuple[int, int], torch.Tensor] | None:
 def memo_path(root: Path, teacher_dir: Path, kept: list[int], ids: torch.Tensor) -> Path:
     """Where the maps of the cut `kept` fitted on `ids` are kept: a name hashing the teacher's weight files (path,
     size, mtime), the cut, the ridge and the token ids, so a changed teacher or corpus never reads old maps."""
-    from raykd import models
+    from raykd.calibration import memo_digest
 
-    return root / "dropped" / f"{models.memo_digest(f'v{MEMO_VERSION}', teacher_dir, ids, list(kept), RIDGE)}.safetensors"
+    return root / "dropped" / f"{memo_digest(f'v{MEMO_VERSION}', teacher_dir, ids, list(kept), RIDGE)}.safetensors"
 
 
 def maps_for(cfg, teacher_dir: Path, kept: list[int], teacher: nn.Module | None = None, log=print):
