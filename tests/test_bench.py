@@ -2,6 +2,7 @@
 of bench/chunked_loss.py (fused loss vs naive, checked equal) turned into a document."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -182,15 +183,47 @@ def test_quality_data_mix_is_every_arms_data(tmp_path):
     feature, seqkd = (quality.arm_config(arm, base, a, tmp_path, tmp_path / "gen") for arm in ("feature", "seqkd"))
     assert feature["data"]["mix"] == base["data"]["mix"] and feature["loss"]["weights"]["hidden"] == 0.5
     assert from_dict(seqkd).data.mix == {"sotu": 0.375, "moby-dick": 0.125, str(tmp_path / "gen"): 0.5}
-    assert not feature["student"]["freeze_embeddings"]
-    a.set = ["student.freeze_embeddings=true", "train.lr=1e-3"]  # --set: every arm alike, on top of the arm's own changes
+    assert feature["student"]["freeze_embeddings"]  # jobs/demo.yaml's recipe: every arm freezes the embeddings
+    a.set = ["student.freeze_embeddings=false", "train.lr=1e-3"]  # --set: every arm alike, on top of the arm's own changes
     for arm in ("ce", "feature", "seqkd"):
         cfg = from_dict(quality.arm_config(arm, base, a, tmp_path, tmp_path / "gen"))
-        assert cfg.student.freeze_embeddings and cfg.train.lr == 1e-3 and cfg.loss.weights.ce == 1.0
+        assert not cfg.student.freeze_embeddings and cfg.train.lr == 1e-3 and cfg.loss.weights.ce == 1.0
     a.set = ["student.dropped=linear"]  # and the shared cut: the importance search and the map see it too
     assert from_dict(quality.base_config(a, tmp_path)).student.dropped == "linear"
     with pytest.raises(SystemExit, match=r"^--data: expected SOURCE=WEIGHT pairs"):
         quality.mix_weights("sotu=half")
+
+
+def test_quality_takes_its_recipe_from_the_demo_config(tmp_path, monkeypatch):
+    """bench/quality.py's feature arm is jobs/demo.yaml's recipe at the study's budget: with no flags its batch, LR,
+    weights, data mix and frozen embeddings are the demo's and its steps fill 196,608 tokens; a flag overrides one
+    value; --config takes another recipe file; a file that is not a run config is a one-line error naming --config."""
+    import quality
+    import yaml
+
+    from raykd.config import from_dict
+
+    demo = yaml.safe_load((Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml").read_text())
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--out", str(tmp_path)])
+    a = quality.parse_args()
+    a.seed = 0
+    assert (a.batch, a.lr, a.block) == (demo["train"]["batch_size"], demo["train"]["lr"], demo["data"]["block_size"])
+    assert a.steps * a.batch * a.block == 196_608 and a.data == ",".join(f"{k}={w:g}" for k, w in demo["data"]["mix"].items())
+    cfg = from_dict(quality.base_config(a, tmp_path))
+    weights = dataclasses.asdict(cfg.loss.weights)
+    assert {k: weights[k] for k in demo["loss"]["weights"]} == {**demo["loss"]["weights"], "ce": 1.0} and cfg.loss.hidden == demo["loss"]["hidden"]
+    assert cfg.student.freeze_embeddings == demo["student"]["freeze_embeddings"] and cfg.train.max_steps == a.steps
+    assert cfg.data.mix == demo["data"]["mix"] and cfg.output_dir == str(tmp_path)
+    other = {**demo, "student": {**demo["student"], "freeze_embeddings": False}, "train": {**demo["train"], "batch_size": 4, "lr": 3e-4}}
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(other))
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--config", str(tmp_path / "other.yaml"), "--lr", "1e-3"])
+    b = quality.parse_args()
+    b.seed = 0
+    assert (b.batch, b.steps, b.lr) == (4, 192, 1e-3) and not from_dict(quality.base_config(b, tmp_path)).student.freeze_embeddings
+    (tmp_path / "bad.yaml").write_text("- just a list\n")
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--config", str(tmp_path / "bad.yaml")])
+    with pytest.raises(SystemExit, match=r"^--config: .*bad.yaml is not a run config"):
+        quality.parse_args()
 
 
 def test_quality_learning_curve_from_the_runs_checks():
