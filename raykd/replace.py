@@ -208,9 +208,10 @@ def maps_for(cfg, teacher_dir: Path, kept: list[int], teacher: nn.Module | None 
     return maps
 
 
-def stand_ins(cfg, teacher_dir: Path, student: nn.Module, teacher: nn.Module | None = None, log=print) -> nn.Module:
+def stand_ins(cfg, teacher_dir: Path, student: nn.Module, teacher: nn.Module | None = None, log=print, maps: dict | None = None) -> nn.Module:
     """`student`, cut from the teacher's layers `cfg.student.layers`, with `student.dropped`'s stand-ins folded in
-    (unchanged for `drop` or a student that is not a cut)."""
+    (unchanged for `drop` or a student that is not a cut): `maps` when given (the driver's), else `maps_for`'s."""
     if cfg.student.dropped == "linear" and not cfg.student.model:
-        fold_student(student, list(cfg.student.layers), maps_for(cfg, teacher_dir, list(cfg.student.layers), teacher, log))
+        kept = list(cfg.student.layers)
+        fold_student(student, kept, maps if maps is not None else maps_for(cfg, teacher_dir, kept, teacher, log))
     return student

@@ -16,6 +16,7 @@ import torch
 
 from raykd import models, watchdog
 from raykd.config import Config, ConfigError
+from raykd.errors import Diverged
 
 
 def threads(cfg: Config, local_world: int) -> int:
@@ -265,3 +266,23 @@ def session():
     worker; in a sweep trial training in its own process, the trial's stand-in (Ray refuses `ray.train` calls
     inside a Tune trial, so the loop never calls them directly)."""
     return _SESSION[-1] if _SESSION else RayTrainSession()
+
+
+def fit_or_why(trainer):
+    """`trainer.fit()`; a run that diverged on its workers is one line (raykd.errors.Diverged), not Ray's traceback."""
+    from ray.train import WorkerGroupError
+
+    try:
+        return trainer.fit()
+    except WorkerGroupError as e:
+        why = next((str(f).strip().splitlines()[-1] for f in e.worker_failures.values() if isinstance(f, Diverged) or "Diverged" in type(f).__name__), None)
+        if why is None:
+            raise
+        raise Diverged(why.split("Diverged: ", 1)[-1]) from None
+
+
+def get(ref):
+    """`ray.get(ref)`, or None for None (an object the driver may have shared with the workers)."""
+    import ray
+
+    return None if ref is None else ray.get(ref)

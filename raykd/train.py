@@ -39,11 +39,12 @@ import torch
 from raykd import cut, manifest, models, replace, runtime, tasks
 from raykd.config import Config, ConfigError, from_dict
 from raykd.data import cache, pipeline
-from raykd.errors import Diverged, check_finite
+from raykd.errors import check_finite
 from raykd.objective import Distiller, teacher_forward
 from raykd.onpolicy import OnPolicy
 
 WORKER_FILE = "worker{}.pt"  # each worker's part of a checkpoint: its RunState, data position and RNG states
+STAND_INS = "_stand_ins"  # train_loop_config key: the object ref of the maps the driver shared (`_shared_stand_ins`)
 
 
 @dataclass
@@ -84,10 +85,11 @@ class Worker:
 # --- setup and restore -----------------------------------------------------------------------
 
 
-def _build_models(cfg: Config):
+def _build_models(cfg: Config, maps: dict | None = None):
     """(teacher_dir, frozen teacher or None, Distiller) on the CPU; the engine places them. With `teacher.cache`
     the cache serves the teacher's targets: a cut student's layers are read from the teacher's files (`raykd.cut`;
-    the teacher is loaded only when they cannot give them by name) and no teacher is kept while training."""
+    the teacher is loaded only when they cannot give them by name) and no teacher is kept while training. `maps`:
+    the stand-ins' maps the driver shared (`build_trainer`; None: this node's cache, or fitted here)."""
     trc = cfg.teacher.trust_remote_code
     teacher_dir = models.resolve_model(cfg.teacher.model, "teacher.model", log=lambda m: None)
     t_config = models.load_config(teacher_dir, trc)
@@ -99,7 +101,7 @@ def _build_models(cfg: Config):
     teacher = None if (cached and student is not None) else models.load_model(teacher_dir, models.resolve_dtype(cfg.teacher.dtype), trc, frozen=True)
     if student is None:
         student = models.cut_student(teacher, cfg.student.layers, dtype=torch.float32)
-    replace.stand_ins(cfg, teacher_dir, student, teacher)  # student.dropped=linear: the maps the plan fitted, folded in
+    replace.stand_ins(cfg, teacher_dir, student, teacher, maps=maps)  # student.dropped=linear: the maps the plan fitted, folded in
     if cfg.student.freeze_embeddings:  # shared with the teacher only where no strategy re-partitions the student
         cut.freeze_embeddings(student, teacher if cfg.scale.strategy == "ddp" else None)
     pairs = [tuple(p) for p in cfg.layer_map.pairs]  # explicit: written by raykd.plan.resolve
@@ -112,6 +114,8 @@ def setup(config: dict) -> tuple[Worker, RunState]:
     from raykd.evaluate import perplexity
     from raykd.parallel import make_engine
 
+    config = dict(config)  # Ray reuses it when a failed worker group restarts
+    shared = config.pop(STAND_INS, None)
     cfg = from_dict(config)
     ctx = runtime.session().get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -120,7 +124,7 @@ def setup(config: dict) -> tuple[Worker, RunState]:
     device = runtime.session().get_device()
     precision = runtime.precision(cfg)
     torch.manual_seed(cfg.seed)  # identical model init on every rank
-    teacher_dir, teacher, distiller = _build_models(cfg)
+    teacher_dir, teacher, distiller = _build_models(cfg, runtime.get(shared))
     val = pipeline.val_blocks(cfg.val_blocks) if (rank == 0 or cfg.train.eval_every > 0) else None
     state, checkpoint = RunState(), _resume_point(rank)
     if checkpoint is None and rank == 0:  # the untrained student, before any strategy wraps it
@@ -332,6 +336,15 @@ def run_datasets(cfg: Config, plan, datasets: tuple | None = None) -> dict:
     return {"train": train_ds, "validation": val_ds}
 
 
+def _shared_stand_ins(cfg: Config, plan) -> dict:
+    """`student.dropped: linear`: the cut's maps (fitted by the plan, read from this node's cache) put once in the
+    object store, so that every worker folds the same maps and none on another node fits them again."""
+    import ray
+
+    linear = cfg.student.dropped == "linear" and not cfg.student.model
+    return {STAND_INS: ray.put(replace.maps_for(cfg, plan.teacher_dir, list(cfg.student.layers)))} if linear else {}
+
+
 def build_trainer(cfg: Config, plan, log=print, callbacks: list | None = None, datasets: tuple | None = None):
     """A `TorchTrainer` for a resolved config and its `raykd.plan.Plan`: Ray Data shards (`run_datasets`), scaling,
     storage, failure policy."""
@@ -345,7 +358,7 @@ def build_trainer(cfg: Config, plan, log=print, callbacks: list | None = None, d
     split = ["train"] if sc.elastic or sc.worker_range[0] > 1 else []  # one worker reads the whole stream: no split coordinator actor
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=cfg.to_dict(),
+        train_loop_config={**cfg.to_dict(), **_shared_stand_ins(cfg, plan)},
         scaling_config=ScalingConfig(num_workers=sc.worker_range if sc.elastic else sc.worker_range[0], use_gpu=sc.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=name, storage_path=storage,
@@ -361,19 +374,6 @@ def build_trainer(cfg: Config, plan, log=print, callbacks: list | None = None, d
     )
 
 
-def fit_or_why(trainer):
-    """`trainer.fit()`; a run that diverged on its workers is one line (raykd.errors.Diverged), not Ray's traceback."""
-    from ray.train import WorkerGroupError
-
-    try:
-        return trainer.fit()
-    except WorkerGroupError as e:
-        why = next((str(f).strip().splitlines()[-1] for f in e.worker_failures.values() if isinstance(f, Diverged) or "Diverged" in type(f).__name__), None)
-        if why is None:
-            raise
-        raise Diverged(why.split("Diverged: ", 1)[-1]) from None
-
-
 def distill(cfg: Config, log=print) -> dict:
     """`raykd distill`: validate, start or join Ray, train, export OUTPUT/{student,metrics.json,config.yaml}."""
     from raykd.plan import check_inputs, resolve
@@ -386,7 +386,7 @@ def distill(cfg: Config, log=print) -> dict:
     runtime.require_shared_storage(resolved, how)
     runtime.wait_for_workers(resolved, how, log)
     trainer = build_trainer(resolved, plan, log)
-    result = fit_or_why(trainer)
+    result = runtime.fit_or_why(trainer)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     with result.checkpoint.as_directory() as d:

@@ -194,3 +194,40 @@ def test_with_the_bridge_map_attention_reads_the_layers_the_student_copied(tiny_
     assert cfg.loss.attention_pairs == [0] and plan.objective.attn_pairs == ((1, 0),)
     cfg, plan = resolve(load_config("jobs/smoke.yaml", ["student.num_layers=4"]), log=lambda m: None)  # the kept map: all pairs
     assert cfg.loss.attention_pairs is None and len(plan.objective.attn_pairs) == 4
+
+
+@pytest.mark.ray
+def test_the_driver_shares_its_maps_with_the_workers_through_ray(tmp_path, monkeypatch, local_ray):
+    """A TorchTrainer run with dropped=linear folds the maps the driver put in the object store: here the driver's
+    cache (another RAYKD_CACHE than the worker's, as on another node) holds zero maps, and the exported student's
+    folded down-projection is zero (an LR of 1e-12); the worker fitted nothing into its own node's cache."""
+    import threading
+    import time
+    from pathlib import Path
+
+    from raykd import train
+    from raykd.plan import resolve
+
+    worker_root = models.cache_root()  # what the Ray workers (started before this test) see
+    monkeypatch.setenv("RAYKD_CACHE", str(tmp_path / "driver"))
+    over = [f"output_dir={tmp_path / 'out'}", "student.dropped=linear", "student.fit_tokens=512", "scale.num_workers=1",
+            "train.max_steps=1", "train.lr=1e-12", "train.warmup_steps=0", "train.checkpoint_every=0", "train.generation_eval=false",
+            "eval.tasks=[]", "data.max_val_blocks=2"]
+    cfg, plan = resolve(load_config("jobs/smoke.yaml", over), log=lambda m: None)
+    kept = list(cfg.student.layers)
+    maps = replace.maps_for(cfg, plan.teacher_dir, kept, log=lambda m: None)  # the driver's: fitted once, cached
+    (memo,) = (tmp_path / "driver" / "dropped").glob("*.safetensors")
+    replace.save(memo, {gap: torch.zeros_like(t) for gap, t in maps.items()})
+    t0 = time.time() - 1
+    trainer, done = train.build_trainer(cfg, plan, log=lambda m: None), {}
+    run = threading.Thread(target=lambda: done.update(result=trainer.fit()), daemon=True)
+    run.start()
+    run.join(timeout=600)
+    assert done and done["result"].error is None
+    with done["result"].checkpoint.as_directory() as d:
+        student = models.load_model(Path(d) / "student")
+    layers = decoder_layers(student)
+    for a, _ in maps:
+        assert layers[kept.index(a)].mlp.down_proj.weight.abs().max() < 1e-6, a
+    fitted = [p for p in (worker_root / "dropped").glob("*") if p.stat().st_mtime >= t0]
+    assert fitted == []
