@@ -131,8 +131,7 @@ def _choose_kept(cfg: Config, teacher_dir: Path, depth: int, log) -> tuple[list[
 def map_strategy(cfg: Config) -> str:
     """`layer_map.strategy`, with `auto` made explicit for a cut whose dropped layers have linear stand-ins:
     `bridge` (the layer before a gap now writes the state at its end, so it is aligned with that state)."""
-    s = cfg.student
-    return "bridge" if cfg.layer_map.strategy == "auto" and s.dropped == "linear" and not s.model else cfg.layer_map.strategy
+    return "bridge" if cfg.layer_map.strategy == "auto" and replace.applies(cfg) else cfg.layer_map.strategy
 
 
 def _attention_on_kept(cfg: Config, kept: list[int] | None, pairs: list[tuple[int, int]]):

@@ -208,10 +208,15 @@ def maps_for(cfg, teacher_dir: Path, kept: list[int], teacher: nn.Module | None 
     return maps
 
 
+def applies(cfg) -> bool:
+    """Whether a run config's student gets stand-ins: `student.dropped: linear` on a cut (not `student.model`)."""
+    return cfg.student.dropped == "linear" and not cfg.student.model
+
+
 def stand_ins(cfg, teacher_dir: Path, student: nn.Module, teacher: nn.Module | None = None, log=print, maps: dict | None = None) -> nn.Module:
     """`student`, cut from the teacher's layers `cfg.student.layers`, with `student.dropped`'s stand-ins folded in
     (unchanged for `drop` or a student that is not a cut): `maps` when given (the driver's), else `maps_for`'s."""
-    if cfg.student.dropped == "linear" and not cfg.student.model:
+    if applies(cfg):
         kept = list(cfg.student.layers)
         fold_student(student, kept, maps if maps is not None else maps_for(cfg, teacher_dir, kept, teacher, log))
     return student

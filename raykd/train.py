@@ -341,8 +341,7 @@ def _shared_stand_ins(cfg: Config, plan) -> dict:
     object store, so that every worker folds the same maps and none on another node fits them again."""
     import ray
 
-    linear = cfg.student.dropped == "linear" and not cfg.student.model
-    return {STAND_INS: ray.put(replace.maps_for(cfg, plan.teacher_dir, list(cfg.student.layers)))} if linear else {}
+    return {STAND_INS: ray.put(replace.maps_for(cfg, plan.teacher_dir, list(cfg.student.layers)))} if replace.applies(cfg) else {}
 
 
 def build_trainer(cfg: Config, plan, log=print, callbacks: list | None = None, datasets: tuple | None = None):
