@@ -40,7 +40,7 @@ class TeacherConfig:
     dtype: str = "float32"  # weights dtype of the frozen teacher: float32 | bfloat16 | float16 | auto
     trust_remote_code: bool = False  # run modelling code shipped with the model dir; off unless you trust its source
     cache: str | None = None  # teacher cache dir (`raykd cache-teacher`): training reads top-k log-probs + hidden states from it instead of running the teacher each step
-    cache_topk: int = 256  # building the cache: teacher log-probs kept per token (the rest pooled into one tail bin); 256 by bench/topk.py (docs/cache.md)
+    cache_topk: int = 256  # building the cache: teacher log-probs kept per token (the rest pooled into one tail bin; 256 by bench/topk.py, docs/cache.md); 0: dense, the teacher's final hidden state (its head runs each step: exact at any temperature, every logit loss)
     cache_layers: str | list[int] = "mapped"  # building the cache: teacher layers whose hidden states are stored: mapped | all | none | [ids]
     cache_dtype: str = "float16"  # building the cache: dtype of stored log-probs and hidden states: float16 | bfloat16
     cache_shard_blocks: int = 256  # building the cache: packed blocks per Parquet shard (the unit of resume)
@@ -50,7 +50,7 @@ class TeacherConfig:
         if not self.model:
             raise ConfigError("teacher.model: empty; give a local HF directory, a .gguf file or 'smollm2-135m'")
         _choice("teacher.dtype", self.dtype, DTYPES)
-        _positive("teacher.cache_topk", self.cache_topk)
+        _positive("teacher.cache_topk", self.cache_topk, allow_zero=True)
         if isinstance(self.cache_layers, str):
             _choice("teacher.cache_layers", self.cache_layers, ("mapped", "all", "none"))
         elif not isinstance(self.cache_layers, list) or not all(isinstance(i, int) and i >= 0 for i in self.cache_layers):
@@ -351,7 +351,7 @@ class Config:
         if not why and self.teacher.cache:  # the cache holds log-probs and hidden states, not attention or the upper blocks
             from raykd.losses.divergences import SPARSE_UNSUPPORTED
 
-            why = cache_refusal(self.loss, SPARSE_UNSUPPORTED)
+            why = cache_refusal(self.loss, SPARSE_UNSUPPORTED if self.teacher.cache_topk else None)
         if why:
             raise ConfigError(why)
 

@@ -40,6 +40,7 @@ class TeacherOutputs:
     layer_inputs: dict[int, dict]  # decoder-layer kwargs (attention mask, rotary) for re-running layers
     model: nn.Module | None  # the teacher itself (its head for KD; block-wise KD runs its upper layers); None when cached
     topk: TopK | None = None  # cached sparse targets [B, T, k] (teacher cache): KD reads these instead of the head
+    head: tuple | None = None  # (weight [V, H], bias [V] | None): the teacher's LM head when `model` is None (a dense cache)
 
 
 def head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -102,7 +103,7 @@ class Distiller(nn.Module):
         if ("kd" in w or "class_kd" in w) and teacher.topk is not None:  # cached top-k targets (raykd.losses.topk; no class_kd)
             t_in = teacher.topk.shifted()
         elif "kd" in w or "class_kd" in w:
-            t_in, (t_w, t_b) = _flat(teacher.last_hidden), head(teacher.model)
+            t_in, (t_w, t_b) = _flat(teacher.last_hidden), teacher.head or head(teacher.model)
         total, terms = fused_head_losses(
             _flat(last), s_w, t_in, t_w, targets, pos_mask,
             kd=spec.kd, temperature=spec.temperature, kd_params=spec.kd_params, ce_weight=w.get("ce", 0.0) or float(eval_ce),

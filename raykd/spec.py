@@ -45,19 +45,22 @@ def weights_of(loss) -> dict[str, float]:
 
 
 def cache_refusal(loss, sparse_unsupported) -> str | None:
-    """Why a teacher cache cannot serve this loss config (one line naming the field), or None."""
+    """Why a teacher cache cannot serve this loss config (one line naming the field), or None. `sparse_unsupported`:
+    the logit losses top-k targets cannot give; None for a dense cache (teacher.cache_topk=0), which serves every one."""
     w = weights_of(loss)
     terms = [t for t in CACHE_CANNOT_SERVE if t in w]  # every one named at once: one fix, not one per try
     if terms:
         fields = ", ".join(f"loss.weights.{t}" for t in terms)
         return (f"{fields}: the teacher cache (teacher.cache) cannot serve {'these terms' if len(terms) > 1 else 'this term'}; "
                 f"set {' '.join(f'loss.weights.{t}=0' for t in terms)} or drop teacher.cache to run the teacher online")
+    if sparse_unsupported is None:  # the final hidden state: the teacher's logits at every step
+        return None
     if "class_kd" in w:  # a softmax over the batch's tokens per vocabulary entry: top-k log-probs cannot give it
         return ("loss.weights.class_kd: class_kl needs every token's dense teacher logits, which the teacher cache "
-                "(top-k log-probs) does not hold; set loss.weights.class_kd=0 or drop teacher.cache to run the teacher online")
+                "(top-k log-probs) does not hold; set loss.weights.class_kd=0, teacher.cache_topk=0 (a dense cache) or drop teacher.cache")
     if "kd" in w and loss.kd in sparse_unsupported:
-        return (f"loss.kd: {loss.kd} needs the dense teacher distribution, which the teacher cache does not hold; "
-                f"use forward_kl, reverse_kl, jsd, skew_*, tvd or drop teacher.cache")
+        return (f"loss.kd: {loss.kd} needs the dense teacher distribution, which a top-k teacher cache does not hold; "
+                f"use forward_kl, reverse_kl, jsd, skew_*, tvd, set teacher.cache_topk=0 (a dense cache) or drop teacher.cache")
     return None
 
 
@@ -145,11 +148,12 @@ class ObjectiveSpec:
         """Teacher layers whose hidden states the loss reads (from the teacher or its cache)."""
         return tuple(sorted({t for t, _ in self.pairs})) if "hidden" in self.weights else ()
 
-    @property
-    def cache_columns(self) -> list[str]:
-        """The teacher-cache columns a run reads: ids, the top-k targets when KD is on, its mapped layers
-        (class_kd is refused with a cache: `cache_refusal`)."""
+    def cache_columns(self, dense: bool = False) -> list[str]:
+        """The teacher-cache columns a run reads: ids, the teacher's targets when KD is on (the top-k ones, or its final
+        hidden state from a `dense` cache, which class_kd reads too), its mapped layers."""
         cols = ["input_ids"]
-        if "kd" in self.weights:
+        if dense and ("kd" in self.weights or "class_kd" in self.weights):
+            cols.append("last")
+        elif "kd" in self.weights:
             cols += ["topk_idx", "topk_logp", "tail"]
         return cols + [f"hidden_{t}" for t in self.cache_layers]

@@ -36,11 +36,11 @@ from pathlib import Path
 
 import torch
 
-from raykd import cut, manifest, models, replace, runtime, tasks
+from raykd import manifest, models, replace, runtime, tasks, worker_models
 from raykd.config import Config, ConfigError, from_dict
-from raykd.data import cache, pipeline
+from raykd.data import cache, cache_read, pipeline
 from raykd.errors import check_finite
-from raykd.objective import Distiller, teacher_forward
+from raykd.objective import teacher_forward
 from raykd.onpolicy import OnPolicy
 
 WORKER_FILE = "worker{}.pt"  # each worker's part of a checkpoint: its RunState, data position and RNG states
@@ -73,6 +73,7 @@ class Worker:
     precision: str  # fp32 | bf16 (train.precision made concrete here)
     teacher_dir: Path
     teacher: torch.nn.Module | None  # None with teacher.cache (rank 0 loads it for the final evaluation)
+    teacher_head: tuple | None  # a dense teacher cache (teacher.cache_topk=0): the teacher's LM head (weight, bias | None) on the device
     engine: object  # raykd.parallel.Engine
     val: torch.Tensor | None  # validation blocks [N, T] (rank 0, and every rank with eval_every)
     onpolicy: OnPolicy  # loss.on_policy: which micro-batches the student continues (raykd.onpolicy)
@@ -83,30 +84,6 @@ class Worker:
 
 
 # --- setup and restore -----------------------------------------------------------------------
-
-
-def _build_models(cfg: Config, maps: dict | None = None):
-    """(teacher_dir, frozen teacher or None, Distiller) on the CPU; the engine places them. With `teacher.cache`
-    the cache serves the teacher's targets: a cut student's layers are read from the teacher's files (`raykd.cut`;
-    the teacher is loaded only when they cannot give them by name) and no teacher is kept while training. `maps`:
-    the stand-ins' maps the driver shared (`build_trainer`; None: this node's cache, or fitted here)."""
-    trc = cfg.teacher.trust_remote_code
-    teacher_dir = models.resolve_model(cfg.teacher.model, "teacher.model", log=lambda m: None)
-    t_config = models.load_config(teacher_dir, trc)
-    cached = bool(cfg.teacher.cache)
-    if cfg.student.model:
-        student = models.load_model(models.resolve_model(cfg.student.model, "student.model"), torch.float32, trc).requires_grad_(True).train()
-    else:
-        student = cut.from_files(teacher_dir, cfg.student.layers, torch.float32, trc) if cached else None
-    teacher = None if (cached and student is not None) else models.load_model(teacher_dir, models.resolve_dtype(cfg.teacher.dtype), trc, frozen=True)
-    if student is None:
-        student = models.cut_student(teacher, cfg.student.layers, dtype=torch.float32)
-    replace.stand_ins(cfg, teacher_dir, student, teacher, maps=maps)  # student.dropped=linear: the maps the plan fitted, folded in
-    if cfg.student.freeze_embeddings:  # shared with the teacher only where no strategy re-partitions the student
-        cut.freeze_embeddings(student, teacher if cfg.scale.strategy == "ddp" else None)
-    pairs = [tuple(p) for p in cfg.layer_map.pairs]  # explicit: written by raykd.plan.resolve
-    distiller = Distiller.build(student, cfg.loss, pairs, t_config.hidden_size, models.num_layers(t_config))
-    return teacher_dir, None if cached else teacher, distiller
 
 
 def setup(config: dict) -> tuple[Worker, RunState]:
@@ -124,13 +101,14 @@ def setup(config: dict) -> tuple[Worker, RunState]:
     device = runtime.session().get_device()
     precision = runtime.precision(cfg)
     torch.manual_seed(cfg.seed)  # identical model init on every rank
-    teacher_dir, teacher, distiller = _build_models(cfg, runtime.get(shared))
+    teacher_dir, teacher, head, distiller = worker_models.build(cfg, runtime.get(shared))
     val = pipeline.val_blocks(cfg.val_blocks) if (rank == 0 or cfg.train.eval_every > 0) else None
     state, checkpoint = RunState(), _resume_point(rank)
     if checkpoint is None and rank == 0:  # the untrained student, before any strategy wraps it
         state.init_val_perplexity = perplexity(distiller.student.to(device), val.to(device), batch_size=cfg.train.batch_size)
     engine = make_engine(distiller, teacher, cfg, device, world, precision)
-    w = Worker(cfg, rank, world, device, precision, teacher_dir, teacher, engine, val, OnPolicy(cfg.loss.on_policy, cfg.seed, rank))
+    head = None if head is None else tuple(None if x is None else x.to(device) for x in head)
+    w = Worker(cfg, rank, world, device, precision, teacher_dir, teacher, head, engine, val, OnPolicy(cfg.loss.on_policy, cfg.seed, rank))
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = restore(w, Path(d))
@@ -216,7 +194,7 @@ def micro_step(w: Worker, batch, cached: bool, at: tuple[int, int] = (0, 0)):
     loss.on_policy, micro-batch `at` = (step, micro) may first be continued by the student (raykd.onpolicy)."""
     data_mask, gen = None, {}
     if cached:
-        ids, t_out = cache.teacher_outputs(batch, w.cfg, w.engine.distiller.student.get_output_embeddings().weight.shape[0], w.device)
+        ids, t_out = cache_read.teacher_outputs(batch, w.cfg, w.engine.distiller.student.get_output_embeddings().weight.shape[0], w.device, w.teacher_head)
     else:
         ids, t_out = batch.to(w.device), None
         ids, data_mask, gen = w.onpolicy.apply(w.engine.distiller.student, ids, *at, context=w.engine.sampling)
@@ -332,7 +310,7 @@ def run_datasets(cfg: Config, plan, datasets: tuple | None = None) -> dict:
                                                          cfg.val_blocks, train=not cfg.teacher.cache)
     if cfg.teacher.cache:
         cache.require(cfg, plan)
-        train_ds = cache.train_dataset(cfg, plan.objective, train_ds if datasets else None)
+        train_ds = cache_read.train_dataset(cfg, plan.objective, train_ds if datasets else None)
     return {"train": train_ds, "validation": val_ds}
 
 

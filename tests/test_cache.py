@@ -46,7 +46,7 @@ def _table(path):
 
 
 def test_build_holds_the_teachers_targets(built, tiny_teacher):
-    from raykd.data import cache
+    from raykd.data import cache, cache_read
     from raykd.losses.topk import teacher_topk
     from raykd.objective import forward_with_capture, head
     from raykd.spec import Needs
@@ -60,7 +60,7 @@ def test_build_holds_the_teachers_targets(built, tiny_teacher):
     assert table.num_rows == 16
     batch = {name: np.asarray(table.column(name).to_pylist(), dtype=object) for name in table.column_names}
     cfg, _ = _cfg(d)
-    ids, t_out = cache.teacher_outputs(batch, cfg, 1024, torch.device("cpu"))
+    ids, t_out = cache_read.teacher_outputs(batch, cfg, 1024, torch.device("cpu"))
     assert ids.shape == (16, 64)
     assert table.schema.metadata[b"raykd_inputs_sha256"].decode() == hashlib.sha256(ids.to(torch.int32).numpy().tobytes()).hexdigest()
     with torch.no_grad():
@@ -97,16 +97,16 @@ def test_resume_rebuilds_only_missing_shards(built, tmp_path):
 
 
 def test_a_sweep_reads_the_cache_once_and_each_trial_takes_its_columns(built):
-    from raykd.data import cache
+    from raykd.data import cache_read
 
     d, meta = built
     cfg, plan = _cfg(d)
     lines = []
-    assert cache.shared_rows(cfg, lines.append, share=0.0) is None and "each trial reads its shards" in lines[-1]
-    rows = cache.shared_rows(cfg, lines.append)  # every column, materialized once
+    assert cache_read.shared_rows(cfg, lines.append, share=0.0) is None and "each trial reads its shards" in lines[-1]
+    rows = cache_read.shared_rows(cfg, lines.append)  # every column, materialized once
     assert rows.count() == meta["blocks"] and "hidden_5" in rows.columns() and "read once for every trial" in lines[-1]
-    cols = plan.objective.cache_columns
-    shared, own = cache.train_dataset(cfg, plan.objective, rows), cache.train_dataset(cfg, plan.objective)
+    cols = plan.objective.cache_columns()
+    shared, own = cache_read.train_dataset(cfg, plan.objective, rows), cache_read.train_dataset(cfg, plan.objective)
     assert shared.columns() == own.columns() == cols and cols[:4] == ["input_ids", "topk_idx", "topk_logp", "tail"]
     key = lambda r: r["input_ids"]  # noqa: E731  (row order is the executor's; the rows must be the same)
     assert sorted(shared.take_all(), key=key) == sorted(own.take_all(), key=key)
@@ -170,3 +170,54 @@ def test_distill_from_cache_matches_online_teacher(built, tmp_path):
     # flat tail; a trained LM's top 64 hold most of its mass); the hidden term reads the same states
     for a, b in zip(cached["history"], online["history"]):
         assert 0 < a["kd"] <= 1.05 * b["kd"] and abs(a["hidden"] - b["hidden"]) < 0.02, (a, b)
+
+
+@pytest.fixture(scope="module")
+def dense(local_ray, tmp_path_factory):
+    from raykd.data import cache
+
+    d = tmp_path_factory.mktemp("dense") / "c"
+    meta = cache.build(*_cfg(d, "teacher.cache_topk=0"), log=lambda m: None)
+    return d, meta
+
+
+def test_a_dense_cache_holds_the_teachers_final_hidden_state(dense, tiny_teacher):
+    """teacher.cache_topk=0: a `last` column (the final normed hidden state) instead of the top-k ones; read back with
+    the teacher's head, its logits are the teacher's."""
+    from raykd.data import cache_read
+    from raykd.objective import forward_with_capture, head
+    from raykd.spec import Needs
+
+    d, meta = dense
+    assert meta["complete"] and meta["topk"] == 0 and meta["blocks"] == 48
+    table = _table(d / "shard-00002.parquet")
+    assert table.column_names == ["input_ids", "last", "hidden_0", "hidden_2", "hidden_5"]
+    cfg, plan = _cfg(d, "teacher.cache_topk=0")
+    assert cache_read.columns(cfg, plan.objective) == ["input_ids", "last", "hidden_0", "hidden_2", "hidden_5"]
+    batch = {name: np.asarray(table.column(name).to_pylist(), dtype=object) for name in table.column_names}
+    w, b = head(tiny_teacher)
+    ids, t_out = cache_read.teacher_outputs(batch, cfg, 1024, torch.device("cpu"), head=(w, b))
+    assert t_out.topk is None and t_out.head[0] is w
+    with torch.no_grad():
+        last, _ = forward_with_capture(tiny_teacher, ids, Needs())
+        torch.testing.assert_close(t_out.last_hidden.float() @ w.T, last @ w.T, atol=5e-3, rtol=1e-3)
+    with pytest.raises(ValueError, match="LM head"):
+        cache_read.teacher_outputs(batch, cfg, 1024, torch.device("cpu"))
+
+
+def test_a_dense_cache_trains_as_the_online_teacher_at_any_temperature_and_loss(dense, tmp_path):
+    """DKD at temperature 2 (which a top-k cache refuses; at T != 1 it approximates the tail): from the dense cache
+    every step's KD term and the student are the online teacher's, up to the fp16 storage of the hidden states."""
+    from raykd.config import ConfigError
+    from raykd.train import distill
+
+    d, _ = dense
+    run = ["teacher.cache_topk=0", "loss.kd=dkd", "loss.temperature=2.0"]
+    with pytest.raises(ConfigError, match="teacher.cache_topk=0"):  # the top-k cache's refusal names the dense one
+        _cfg(d, *run[1:])
+    online = distill(_cfg(d, *run, f"output_dir={tmp_path / 'online'}", "teacher.cache=null")[0], log=lambda m: None)
+    cached = distill(_cfg(d, *run, f"output_dir={tmp_path / 'cached'}")[0], log=lambda m: None)
+    assert cached["steps"] == online["steps"] == 12
+    assert abs(cached["val_perplexity"] / online["val_perplexity"] - 1) < 2e-3, (cached["val_perplexity"], online["val_perplexity"])
+    for a, b in zip(cached["history"], online["history"]):
+        assert abs(a["kd"] / b["kd"] - 1) < 5e-3 and abs(a["hidden"] - b["hidden"]) < 0.02, (a, b)

@@ -158,15 +158,16 @@ def test_class_kd_alone_and_identical_student(tiny_teacher):
 
 
 def test_class_kd_config_validation():
-    """A cache cannot serve class_kd (one line naming the field and the fix); loss.kd refuses class_kl."""
+    """A top-k cache cannot serve class_kd (one line naming the field and the fix), a dense one can; loss.kd refuses class_kl."""
     from raykd.config import Config, ConfigError, TeacherConfig
 
     with pytest.raises(ConfigError) as e:
         Config(teacher=TeacherConfig(cache="x"), loss=LossConfig(weights=LossWeights(class_kd=0.5)))
     msg = str(e.value)
     assert msg.startswith("loss.weights.class_kd: class_kl needs every token's dense teacher logits") and "\n" not in msg
-    assert "set loss.weights.class_kd=0 or drop teacher.cache" in msg
+    assert "set loss.weights.class_kd=0, teacher.cache_topk=0 (a dense cache) or drop teacher.cache" in msg
     Config(teacher=TeacherConfig(cache="x"), loss=LossConfig(weights=LossWeights(class_kd=0.0)))  # off: served
+    Config(teacher=TeacherConfig(cache="x", cache_topk=0), loss=LossConfig(weights=LossWeights(class_kd=0.5)))  # a dense cache serves it
     with pytest.raises(ConfigError, match=r"^loss\.weights\.class_kd: negative weight"):
         LossWeights(class_kd=-0.5)
     with pytest.raises(ConfigError, match=r"^loss\.kd: class_kl is a batch-level .* loss\.weights\.class_kd"):

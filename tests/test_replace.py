@@ -102,9 +102,9 @@ def test_config_refuses_linear_for_a_student_that_is_not_a_cut():
 def test_plan_fits_once_bridges_the_map_and_the_worker_folds_the_same_maps(tmp_path, monkeypatch, tiny_teacher_dir):
     """`raykd plan` with dropped=linear: the importance search scores each cut with its stand-ins (its memo kept
     apart from the plain search's), the chosen cut's maps are cached, `auto` becomes the bridge map, and the
-    worker's student (train._build_models) holds exactly those maps folded in, read back rather than refitted."""
+    worker's student (worker_models.build) holds exactly those maps folded in, read back rather than refitted."""
     from raykd import importance as imp
-    from raykd import train
+    from raykd import worker_models
     from raykd.plan import build_plan, resolve
 
     monkeypatch.setenv("RAYKD_CACHE", str(tmp_path / "cache"))
@@ -123,7 +123,7 @@ def test_plan_fits_once_bridges_the_map_and_the_worker_folds_the_same_maps(tmp_p
     resolved, _ = resolve(load_config("jobs/smoke.yaml", overrides + ["scale.num_workers=1"]), log=lambda m: None)
     monkeypatch.setattr(replace, "fit", lambda *a, **k: (_ for _ in ()).throw(AssertionError("fitted again")))
     monkeypatch.setattr(imp, "importance_cut", lambda *a, **k: (_ for _ in ()).throw(AssertionError("scored again")))
-    _, teacher, distiller = train._build_models(resolved)
+    _, teacher, _, distiller = worker_models.build(resolved)
     expected = models.cut_student(teacher, kept)
     replace.fold_student(expected, kept, replace.load(memos[0]))
     got = distiller.student.state_dict()

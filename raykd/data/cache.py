@@ -11,6 +11,8 @@ Layout of `teacher.cache` (a directory):
                              topk_idx   int32 [T, k]   top-k token ids (raykd.losses.topk.TopK)
                              topk_logp  fp16/bf16 [T, k] log-probs over the full vocabulary
                              tail       fp32 [T]      log of the probability mass outside the top k
+                             last       fp16/bf16 [T, H] instead of those three with cache_topk 0 (dense):
+                                                      the teacher's final normed hidden state
                              hidden_<t> fp16/bf16 [T, H] output of teacher layer t (stored layers)
 
 Every tensor is a binary cell holding the raw little-endian array (16-bit floats as their
@@ -19,8 +21,8 @@ name and renamed: a file named `shard-*.parquet` is complete. Its schema metadat
 sha256 of its input ids; rebuilding after an interruption checks and skips every finished
 shard. Building is a Ray Data stage: the driver streams the train blocks, each pending shard
 goes to an actor pool (`teacher.cache_actors` actors, one teacher each, on a GPU with
-`scale.use_gpu`). Training reads the shards with `ray.data.read_parquet` (only the columns
-its loss terms need) instead of running the teacher.
+`scale.use_gpu`). Training reads the shards (`raykd.data.cache_read`: only the columns its
+loss terms need) instead of running the teacher.
 """
 
 from __future__ import annotations
@@ -196,23 +198,27 @@ class _ShardWriter:
         from raykd.losses.topk import teacher_topk
         from raykd.objective import forward_with_capture
 
-        cols: dict[str, list[bytes]] = {"input_ids": [], "topk_idx": [], "topk_logp": [], "tail": []}
+        k = self.cfg.teacher.cache_topk
+        cols: dict[str, list[bytes]] = {"input_ids": [], **({"topk_idx": [], "topk_logp": [], "tail": []} if k else {"last": []})}
         cols.update({f"hidden_{t}": [] for t in self.layers})
         for part in torch.from_numpy(ids.astype(np.int64)).split(self.cfg.train.batch_size):
             part = part.to(self.device)
             with self.autocast or torch.autocast(self.device.type, enabled=False):
                 last, cap = forward_with_capture(self.teacher, part, self.needs)
             for j in range(len(part)):
+                for t in self.layers:
+                    cols[f"hidden_{t}"].append(_bits(cap.hidden[t][j].cpu(), self.dtype))
+                cols["input_ids"].append(part[j].to(torch.int32).cpu().numpy().tobytes())
+                if not k:  # dense: the final normed hidden state, the head applied when training
+                    cols["last"].append(_bits(last[j].cpu(), self.dtype))
+                    continue
                 logits = last[j].float() @ self.w.float().T
                 if self.b is not None:
                     logits = logits + self.b.float()
-                top = teacher_topk(logits, self.cfg.teacher.cache_topk)
-                cols["input_ids"].append(part[j].to(torch.int32).cpu().numpy().tobytes())
+                top = teacher_topk(logits, k)
                 cols["topk_idx"].append(top.idx.cpu().numpy().tobytes())
                 cols["topk_logp"].append(_bits(top.logp.cpu(), self.dtype))
                 cols["tail"].append(top.tail.float().cpu().numpy().tobytes())
-                for t in self.layers:
-                    cols[f"hidden_{t}"].append(_bits(cap.hidden[t][j].cpu(), self.dtype))
         return cols
 
     def __call__(self, batch: dict) -> dict:
@@ -311,7 +317,7 @@ def build(cfg: Config, plan, log=print) -> dict:
     pipeline.check_blocks(train_ds, "data.train")
     todo, n_shards = _pending_shards(train_ds, path, cfg.teacher.cache_shard_blocks)
     log(f"raykd: teacher cache {path}: {n_shards} shards, {n_shards - len(todo)} already built, {len(todo)} to build "
-        f"(top-{cfg.teacher.cache_topk}, {cfg.teacher.cache_dtype}, hidden of teacher layers {layers or 'none'})")
+        f"({f'top-{cfg.teacher.cache_topk}' if cfg.teacher.cache_topk else 'dense'}, {cfg.teacher.cache_dtype}, hidden of teacher layers {layers or 'none'})")
     if todo:
         gpu = {"num_gpus": 1} if cfg.scale.use_gpu else {}
         written = ray.data.from_items(todo).map_batches(
@@ -340,61 +346,3 @@ def ensure(cfg: Config, plan, log=print) -> dict:
     """Before training or a sweep: the meta of a matching, complete cache, building or finishing it first."""
     state, meta = status(cfg, plan)
     return meta if state == "complete" else build(cfg, plan, log)
-
-
-# --- reading --------------------------------------------------------------------------------
-
-
-def _shard_files(cfg: Config) -> list[str]:
-    return [str(f) for f in sorted(Path(cfg.teacher.cache).resolve().glob("shard-*.parquet"))]
-
-
-def train_dataset(cfg: Config, objective, rows=None):
-    """The cached train blocks as a Ray Dataset (one row per block, binary cells): only the columns the run's objective
-    (`raykd.spec.ObjectiveSpec`) reads, selected from `rows` (the cache materialized once for a sweep) or read from the shards."""
-    import ray.data
-
-    if rows is not None:
-        return rows.select_columns(objective.cache_columns)
-    return ray.data.read_parquet(_shard_files(cfg), columns=objective.cache_columns, num_cpus=cfg.data.task_cpus)
-
-
-def shared_rows(cfg: Config, log=print, share: float = 0.5):
-    """Every column of the cache read and materialized once in the object store, for all the trials of a
-    sweep to take their columns from (each trial otherwise reads and decodes the shards itself, on the
-    cores it trains on); None when the cache's decoded size is over `share` of the cluster's object store."""
-    import pyarrow.parquet as pq
-    import ray.data
-
-    files = _shard_files(cfg)
-    size = sum(md.row_group(i).total_byte_size for md in (pq.ParquetFile(f).metadata for f in files) for i in range(md.num_row_groups))
-    room = ray.cluster_resources().get("object_store_memory", 0.0)
-    if size > share * room:
-        log(f"raykd: the teacher cache ({size / 2**30:.1f} GiB decoded) is over {share:.0%} of the object store "
-            f"({room / 2**30:.1f} GiB): each trial reads its shards")
-        return None
-    t0 = time.time()
-    rows = ray.data.read_parquet(files, num_cpus=cfg.data.task_cpus).materialize()
-    log(f"raykd: the teacher cache ({size / 2**20:.0f} MiB) read once for every trial ({time.time() - t0:.0f} s)")
-    return rows
-
-
-def _cells(col, dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    arr = np.frombuffer(b"".join(col), dtype=dtype).reshape(len(col), *shape)
-    return torch.from_numpy(arr.copy())
-
-
-def teacher_outputs(batch: dict, cfg: Config, vocab: int, device: torch.device):
-    """(input_ids [B, T] long, TeacherOutputs with `topk` and cached `hidden`) from a numpy batch
-    of shard rows (the run's block size, k and dtype were checked against the cache's meta)."""
-    from raykd.losses.topk import TopK
-    from raykd.objective import TeacherOutputs
-
-    T, k, dt = cfg.data.block_size, cfg.teacher.cache_topk, _DTYPES[cfg.teacher.cache_dtype]
-    ids = _cells(batch["input_ids"], np.int32, (T,)).long().to(device)
-    topk = None
-    if "topk_idx" in batch:
-        topk = TopK(_cells(batch["topk_idx"], np.int32, (T, k)), _cells(batch["topk_logp"], np.int16, (T, k)).view(dt),
-                    _cells(batch["tail"], np.float32, (T,)), vocab).to(device)
-    hidden = {int(name[7:]): _cells(col, np.int16, (T, -1)).view(dt).to(device) for name, col in batch.items() if name.startswith("hidden_")}
-    return ids, TeacherOutputs(last_hidden=None, hidden=hidden, qkv={}, layer_inputs={}, model=None, topk=topk)

@@ -29,7 +29,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from raykd import models
 from raykd.config import Config, ConfigError, _build, from_dict, set_dotted
-from raykd.data import cache
+from raykd.data import cache, cache_read
 from raykd.sweep.asha import DepthASHA, OrderedASHA
 from raykd.sweep_config import SweepConfig
 
@@ -259,7 +259,7 @@ def _shared_datasets(cfg: Config, sw: SweepConfig, cache_cfg: Config | None, log
     """(train, validation) tokenized, packed, checked and materialized in the object store once for every trial,
     or None when the sweep changes what they are built from (data.*, seed, the teacher's tokenizer). With the
     teacher cache (`cache_cfg`: the config it was built from) train is the cache's rows read once
-    (`raykd.data.cache.shared_rows`; None when too big: each trial reads the shards)."""
+    (`raykd.data.cache_read.shared_rows`; None when too big: each trial reads the shards)."""
     from raykd.data import pipeline
 
     if any(k.startswith(("data.", "teacher.")) or k == "seed" for k in sw.params):
@@ -271,7 +271,7 @@ def _shared_datasets(cfg: Config, sw: SweepConfig, cache_cfg: Config | None, log
     train, val = pipeline.materialized(cfg.data, cfg.teacher.model, cfg.seed, cfg.teacher.trust_remote_code,
                                        cfg.val_blocks, train=not cache_cfg)
     log(f"raykd: the sweep's data tokenized and packed once for every trial ({time.time() - t0:.0f} s)")
-    return (cache.shared_rows(cache_cfg, log) if cache_cfg else train), val
+    return (cache_read.shared_rows(cache_cfg, log) if cache_cfg else train), val
 
 
 def _score_front(cfg: Config, sw: SweepConfig, trials: list[dict], datasets: tuple | None, out: Path, meta: dict, log) -> None:
