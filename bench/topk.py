@@ -1,5 +1,6 @@
 """Student quality against `teacher.cache_topk`: the same run trained from caches keeping the teacher's
-top 16 / 64 / 256 log-probs per token, and from the dense teacher (online, every step).
+top 16 / 64 / 256 log-probs per token or its final hidden state (k = 0: the dense cache), and from the
+teacher itself (online, every step).
 
 The run: SmolLM2-135M-Instruct teacher (the PyPI wheel), a 10-layer student cut from it
 (`student.init: ends`), the demo's loss (CE + forward KL + cosine hidden alignment on the kept layers),
@@ -11,8 +12,9 @@ directory; build time printed apart, not in the training figures).
 Figures: val_ppl_dense and val_ppl_k{K} (the student's validation perplexity on `--val-blocks` held-out
 blocks), ppl_ratio_k{K} = cached / dense (1 = no loss from keeping only the top K), the ratio at the
 default k (`ppl_ratio_default`, goal <= 1.02), and step_speedup_k{K} (training tokens/s, cached / dense).
+`--temperature` sets loss.temperature in every arm (top-k targets pool the tail, which T > 1 makes heavy).
 
-    .venv/bin/python bench/topk.py [--ks 16,64,256] [--steps 48] [--val-blocks 64]
+    .venv/bin/python bench/topk.py [--ks 0,16,64,256] [--steps 48] [--val-blocks 64] [--temperature 1.0]
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ def run_config(a, out: str) -> dict:
     return {
         "teacher": {"model": "smollm2-135m", "dtype": "float32"},
         "student": {"num_layers": 10, "init": "ends"},
-        "loss": {"kd": "forward_kl", "hidden": "cosine", "chunk_size": 1024,
+        "loss": {"kd": "forward_kl", "hidden": "cosine", "chunk_size": 1024, "temperature": a.temperature,
                  "weights": {"ce": 1.0, "kd": 1.0, "hidden": 0.5, "attention": 0.0, "relation": 0.0, "blockwise": 0.0}},
         "data": {"train": ["sotu"], "block_size": 256, "max_train_blocks": a.steps * 4, "max_val_blocks": a.val_blocks},
         "train": {"max_steps": a.steps, "batch_size": 4, "lr": 3e-4, "warmup_steps": max(1, a.steps // 10), "report_every": 8,
@@ -61,7 +63,8 @@ def main() -> int:
     p.add_argument("--arm", default="")
     p.add_argument("--config", default="")
     p.add_argument("--cache", default="")
-    p.add_argument("--ks", default="16,64,256", help="cache_topk values, comma-separated")
+    p.add_argument("--ks", default="0,16,64,256", help="cache_topk values, comma-separated (0: the dense cache)")
+    p.add_argument("--temperature", type=float, default=1.0, help="loss.temperature of every arm")
     p.add_argument("--steps", type=int, default=48)
     p.add_argument("--val-blocks", type=int, default=64)
     a = p.parse_args()
@@ -72,7 +75,7 @@ def main() -> int:
 
     ks = [int(k) for k in a.ks.split(",")]
     default_k = TeacherConfig.cache_topk
-    C.header(f"teacher.cache_topk vs the dense teacher: SmolLM2-135M -> 10-layer student, {a.steps} steps x 4 x 256 tokens",
+    C.header(f"teacher.cache_topk vs the dense teacher: SmolLM2-135M -> 10-layer student, {a.steps} steps x 4 x 256 tokens, T {a.temperature:g}",
              os.cpu_count(), "fp32", [
                  "one config, seed and block order in every arm; only teacher.cache / cache_topk differ",
                  "each arm is `raykd distill` in its own child process with its own local Ray, one after the other",
@@ -99,7 +102,7 @@ def main() -> int:
         out[f"step_speedup_k{k}"] = r["tokens_per_s"] / dense["tokens_per_s"]
     if default_k in ks:
         out["ppl_ratio_default"] = out[f"ppl_ratio_k{default_k}"]
-    out.update(default_k=default_k, steps=a.steps)
+    out.update(default_k=default_k, steps=a.steps, temperature=a.temperature)
     C.figures(out)
     return 0
 
