@@ -268,14 +268,47 @@ def session():
     return _SESSION[-1] if _SESSION else RayTrainSession()
 
 
-def fit_or_why(trainer):
-    """`trainer.fit()`; a run that diverged on its workers is one line (raykd.errors.Diverged), not Ray's traceback."""
+DIVERGED_NOTE = "diverged.txt"  # rank 0's Diverged line, beside the run's checkpoints
+
+
+def _note(cfg: Config):
+    """(pyarrow filesystem, path) of the run's diverged note: under `run_storage`, which the driver and every
+    worker reach (a local directory, shared storage or s3://)."""
+    import pyarrow.fs
+
+    storage, name = run_storage(cfg)
+    fs, root = pyarrow.fs.FileSystem.from_uri(storage if "://" in storage else str(Path(storage).resolve()))
+    return fs, f"{root.rstrip('/')}/{name}/{DIVERGED_NOTE}"
+
+
+def note_diverged(cfg: Config, why: str) -> None:
+    """Rank 0 of a diverged run writes its one line where the driver finds it: Ray Train can report the worker's
+    death instead of its exception when the process goes before the controller reads the error (seen under load)."""
+    try:
+        fs, path = _note(cfg)
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(path) as f:
+            f.write(why.encode())
+    except OSError:  # best effort: the worker's own exception still carries the line
+        pass
+
+
+def fit_or_why(trainer, cfg: Config | None = None):
+    """`trainer.fit()`; a run that diverged on its workers is one line (raykd.errors.Diverged), not Ray's traceback:
+    from the workers' exceptions, else (with `cfg`) from the note rank 0 left (`note_diverged`; a stale one is
+    removed before the run starts)."""
     from ray.train import WorkerGroupError
 
+    note = _note(cfg) if cfg is not None else None
+    if note and note[0].get_file_info(note[1]).type.name != "NotFound":
+        note[0].delete_file(note[1])
     try:
         return trainer.fit()
     except WorkerGroupError as e:
         why = next((str(f).strip().splitlines()[-1] for f in e.worker_failures.values() if isinstance(f, Diverged) or "Diverged" in type(f).__name__), None)
+        if why is None and note and note[0].get_file_info(note[1]).type.name == "File":
+            with note[0].open_input_stream(note[1]) as f:
+                why = "Diverged: " + f.read().decode()
         if why is None:
             raise
         raise Diverged(why.split("Diverged: ", 1)[-1]) from None

@@ -39,7 +39,7 @@ import torch
 from raykd import manifest, models, replace, runtime, tasks, worker_models
 from raykd.config import Config, ConfigError, from_dict
 from raykd.data import cache, cache_read, pipeline
-from raykd.errors import check_finite
+from raykd.errors import Diverged, check_finite
 from raykd.objective import teacher_forward
 from raykd.onpolicy import OnPolicy
 
@@ -233,7 +233,12 @@ def report(w: Worker, state: RunState, window: torch.Tensor, meter: dict, grad_n
     window.zero_()
     elapsed = time.perf_counter() - meter["start"]
     metrics = w.spec.window_metrics(sums, w.world)
-    check_finite(metrics, grad_norm, step, w.engine.lr(), norm_known=w.cfg.scale.strategy != "deepspeed")  # every rank: same sums
+    try:
+        check_finite(metrics, grad_norm, step, w.engine.lr(), norm_known=w.cfg.scale.strategy != "deepspeed")  # every rank: same sums
+    except Diverged as e:
+        if w.rank == 0:
+            runtime.note_diverged(w.cfg, str(e))
+        raise
     metrics.update(
         step=step, epoch=state.epoch, tokens_seen=state.tokens_seen, lr=w.engine.lr(), grad_norm=grad_norm,
         tokens_per_s=meter["tokens"] / max(elapsed, 1e-9), student_params=models.count_params(w.engine.distiller.student),
@@ -363,7 +368,7 @@ def distill(cfg: Config, log=print) -> dict:
     runtime.require_shared_storage(resolved, how)
     runtime.wait_for_workers(resolved, how, log)
     trainer = build_trainer(resolved, plan, log)
-    result = runtime.fit_or_why(trainer)
+    result = runtime.fit_or_why(trainer, resolved)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     with result.checkpoint.as_directory() as d:

@@ -85,6 +85,7 @@ def test_a_diverging_run_stops_at_its_first_report_with_one_line(local_ray, tmp_
     with pytest.raises(Diverged, match=r"^train: the run diverged by step [24] \(.*nan.*\); lower train.lr \(now [0-9.e+]+\)"):
         distill(_cfg(tmp_path, "train.lr=1e30", "train.max_steps=6", "train.report_every=2", "scale.num_workers=1"))
     assert not list((tmp_path / "out").rglob("checkpoint_*")) and not (tmp_path / "out" / "student").exists()
+    assert (tmp_path / "out" / "train" / "diverged.txt").read_text().startswith("train: the run diverged by step")  # rank 0's note
 
 
 def test_final_checkpoint_without_training_state(local_ray, tmp_path):

@@ -132,3 +132,36 @@ def test_a_worker_range_waits_for_its_minimum_and_keeps_the_global_batch(cluster
     assert runtime.for_world(cfg, 6) is cfg and cfg.train.grad_accum == 2
     fixed = load_config("jobs/smoke.yaml", ["scale.num_workers=2"])
     assert not fixed.scale.elastic and fixed.scale.worker_range == (2, 2) and runtime.for_world(fixed, 2) is fixed
+
+
+class _Dies:
+    """A trainer whose worker died before the controller read its error (what Ray Train reports under load)."""
+
+    def fit(self):
+        from ray.exceptions import ActorDiedError
+        from ray.train import WorkerGroupError
+
+        raise WorkerGroupError("A worker health check failed.", {0: ActorDiedError()})
+
+
+def test_a_divergence_whose_worker_died_is_still_one_line(tmp_path):
+    """Rank 0's note (raykd.runtime.note_diverged) turns a lost Diverged back into the one line; without a note the
+    worker's death stays Ray's error, and a note left by an earlier run is removed before the run starts."""
+    from ray.train import WorkerGroupError
+
+    from raykd.errors import Diverged
+
+    cfg = load_config(None, [f"output_dir={tmp_path / 'out'}"])
+    line = "train: the run diverged by step 2 (grad_norm nan); lower train.lr (now 1e+30)"
+
+    class DiesAfterNote(_Dies):
+        def fit(self):
+            runtime.note_diverged(cfg, line)
+            super().fit()
+
+    with pytest.raises(Diverged) as e:
+        runtime.fit_or_why(DiesAfterNote(), cfg)
+    assert str(e.value) == line and (tmp_path / "out" / "train" / runtime.DIVERGED_NOTE).read_text() == line
+    with pytest.raises(WorkerGroupError):  # the earlier run's note is not this run's reason
+        runtime.fit_or_why(_Dies(), cfg)
+    assert not (tmp_path / "out" / "train" / runtime.DIVERGED_NOTE).exists()
