@@ -17,7 +17,7 @@ Figures: sweep_time_ratio = cached wall (build included) / online wall (goal <= 
 max_ppl_deviation = max over trials of |ppl_cached / ppl_online - 1|, both walls, build wall;
 sweep_time_ratio_floor = online / cached training tokens/s, the ratio with no per-trial fixed cost and a free build.
 
-    .venv/bin/python bench/cache.py [--trials 8] [--steps 16] [--blocks 64] [--topk K]
+    .venv/bin/python bench/cache.py [--trials 8] [--steps 16] [--blocks 64] [--topk K] [--cache-dtype float32]
 """
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ import _common as C  # noqa: E402
 
 def sweep_config(a, out: str) -> dict:
     return {
-        "teacher": {"model": "smollm2-135m", "dtype": "float32", **({} if a.topk is None else {"cache_topk": a.topk})},
+        "teacher": {"model": "smollm2-135m", "dtype": "float32", **({} if a.topk is None else {"cache_topk": a.topk}),
+                    **({"cache_dtype": a.cache_dtype} if a.cache_dtype else {})},
         "student": {"num_layers": 10, "init": "ends"},
         "layer_map": {"strategy": "auto"},
         "loss": {"kd": "forward_kl", "hidden": "cosine", "chunk_size": 1024,
@@ -87,6 +88,7 @@ def main() -> int:
     p.add_argument("--blocks", type=int, default=64, help="train blocks (128 tokens) in the sweep's corpus slice")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
     p.add_argument("--topk", type=int, default=None, help="teacher.cache_topk of the cached arm (default: the config's; 0: the dense cache)")
+    p.add_argument("--cache-dtype", default="", choices=["", "float16", "bfloat16", "float32"], help="teacher.cache_dtype (default: the config's)")
     a = p.parse_args()
     if a.arm:
         child(a)
@@ -94,7 +96,7 @@ def main() -> int:
     from raykd.config import TeacherConfig
 
     k = TeacherConfig.cache_topk if a.topk is None else a.topk
-    C.header(f"raykd sweep, teacher cache ({f'top-{k}' if k else 'dense'}) vs online teacher: SmolLM2-135M -> 10-layer student, "
+    C.header(f"raykd sweep, teacher cache ({f'top-{k}' if k else 'dense'}, {a.cache_dtype or TeacherConfig.cache_dtype}) vs online teacher: SmolLM2-135M -> 10-layer student, "
              f"{a.trials} trials x {a.steps} steps x 4 x 128 tokens",
              os.cpu_count(), a.precision, [
                  "one config, search space and seed for both arms; only teacher.cache differs (numpy/random seeded: the same trials)",

@@ -117,10 +117,10 @@ def cmd_cache_teacher(args) -> int:
     resolved, plan = resolve(cfg, log=lambda m: print(m, file=sys.stderr))
     t0 = time.time()
     meta = build(resolved, plan, log=lambda m: print(m, file=sys.stderr))
-    bpt = meta["bytes_per_token"]
+    bpt, kind = meta["bytes_per_token"], f"top-{meta['topk']}" if meta["topk"] else "dense"
     print(f"raykd: teacher cache {cfg.teacher.cache}: {meta['shards']} shards, {meta['blocks']} blocks, {meta['tokens']} tokens, "
           f"{meta['bytes'] / 2**20:.1f} MiB; {bpt['logits']} bytes/token logits only, {bpt['logits_and_hidden']} with hidden states "
-          f"(top-{meta['topk']}, {meta['dtype']}, layers {meta['layers'] or 'none'}); {time.time() - t0:.0f} s")
+          f"({kind}, {meta['dtype']}, layers {meta['layers'] or 'none'}); {time.time() - t0:.0f} s")
     return 0
 
 
@@ -157,9 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. output_dir=runs/sweep2")
     sw.add_argument("--resume", action="store_true", help="continue an interrupted sweep in output_dir (finished trials are kept)")
     sw.set_defaults(fn=cmd_sweep)
-    ct = sub.add_parser("cache-teacher", help="run the teacher once over the train blocks (Ray Data actor pool) and write teacher.cache: top-k log-probs + hidden states as Parquet shards; re-running resumes")
+    ct = sub.add_parser("cache-teacher", help="run the teacher once over the train blocks (Ray Data actor pool) and write teacher.cache: its final hidden state (or top-k log-probs) + mapped hidden states as Parquet shards; re-running resumes")
     ct.add_argument("config", help="YAML config, e.g. jobs/smoke.yaml")
-    ct.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. teacher.cache=runs/cache teacher.cache_topk=64")
+    ct.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. teacher.cache=runs/cache teacher.cache_topk=256")
     ct.set_defaults(fn=cmd_cache_teacher)
     gen = sub.add_parser("generate", help="sample continuations of corpus prompts with the teacher (or generate.model) on a Ray Data actor pool; writes OUT/shard-*.jsonl|parquet and OUT/generate.json; re-running resumes")
     gen.add_argument("config", help="YAML config with a generate: section (optional), e.g. jobs/seqkd.yaml")

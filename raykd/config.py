@@ -39,10 +39,10 @@ class TeacherConfig:
     model: str = "smollm2-135m"  # local HF dir | hub id (online or HF cache only) | FILE.gguf | smollm2-135m | tiny-random[:key=value,...]
     dtype: str = "float32"  # weights dtype of the frozen teacher: float32 | bfloat16 | float16 | auto
     trust_remote_code: bool = False  # run modelling code shipped with the model dir; off unless you trust its source
-    cache: str | None = None  # teacher cache dir (`raykd cache-teacher`): training reads top-k log-probs + hidden states from it instead of running the teacher each step
-    cache_topk: int = 256  # building the cache: teacher log-probs kept per token (the rest pooled into one tail bin; 256 by bench/topk.py, docs/cache.md); 0: dense, the teacher's final hidden state (its head runs each step: exact at any temperature, every logit loss)
+    cache: str | None = None  # teacher cache dir (`raykd cache-teacher`): training reads the teacher's targets (final state or top-k log-probs) and hidden states from it instead of running the teacher each step
+    cache_topk: int = 0  # building the cache: 0: dense, the teacher's final hidden state (its head runs each step: exact at any temperature, every logit loss; the default by bench/topk.py, docs/cache.md); K: the top K log-probs per token, the rest pooled into one tail bin (smaller without hidden states; lossy at T > 1)
     cache_layers: str | list[int] = "mapped"  # building the cache: teacher layers whose hidden states are stored: mapped | all | none | [ids]
-    cache_dtype: str = "float16"  # building the cache: dtype of stored log-probs and hidden states: float16 | bfloat16
+    cache_dtype: str = "float16"  # building the cache: dtype of stored log-probs and hidden states: float16 | bfloat16 | float32 (the online teacher's exact values, twice the bytes)
     cache_shard_blocks: int = 256  # building the cache: packed blocks per Parquet shard (the unit of resume)
     cache_actors: int = 1  # building the cache: teachers in the Ray Data actor pool (each takes scale.cpus_per_worker CPUs, or a GPU with scale.use_gpu)
 
@@ -55,7 +55,7 @@ class TeacherConfig:
             _choice("teacher.cache_layers", self.cache_layers, ("mapped", "all", "none"))
         elif not isinstance(self.cache_layers, list) or not all(isinstance(i, int) and i >= 0 for i in self.cache_layers):
             raise ConfigError(f"teacher.cache_layers: expected mapped | all | none or a list of layer indices, got {self.cache_layers!r}")
-        _choice("teacher.cache_dtype", self.cache_dtype, ("float16", "bfloat16"))
+        _choice("teacher.cache_dtype", self.cache_dtype, ("float16", "bfloat16", "float32"))
         _positive("teacher.cache_shard_blocks", self.cache_shard_blocks)
         _positive("teacher.cache_actors", self.cache_actors)
 

@@ -205,6 +205,29 @@ def test_a_dense_cache_holds_the_teachers_final_hidden_state(dense, tiny_teacher
         cache_read.teacher_outputs(batch, cfg, 1024, torch.device("cpu"))
 
 
+def test_a_float32_cache_holds_the_online_teachers_values(dense, tiny_teacher, tmp_path):
+    """teacher.cache_dtype=float32: the stored final and layer states are the teacher's own (up to GEMM order), where
+    the fp16 cache rounds them (which a 16-step trial at LR ~1e-3 turned into a 4% perplexity difference)."""
+    from raykd.data import cache, cache_read
+    from raykd.objective import forward_with_capture, head
+    from raykd.spec import Needs
+
+    d = tmp_path / "c32"
+    meta = cache.build(*_cfg(d, "teacher.cache_topk=0", "teacher.cache_dtype=float32"), log=lambda m: None)
+    assert meta["dtype"] == "float32" and meta["bytes_per_token"]["logits"] > 1.5 * dense[1]["bytes_per_token"]["logits"]
+    errors = {}
+    for name, where in (("float32", d), ("float16", dense[0])):
+        table = _table(where / "shard-00002.parquet")
+        batch = {c: np.asarray(table.column(c).to_pylist(), dtype=object) for c in table.column_names}
+        cfg, _ = _cfg(where, "teacher.cache_topk=0", f"teacher.cache_dtype={name}")
+        ids, t_out = cache_read.teacher_outputs(batch, cfg, 1024, torch.device("cpu"), head=head(tiny_teacher))
+        with torch.no_grad():
+            last, cap = forward_with_capture(tiny_teacher, ids, Needs(hidden=(0, 2, 5)))
+        assert t_out.last_hidden.dtype == torch.float32 and t_out.hidden[5].dtype == getattr(torch, name)
+        errors[name] = max((t_out.last_hidden - last).abs().max().item(), (t_out.hidden[5].float() - cap.hidden[5]).abs().max().item())
+    assert errors["float32"] < 1e-5 < 1e-4 < errors["float16"], errors
+
+
 def test_a_dense_cache_trains_as_the_online_teacher_at_any_temperature_and_loss(dense, tmp_path):
     """DKD at temperature 2 (which a top-k cache refuses; at T != 1 it approximates the tail): from the dense cache
     every step's KD term and the student are the online teacher's, up to the fp16 storage of the hidden states."""

@@ -33,7 +33,7 @@ def test_smoke_sweep_runs_from_a_cache(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "read once for every trial" in proc.stdout + proc.stderr  # the trials took their columns from shared rows
     meta = json.loads((cache_dir / "raykd_cache.json").read_text())
-    assert meta["complete"] and meta["layers"] == list(range(6))  # trials vary the depth: every layer stored
+    assert meta["complete"] and meta["layers"] == list(range(6)) and meta["topk"] == 0  # depths vary: every layer; dense (the default)
     import csv
 
     rows = list(csv.DictReader((out / "trials.csv").open()))

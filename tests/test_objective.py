@@ -162,12 +162,12 @@ def test_class_kd_config_validation():
     from raykd.config import Config, ConfigError, TeacherConfig
 
     with pytest.raises(ConfigError) as e:
-        Config(teacher=TeacherConfig(cache="x"), loss=LossConfig(weights=LossWeights(class_kd=0.5)))
+        Config(teacher=TeacherConfig(cache="x", cache_topk=256), loss=LossConfig(weights=LossWeights(class_kd=0.5)))
     msg = str(e.value)
     assert msg.startswith("loss.weights.class_kd: class_kl needs every token's dense teacher logits") and "\n" not in msg
     assert "set loss.weights.class_kd=0, teacher.cache_topk=0 (a dense cache) or drop teacher.cache" in msg
-    Config(teacher=TeacherConfig(cache="x"), loss=LossConfig(weights=LossWeights(class_kd=0.0)))  # off: served
-    Config(teacher=TeacherConfig(cache="x", cache_topk=0), loss=LossConfig(weights=LossWeights(class_kd=0.5)))  # a dense cache serves it
+    Config(teacher=TeacherConfig(cache="x", cache_topk=256), loss=LossConfig(weights=LossWeights(class_kd=0.0)))  # off: served
+    Config(teacher=TeacherConfig(cache="x"), loss=LossConfig(weights=LossWeights(class_kd=0.5)))  # a dense cache (the default) serves it
     with pytest.raises(ConfigError, match=r"^loss\.weights\.class_kd: negative weight"):
         LossWeights(class_kd=-0.5)
     with pytest.raises(ConfigError, match=r"^loss\.kd: class_kl is a batch-level .* loss\.weights\.class_kd"):

@@ -44,7 +44,7 @@ META = "raykd_cache.json"
 FORMAT = 1
 DATA_KEYS = ("train", "validation", "text_field", "block_size", "val_fraction", "min_chars", "dedupe", "max_train_blocks")
 _SHA_KEY = b"raykd_inputs_sha256"
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 # --- identity -------------------------------------------------------------------------------
@@ -169,7 +169,7 @@ def require(cfg: Config, plan) -> dict:
 
 
 def _bits(x: torch.Tensor, dtype: torch.dtype) -> bytes:
-    return x.to(dtype).contiguous().view(torch.int16).numpy().tobytes()
+    return x.to(dtype).contiguous().view(torch.uint8).numpy().tobytes()  # raw bytes of any width (cache_read.floats)
 
 
 class _ShardWriter:

@@ -60,6 +60,11 @@ def _cells(col, dtype, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.from_numpy(arr.copy())
 
 
+def _floats(col, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """Cells written by `raykd.data.cache._bits` ([len(col), *shape] of `dtype`; `shape`'s last entry may be -1)."""
+    return _cells(col, np.uint8, (*shape[:-1], -1)).view(dtype)
+
+
 def teacher_outputs(batch: dict, cfg: Config, vocab: int, device: torch.device, head=None):
     """(input_ids [B, T] long, TeacherOutputs with `topk` or `last_hidden` + `head`, and cached `hidden`) from a numpy
     batch of shard rows (the run's block size, k and dtype were checked against the cache's meta). `head`: the
@@ -71,12 +76,12 @@ def teacher_outputs(batch: dict, cfg: Config, vocab: int, device: torch.device, 
     ids = _cells(batch["input_ids"], np.int32, (T,)).long().to(device)
     topk = None
     if "topk_idx" in batch:
-        topk = TopK(_cells(batch["topk_idx"], np.int32, (T, k)), _cells(batch["topk_logp"], np.int16, (T, k)).view(dt),
+        topk = TopK(_cells(batch["topk_idx"], np.int32, (T, k)), _floats(batch["topk_logp"], dt, (T, k)),
                     _cells(batch["tail"], np.float32, (T,)), vocab).to(device)
-    hidden = {int(name[7:]): _cells(col, np.int16, (T, -1)).view(dt).to(device) for name, col in batch.items() if name.startswith("hidden_")}
+    hidden = {int(name[7:]): _floats(col, dt, (T, -1)).to(device) for name, col in batch.items() if name.startswith("hidden_")}
     last = None
     if "last" in batch:
         if head is None:
             raise ValueError("a dense teacher cache's targets need the teacher's LM head (teacher_outputs(..., head=))")
-        last = _cells(batch["last"], np.int16, (T, -1)).view(dt).to(device=device, dtype=head[0].dtype)  # the head's dtype (fp32)
+        last = _floats(batch["last"], dt, (T, -1)).to(device=device, dtype=head[0].dtype)  # the head's dtype (fp32)
     return ids, TeacherOutputs(last_hidden=last, hidden=hidden, qkv={}, layer_inputs={}, model=None, topk=topk, head=head)
