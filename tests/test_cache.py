@@ -113,9 +113,10 @@ def test_a_sweep_reads_the_cache_once_and_each_trial_takes_its_columns(built):
 
 
 @pytest.mark.parametrize("override, match", [
-    ("data.block_size=32", "data.block_size"),
+    ("data.block_size=32", r"data.block_size.*; set data\.block_size=64 to read it, point teacher\.cache at a new directory"),
     ("teacher.model=tiny-random:seed=1", "another teacher"),
-    ("teacher.cache_topk=32", "teacher.cache_topk"),
+    ("teacher.cache_topk=32", r"teacher.cache_topk.*; set teacher\.cache_topk=64 to read it"),
+    ("teacher.cache_topk=0", r"teacher.cache_topk \(topk 64 vs 0 in this run\); set teacher\.cache_topk=64"),  # a top-k cache from before the dense default
     ("data.max_train_blocks=40", "other data settings"),
     ("student.init=first", r"needs \[1\] too"),  # maps teacher layers 0, 1, 2; the cache holds 0, 2, 5
 ])

@@ -122,6 +122,8 @@ _WHAT = {"teacher_weights_sha256": "another teacher (weights)", "tokenizer_sha25
          "data": "other data settings", "seed": "another seed (the shuffled block order)", "topk": "another teacher.cache_topk",
          "dtype": "another teacher.cache_dtype", "format": "another raykd cache format"}
 
+_FIELD = {"topk": "teacher.cache_topk", "dtype": "teacher.cache_dtype", "block_size": "data.block_size"}  # settings a run can match instead
+
 
 def _mismatch(path: Path, have: dict, want: dict) -> str | None:
     for key, what in _WHAT.items():
@@ -129,8 +131,9 @@ def _mismatch(path: Path, have: dict, want: dict) -> str | None:
             a, b = have.get(key), want[key]
             if isinstance(a, str) and len(a) == 64:
                 a, b = a[:12] + "…", b[:12] + "…"
+            keep = f"set {_FIELD[key]}={have[key]} to read it, " if key in _FIELD else ""  # e.g. a top-256 cache from before the dense default
             return (f"teacher.cache: {path} was built for {what} ({key} {a} vs {b} in this run); "
-                    f"point teacher.cache at a new directory or delete this one to rebuild")
+                    f"{keep}point teacher.cache at a new directory or delete this one to rebuild")
     return None
 
 
