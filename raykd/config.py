@@ -348,7 +348,7 @@ class Config:
         from raykd.spec import cache_refusal, on_policy_refusal
 
         why = on_policy_refusal(self)
-        if not why and self.teacher.cache:  # the cache holds log-probs and hidden states, not attention or the upper blocks
+        if not why and self.teacher.cache:  # the cache holds the teacher's states (or log-probs), not attention or the upper blocks
             from raykd.losses.divergences import SPARSE_UNSUPPORTED
 
             why = cache_refusal(self.loss, SPARSE_UNSUPPORTED if self.teacher.cache_topk else None)

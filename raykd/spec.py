@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from raykd.errors import ConfigError
 
 TERMS = ("ce", "kd", "class_kd", "hidden", "attention", "relation", "blockwise")  # every loss term, in report order
-CACHE_CANNOT_SERVE = ("attention", "relation", "blockwise")  # a cache holds log-probs and hidden states only
+CACHE_CANNOT_SERVE = ("attention", "relation", "blockwise")  # a cache holds the teacher's states (or log-probs), not attention
 
 
 @dataclass(frozen=True)

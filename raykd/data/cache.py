@@ -8,16 +8,16 @@ Layout of `teacher.cache` (a directory):
     shard-00000.parquet    `teacher.cache_shard_blocks` consecutive blocks of the shuffled
     shard-00001.parquet    train stream, one row per block [T tokens], zstd; columns:
     ...                      input_ids  int32 [T]
-                             topk_idx   int32 [T, k]   top-k token ids (raykd.losses.topk.TopK)
-                             topk_logp  fp16/bf16 [T, k] log-probs over the full vocabulary
-                             tail       fp32 [T]      log of the probability mass outside the top k
-                             last       fp16/bf16 [T, H] instead of those three with cache_topk 0 (dense):
-                                                      the teacher's final normed hidden state
-                             hidden_<t> fp16/bf16 [T, H] output of teacher layer t (stored layers)
+                             last       [T, H]        the teacher's final normed hidden state (cache_topk 0,
+                                                      the default: dense)
+                             topk_idx   int32 [T, k]  top-k token ids (raykd.losses.topk.TopK)  } instead of
+                             topk_logp  [T, k]        log-probs over the full vocabulary      } `last` with
+                             tail       fp32 [T]      log of the mass outside the top k       } cache_topk k
+                             hidden_<t> [T, H]        output of teacher layer t (stored layers)
+                           floats in teacher.cache_dtype (fp16 | bf16 | fp32)
 
-Every tensor is a binary cell holding the raw little-endian array (16-bit floats as their
-bits), so shards stay plain Parquet readable anywhere. A shard is written to a temporary
-name and renamed: a file named `shard-*.parquet` is complete. Its schema metadata holds the
+Every tensor is a binary cell holding the raw little-endian array (floats as their bytes), so
+shards stay plain Parquet readable anywhere. A shard is written to a temporary name and renamed: a file named `shard-*.parquet` is complete. Its schema metadata holds the
 sha256 of its input ids; rebuilding after an interruption checks and skips every finished
 shard. Building is a Ray Data stage: the driver streams the train blocks, each pending shard
 goes to an actor pool (`teacher.cache_actors` actors, one teacher each, on a GPU with
