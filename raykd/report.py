@@ -7,7 +7,7 @@ config (the complete config dict). Missing/None fields are tolerated (a failed t
 
 The efficiency/accuracy trade-off is the Pareto front (both minimised) of validation perplexity
 against student parameters (`front=params`) and against measured student latency
-(`front=latency`); pareto.csv holds both, told apart by its `front` column. Early-stopped trials
+(`front=latency`; a trial counts at the median latency of its size's trials: `raykd.fronts`); pareto.csv holds both, told apart by its `front` column. Early-stopped trials
 have no final perplexity or latency, so they are not on the fronts; the tables and trials.csv show
 the perplexity of their last evaluation (exp of its val_loss), marked with its step.
 """
@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import csv
 import math
-import numbers
 from pathlib import Path
 
+from raykd.fronts import coordinates, pareto_front
+from raykd.fronts import num as _num
 from raykd.report_pages import html_page, markdown_page
 
 METRIC_COLUMNS = ("val_perplexity", "top1_agreement", "student_params", "student_latency_ms", "student_tokens_per_s", "val_loss")
@@ -26,27 +27,6 @@ FRONTS = {"params": "student_params", "latency": "student_latency_ms"}
 AXIS = {"params": "student parameters", "latency": "student latency per block (ms)"}
 DEPTH = "student.num_layers"
 PLOTS = ("ppl_vs_params", "ppl_vs_latency", "learning_curves", "sensitivity")
-
-
-def _num(x) -> float | None:
-    """x as a finite float, or None (None, NaN, inf, bools and non-numbers)."""
-    return float(x) if isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) else None  # numpy too
-
-
-def pareto_front(points: list[tuple]) -> list[int]:
-    """Indices (ascending) of the non-dominated points, both coordinates minimised.
-
-    A point is dominated when another is <= in both coordinates and < in at least one, so exact
-    duplicates of a front point are all on the front. Points with a None/NaN/inf coordinate are
-    skipped. O(n log n): sort by (x, y), sweep keeping the lowest y seen."""
-    ok = [(i, (_num(a), _num(b))) for i, (a, b) in enumerate(points)]
-    order = sorted(((i, p) for i, p in ok if None not in p), key=lambda ip: ip[1])
-    front, last = [], None
-    for i, p in order:
-        if last is None or p[1] < last[1] or p == last:
-            front.append(i)
-            last = p
-    return sorted(front)
 
 
 def asha_savings(trials: list[dict]) -> dict:
@@ -191,7 +171,8 @@ def _plots(out: Path, trials: list[dict], params: list[str], fronts: dict, meta:
             pts = [p for p in pts if None not in p]
             if pts:
                 ax.scatter(*zip(*pts), s=28, alpha=0.8, label="finished trials" if g is None else f"{g} layers")
-        front = sorted((_num(trials[i]["metrics"][key]), _ppl(trials[i])) for i in fronts[name])
+        xs = coordinates(trials, key)
+        front = sorted((xs[i], _ppl(trials[i])) for i in fronts[name])  # latency: at its size's median
         if front:
             xs, ys = zip(*front)
             ax.step(xs, ys, where="post", color="tab:red", lw=1.2)
@@ -373,8 +354,8 @@ def write_report(out_dir, trials: list[dict], meta: dict) -> dict[str, Path]:
     params = sorted({k for t in trials for k in t["params"]})
     fronts = {}  # name -> trial indices on that front, smallest student / lowest latency first
     for name, key in FRONTS.items():
-        idx = pareto_front([(_ppl(t), t["metrics"][key]) for t in trials])
-        fronts[name] = sorted(idx, key=lambda i, key=key: (_num(trials[i]["metrics"][key]), _ppl(trials[i])))
+        xs = coordinates(trials, key)  # latency: its size's median (raykd.fronts)
+        fronts[name] = sorted(pareto_front([(_ppl(t), x) for t, x in zip(trials, xs)]), key=lambda i, xs=xs: (xs[i], _ppl(trials[i])))
     fronts.update(_task_fronts(trials, meta))
     savings = asha_savings(trials)
     paths = {"trials": out / "trials.csv", "pareto": out / "pareto.csv"}

@@ -19,14 +19,14 @@ def _trial(tid, ppl, params, latency, status="TERMINATED"):
 def test_chosen_is_both_fronts_and_the_best_of_each_size():
     trials = [
         _trial("a", 10.0, 100, 5.0),  # smallest: on the params front
-        _trial("b", 12.0, 100, 4.0),  # same size, worse, but the fastest: on the latency front only
+        _trial("b", 12.0, 100, 4.0),  # same size, worse, the fastest by timing: its size counts at the median, not chosen
         _trial("c", 11.0, 100, 6.0),  # dominated on both: not chosen
         _trial("d", 8.0, 200, 9.0),  # best overall: on both fronts
         _trial("e", 8.5, 300, 12.0),  # bigger and worse than d on both: only as the best of its size
         _trial("f", 5.0, 300, 1.0, status="EARLY_STOPPED"),  # never finished: never scored
         _trial("g", None, 50, 1.0),  # finished without a perplexity (an error path): never scored
     ]
-    assert front.chosen(trials) == [0, 1, 3, 4]
+    assert front.chosen(trials) == [0, 3, 4]
 
 
 def test_last_export_is_the_newest_checkpoint_holding_a_student(tmp_path):

@@ -20,7 +20,8 @@ import os
 from pathlib import Path
 
 from raykd import manifest
-from raykd.report import FRONTS, METRIC_COLUMNS, pareto_front
+from raykd.fronts import coordinates, pareto_front
+from raykd.report import FRONTS, METRIC_COLUMNS
 
 FILE = "front.json"
 _SKIP = ("history", "tasks", "worker_phases", "worker_nodes")  # per-run details the sweep's tables do not show
@@ -31,7 +32,8 @@ def chosen(trials: list[dict]) -> list[int]:
     done = [i for i, t in enumerate(trials) if t["status"] == "TERMINATED" and t["metrics"].get("val_perplexity") is not None]
     pick: set[int] = set()
     for key in FRONTS.values():
-        front = pareto_front([(trials[i]["metrics"]["val_perplexity"], trials[i]["metrics"].get(key)) for i in done])
+        xs = coordinates([trials[i] for i in done], key)  # latency: its size's median, not one trial's timing
+        front = pareto_front([(trials[i]["metrics"]["val_perplexity"], x) for i, x in zip(done, xs)])
         pick.update(done[j] for j in front)
     best: dict = {}
     for i in done:
