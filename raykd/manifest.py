@@ -26,6 +26,15 @@ _NAME = re.compile(r"manifest(\d+)\.json")
 _CHUNK = 1 << 20
 
 
+def run_dir(storage: str, name: str):
+    """(pyarrow filesystem, path) of run `name` under `storage` (a local path or a pyarrow URI, e.g. s3://bucket/prefix):
+    where Ray Train keeps that run's checkpoints."""
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), os.path.abspath(storage))
+    return fs, f"{root.rstrip('/')}/{name}"
+
+
 def _sha256(stream) -> str:
     h = hashlib.sha256()
     while chunk := stream.read(_CHUNK):

@@ -7,8 +7,8 @@ config (the complete config dict). Missing/None fields are tolerated (a failed t
 
 The efficiency/accuracy trade-off is the Pareto front (both minimised) of validation perplexity
 against student parameters (`front=params`) and against measured student latency
-(`front=latency`; a trial counts at the median latency of its size's trials: `raykd.fronts`); pareto.csv holds both, told apart by its `front` column. Early-stopped trials
-have no final perplexity or latency, so they are not on the fronts; the tables and trials.csv show
+(`front=latency`; a trial counts at the median latency of its size's trials: `raykd.fronts`);
+pareto.csv holds both, told apart by its `front` column. Early-stopped trials have no final perplexity or latency, so they are not on the fronts; the tables and trials.csv show
 the perplexity of their last evaluation (exp of its val_loss), marked with its step.
 """
 
@@ -171,8 +171,8 @@ def _plots(out: Path, trials: list[dict], params: list[str], fronts: dict, meta:
             pts = [p for p in pts if None not in p]
             if pts:
                 ax.scatter(*zip(*pts), s=28, alpha=0.8, label="finished trials" if g is None else f"{g} layers")
-        xs = coordinates(trials, key)
-        front = sorted((xs[i], _ppl(trials[i])) for i in fronts[name])  # latency: at its size's median
+        at = coordinates(trials, key)
+        front = sorted((at[i], _ppl(trials[i])) for i in fronts[name])  # latency: at its size's median
         if front:
             xs, ys = zip(*front)
             ax.step(xs, ys, where="post", color="tab:red", lw=1.2)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from raykd import models, watchdog
+from raykd import manifest, models, watchdog
 from raykd.config import Config, ConfigError
 from raykd.errors import Diverged
 
@@ -272,13 +272,10 @@ DIVERGED_NOTE = "diverged.txt"  # rank 0's Diverged line, beside the run's check
 
 
 def _note(cfg: Config):
-    """(pyarrow filesystem, path) of the run's diverged note: under `run_storage`, which the driver and every
-    worker reach (a local directory, shared storage or s3://)."""
-    import pyarrow.fs
-
-    storage, name = run_storage(cfg)
-    fs, root = pyarrow.fs.FileSystem.from_uri(storage if "://" in storage else str(Path(storage).resolve()))
-    return fs, f"{root.rstrip('/')}/{name}/{DIVERGED_NOTE}"
+    """(pyarrow filesystem, path) of the run's diverged note: beside its checkpoints (`run_storage`), which the driver
+    and every worker reach (a local directory, shared storage or s3://)."""
+    fs, run = manifest.run_dir(*run_storage(cfg))
+    return fs, f"{run}/{DIVERGED_NOTE}"
 
 
 def note_diverged(cfg: Config, why: str) -> None:
@@ -297,17 +294,18 @@ def fit_or_why(trainer, cfg: Config | None = None):
     """`trainer.fit()`; a run that diverged on its workers is one line (raykd.errors.Diverged), not Ray's traceback:
     from the workers' exceptions, else (with `cfg`) from the note rank 0 left (`note_diverged`; a stale one is
     removed before the run starts)."""
+    from pyarrow.fs import FileType
     from ray.train import WorkerGroupError
 
-    note = _note(cfg) if cfg is not None else None
-    if note and note[0].get_file_info(note[1]).type.name != "NotFound":
-        note[0].delete_file(note[1])
+    fs, note = _note(cfg) if cfg is not None else (None, None)
+    if fs and fs.get_file_info(note).type == FileType.File:
+        fs.delete_file(note)
     try:
         return trainer.fit()
     except WorkerGroupError as e:
         why = next((str(f).strip().splitlines()[-1] for f in e.worker_failures.values() if isinstance(f, Diverged) or "Diverged" in type(f).__name__), None)
-        if why is None and note and note[0].get_file_info(note[1]).type.name == "File":
-            with note[0].open_input_stream(note[1]) as f:
+        if why is None and fs and fs.get_file_info(note).type == FileType.File:
+            with fs.open_input_stream(note) as f:
                 why = "Diverged: " + f.read().decode()
         if why is None:
             raise

@@ -16,14 +16,14 @@ Layout of `teacher.cache` (a directory):
                              hidden_<t> [T, H]        output of teacher layer t (stored layers)
                            floats in teacher.cache_dtype (fp16 | bf16 | fp32)
 
-Every tensor is a binary cell holding the raw little-endian array (floats as their bytes), so
-shards stay plain Parquet readable anywhere. A shard is written to a temporary name and renamed: a file named `shard-*.parquet` is complete. Its schema metadata holds the
-sha256 of its input ids; rebuilding after an interruption checks and skips every finished
-shard. Building is a Ray Data stage: the driver streams the train blocks, each pending shard
-goes to an actor pool (`teacher.cache_actors` actors, one teacher each, on a GPU with
-`scale.use_gpu`). Training reads the shards (`raykd.data.cache_read`: only the columns its
-loss terms need) instead of running the teacher.
-"""
+Every tensor is a binary cell holding the raw little-endian array (floats as their bytes), so shards
+stay plain Parquet readable anywhere. A shard is written to a temporary name and renamed: a file
+named `shard-*.parquet` is complete. Its schema metadata holds the sha256 of its input ids;
+rebuilding after an interruption checks and skips every finished shard. Building is a Ray Data
+stage: the driver streams the train blocks, each pending shard goes to an actor pool
+(`teacher.cache_actors` actors, one teacher each, on a GPU with `scale.use_gpu`). Training reads the
+shards (`raykd.data.cache_read`: only the columns its loss terms need) instead of running the
+teacher. """
 
 from __future__ import annotations
 
@@ -172,7 +172,7 @@ def require(cfg: Config, plan) -> dict:
 
 
 def _bits(x: torch.Tensor, dtype: torch.dtype) -> bytes:
-    return x.to(dtype).contiguous().view(torch.uint8).numpy().tobytes()  # raw bytes of any width (cache_read.floats)
+    return x.to(dtype).contiguous().view(torch.uint8).numpy().tobytes()  # raw bytes of any width (cache_read._floats)
 
 
 class _ShardWriter:

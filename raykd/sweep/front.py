@@ -16,7 +16,6 @@ there) and the task reads them through `ray.train.Checkpoint`, so it may run on 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from raykd import manifest
@@ -32,8 +31,8 @@ def chosen(trials: list[dict]) -> list[int]:
     done = [i for i, t in enumerate(trials) if t["status"] == "TERMINATED" and t["metrics"].get("val_perplexity") is not None]
     pick: set[int] = set()
     for key in FRONTS.values():
-        xs = coordinates([trials[i] for i in done], key)  # latency: its size's median, not one trial's timing
-        front = pareto_front([(trials[i]["metrics"]["val_perplexity"], x) for i, x in zip(done, xs)])
+        xs = coordinates(trials, key)  # latency: its size's median, as the report counts it
+        front = pareto_front([(trials[i]["metrics"]["val_perplexity"], xs[i]) for i in done])
         pick.update(done[j] for j in front)
     best: dict = {}
     for i in done:
@@ -48,8 +47,7 @@ def last_export(storage: str, name: str):
     student (`student/` and `metrics.json`), or None."""
     import pyarrow.fs as pafs
 
-    fs, root = pafs.FileSystem.from_uri(storage if "://" in storage else os.path.abspath(storage))
-    base = f"{root.rstrip('/')}/{name}"
+    fs, base = manifest.run_dir(storage, name)
     infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
     for info in sorted((i for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")),
                        key=lambda i: i.base_name, reverse=True):

@@ -21,9 +21,8 @@ at its end), so `get_checkpoint` is None.
 from __future__ import annotations
 
 import datetime
-import os
 
-from raykd import runtime
+from raykd import manifest, runtime
 
 
 class TrialSession:
@@ -73,10 +72,10 @@ def persist(local_dir: str, storage: str, name: str):
     import pyarrow.fs as pafs
     import ray.train
 
-    fs, root = pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), os.path.abspath(storage))
+    fs, run = manifest.run_dir(storage, name)
     dir_name = f"checkpoint_{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d_%H-%M-%S.%f}"
-    final = f"{root.rstrip('/')}/{name}/{dir_name}"
-    staged = final if "://" in storage else f"{root.rstrip('/')}/{name}/.{dir_name}.tmp"
+    final = f"{run}/{dir_name}"
+    staged = final if "://" in storage else f"{run}/.{dir_name}.tmp"
     fs.create_dir(staged, recursive=True)
     pafs.copy_files(local_dir, staged, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
     if staged != final:
