@@ -118,7 +118,8 @@ def cmd_cache_teacher(args) -> int:
     t0 = time.time()
     meta = build(resolved, plan, log=lambda m: print(m, file=sys.stderr))
     bpt, kind = meta["bytes_per_token"], f"top-{meta['topk']}" if meta["topk"] else "dense"
-    print(f"raykd: teacher cache {cfg.teacher.cache}: {meta['shards']} shards, {meta['blocks']} blocks, {meta['tokens']} tokens, "
+    held = "all the train blocks" if meta.get("whole", True) else "the train blocks the run reads"
+    print(f"raykd: teacher cache {cfg.teacher.cache}: {meta['shards']} shards, {meta['blocks']} blocks ({held}), {meta['tokens']} tokens, "
           f"{meta['bytes'] / 2**20:.1f} MiB; {bpt['logits']} bytes/token logits only, {bpt['logits_and_hidden']} with hidden states "
           f"({kind}, {meta['dtype']}, layers {meta['layers'] or 'none'}); {time.time() - t0:.0f} s")
     return 0

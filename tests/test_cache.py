@@ -96,6 +96,36 @@ def test_resume_rebuilds_only_missing_shards(built, tmp_path):
     assert _table(d / "shard-00001.parquet").equals(_table(src / "shard-00001.parquet"))
 
 
+def test_a_cache_holds_the_blocks_its_run_reads_and_grows_with_the_next(built, tmp_path):
+    """A 5-step run reads 5 x 4 blocks: the cache holds those 20 (a shard of 16 and one of 4), not the train set.
+    A 12-step run is refused by it in one line, and its build extends it: the full shard kept, the short one rebuilt,
+    one added, the same shards as a cache built for 12 steps at once. A run that reads past the set's 48 blocks marks
+    the cache whole (the stream ended first), after which any run reads it."""
+    from raykd.config import ConfigError
+    from raykd.data import cache
+
+    d = tmp_path / "c"
+    meta = cache.build(*_cfg(d, "train.max_steps=5"), log=lambda m: None)
+    assert (meta["blocks"], meta["shards"], meta["whole"]) == (20, 2, False) and cache.reads(_cfg(d)[0]) == 48
+    assert cache.require(*_cfg(d, "train.max_steps=3"))["blocks"] == 20  # 12 blocks read, 20 held
+    with pytest.raises(ConfigError) as e:
+        cache.require(*_cfg(d))
+    assert str(e.value) == (f"teacher.cache: {d} holds the first 20 train blocks and this run reads 48 (train.max_steps x batch_size x "
+                            "grad_accum x workers); run `raykd cache-teacher` with this run's config to extend it")
+    first = (d / "shard-00000.parquet").stat().st_mtime_ns
+    lines = []
+    meta = cache.ensure(*_cfg(d), log=lines.append)
+    assert (meta["blocks"], meta["shards"], meta["whole"]) == (48, 3, False)
+    assert any("48 blocks (what the run reads) in 3 shards, 1 already built, 2 to build" in ln for ln in lines), lines
+    assert (d / "shard-00000.parquet").stat().st_mtime_ns == first
+    for i in range(3):
+        assert _table(d / f"shard-{i:05d}.parquet").equals(_table(built[0] / f"shard-{i:05d}.parquet"))
+    assert cache.status(*_cfg(d, "train.max_steps=20"))[0] == "short"
+    meta = cache.ensure(*_cfg(d, "train.max_steps=20"), log=lambda m: None)  # 80 blocks asked, the set holds 48
+    assert (meta["blocks"], meta["whole"]) == (48, True) and (d / "shard-00000.parquet").stat().st_mtime_ns == first
+    assert cache.require(*_cfg(d, "train.max_steps=100"))["blocks"] == 48
+
+
 def test_a_sweep_reads_the_cache_once_and_each_trial_takes_its_columns(built):
     from raykd.data import cache_read
 

@@ -34,6 +34,7 @@ def test_smoke_sweep_runs_from_a_cache(tmp_path):
     assert "read once for every trial" in proc.stdout + proc.stderr  # the trials took their columns from shared rows
     meta = json.loads((cache_dir / "raykd_cache.json").read_text())
     assert meta["complete"] and meta["layers"] == list(range(6)) and meta["topk"] == 0  # depths vary: every layer; dense (the default)
+    assert (meta["blocks"], meta["whole"]) == (8 * 4, False)  # what a trial reads (8 steps x 4 blocks) of the 48
     import csv
 
     rows = list(csv.DictReader((out / "trials.csv").open()))

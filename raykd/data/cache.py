@@ -23,7 +23,12 @@ rebuilding after an interruption checks and skips every finished shard. Building
 stage: the driver streams the train blocks, each pending shard goes to an actor pool
 (`teacher.cache_actors` actors, one teacher each, on a GPU with `scale.use_gpu`). Training reads the
 shards (`raykd.data.cache_read`: only the columns its loss terms need) instead of running the
-teacher. """
+teacher.
+
+A cache holds the blocks a run reads, not the whole train set: the first `train.max_steps` x the
+global batch blocks of the stream (`reads`; all of them when the set is smaller, `whole` in the
+meta). The stream is the same on every build, so a run that reads more extends the cache: its
+shards are kept, the last (short) shard rebuilt, the rest added. """
 
 from __future__ import annotations
 
@@ -104,6 +109,17 @@ def identity(cfg: Config, teacher_dir: Path, layers: list[int]) -> dict:
     }
 
 
+def reads(cfg: Config) -> int:
+    """Train blocks a run reads: train.max_steps x its global batch (batch_size x grad_accum x the most workers)."""
+    return cfg.train.max_steps * cfg.train.batch_size * cfg.train.grad_accum * cfg.scale.worker_range[1]
+
+
+def _short(meta: dict, blocks: int) -> bool:
+    """Whether a complete cache holds fewer than `blocks` of the stream (0: all of it); caches from before
+    `reads` hold the whole set."""
+    return not meta.get("whole", True) and (not blocks or meta.get("blocks", 0) < blocks)
+
+
 def _read_meta(path: Path) -> dict | None:
     f = path / META
     if not f.exists():
@@ -137,9 +153,10 @@ def _mismatch(path: Path, have: dict, want: dict) -> str | None:
     return None
 
 
-def status(cfg: Config, plan, build_layers: list[int] | None = None) -> tuple[str, dict | None]:
-    """("missing" | "incomplete" | "complete", meta) for the resolved `cfg` and its `raykd.plan.Plan`;
-    a cache that does not match the run raises ConfigError (one line: what differs and what to do)."""
+def status(cfg: Config, plan, build_layers: list[int] | None = None, blocks: int | None = None) -> tuple[str, dict | None]:
+    """("missing" | "incomplete" | "short" | "complete", meta) for the resolved `cfg` and its `raykd.plan.Plan`;
+    "short": complete, but with fewer than `blocks` (default `reads(cfg)`; 0: all) train blocks. A cache
+    that does not match the run raises ConfigError (one line: what differs and what to do)."""
     path, teacher_dir = Path(cfg.teacher.cache), plan.teacher_dir
     meta = _read_meta(path)
     if meta is None:
@@ -156,12 +173,17 @@ def status(cfg: Config, plan, build_layers: list[int] | None = None) -> tuple[st
     if missing:
         raise ConfigError(f"teacher.cache: {path} holds hidden states of teacher layers {meta.get('layers')}, this run's layer map needs "
                           f"{missing} too; rebuild it with teacher.cache_layers=all (or list them), or set loss.weights.hidden=0")
-    return ("complete" if meta.get("complete") else "incomplete"), meta
+    if not meta.get("complete"):
+        return "incomplete", meta
+    return ("short" if _short(meta, reads(cfg) if blocks is None else blocks) else "complete"), meta
 
 
 def require(cfg: Config, plan) -> dict:
-    """The meta of a complete, matching cache for a run (ConfigError otherwise)."""
+    """The meta of a complete, matching cache that holds every block the run reads (ConfigError otherwise)."""
     state, meta = status(cfg, plan)
+    if state == "short":
+        raise ConfigError(f"teacher.cache: {cfg.teacher.cache} holds the first {meta['blocks']} train blocks and this run reads {reads(cfg)} "
+                          f"(train.max_steps x batch_size x grad_accum x workers); run `raykd cache-teacher` with this run's config to extend it")
     if state != "complete":
         what = "holds no teacher cache" if state == "missing" else "holds an unfinished teacher cache"
         raise ConfigError(f"teacher.cache: {cfg.teacher.cache} {what}; build it with `raykd cache-teacher CONFIG` (raykd distill/sweep build it when missing)")
@@ -270,30 +292,36 @@ def _driven(it):
         raise err from None
 
 
-def _pending_shards(train_ds, path: Path, shard_blocks: int) -> tuple[list[dict], int]:
-    """Stream the train blocks into shards: (the shards still to build, the number of shards);
-    finished shards are checked against the blocks (sha256) and skipped, stale extra ones removed."""
+def _pending_shards(train_ds, path: Path, shard_blocks: int) -> tuple[list[dict], int, int]:
+    """Stream the train blocks into shards: (the shards still to build, the number of shards, of blocks);
+    finished shards are checked against the blocks (sha256) and skipped, the short last shard of a smaller
+    build rebuilt, stale extra ones removed."""
     import pyarrow.parquet as pq
 
-    todo, n_shards = [], 0
+    todo, n_shards, n_blocks = [], 0, 0
     for i, batch in enumerate(_driven(train_ds.iter_batches(batch_size=shard_blocks, batch_format="numpy"))):
         ids = np.ascontiguousarray(batch["input_ids"], dtype=np.int32)
         sha = hashlib.sha256(ids.tobytes()).hexdigest()
-        n_shards = i + 1
+        n_shards, n_blocks = i + 1, n_blocks + len(ids)
         f = path / f"shard-{i:05d}.parquet"
         if f.exists():
-            if (pq.read_schema(f).metadata or {}).get(_SHA_KEY, b"").decode() != sha:
+            have, rows = (pq.read_schema(f).metadata or {}).get(_SHA_KEY, b"").decode(), pq.read_metadata(f).num_rows
+            if rows < len(ids) and have == hashlib.sha256(ids[:rows].tobytes()).hexdigest():
+                f.unlink()  # the last shard of a build that read fewer blocks: its blocks and more
+            elif have != sha:
                 raise ConfigError(f"teacher.cache: {f} holds other blocks than the data now gives (the corpus files changed?); "
                                   f"delete {path} to rebuild the cache")
-            continue
+            else:
+                continue
         todo.append({"shard": i, "ids": ids.tobytes(), "sha": sha})
     for extra in sorted(path.glob("shard-*.parquet"))[n_shards:]:
         extra.unlink()
-    return todo, n_shards
+    return todo, n_shards, n_blocks
 
 
-def build(cfg: Config, plan, log=print) -> dict:
-    """`raykd cache-teacher`: build (or finish) the cache of a resolved config; returns its meta."""
+def build(cfg: Config, plan, log=print, blocks: int | None = None) -> dict:
+    """`raykd cache-teacher`: build, finish or extend the cache of a resolved config to the first `blocks`
+    train blocks (default `reads(cfg)`; 0: all); returns its meta."""
     import ray.data
 
     from raykd.data import pipeline
@@ -303,7 +331,8 @@ def build(cfg: Config, plan, log=print) -> dict:
     path = Path(cfg.teacher.cache)
     teacher_dir = plan.teacher_dir
     layers = stored_layers(cfg, plan.teacher.layers)
-    state, meta = status(cfg, plan, build_layers=layers)  # a mismatching cache is refused here, before Ray
+    want = reads(cfg) if blocks is None else blocks
+    state, meta = status(cfg, plan, build_layers=layers, blocks=want)  # a mismatching cache is refused here, before Ray
     if state == "complete":
         log(f"raykd: teacher cache {path} is complete ({meta['shards']} shards, {meta['tokens']} tokens)")
         return meta
@@ -312,14 +341,18 @@ def build(cfg: Config, plan, log=print) -> dict:
     path.mkdir(parents=True, exist_ok=True)
     for stale in path.glob(".shard-*.tmp"):  # a shard an interrupted build was writing
         stale.unlink()
-    meta = {**identity(cfg, teacher_dir, layers), "complete": False, "teacher": cfg.teacher.model}
+    if state == "incomplete" and want:  # an interrupted build: finish at least what it was building
+        want = max(want, meta.get("target", 0)) if meta.get("target", 0) else 0
+    meta = {**identity(cfg, teacher_dir, layers), "complete": False, "teacher": cfg.teacher.model, "target": want}
     _write_meta(path, meta)
     init_ray(cfg, log=log)
     quiet_data_progress(preserve_order=True)  # the same shards, block for block, on every build
     train_ds, _ = pipeline.build_datasets(cfg.data, cfg.teacher.model, cfg.seed, cfg.teacher.trust_remote_code)
     pipeline.check_blocks(train_ds, "data.train")
-    todo, n_shards = _pending_shards(train_ds, path, cfg.teacher.cache_shard_blocks)
-    log(f"raykd: teacher cache {path}: {n_shards} shards, {n_shards - len(todo)} already built, {len(todo)} to build "
+    todo, n_shards, n_blocks = _pending_shards(train_ds.limit(want) if want else train_ds, path, cfg.teacher.cache_shard_blocks)
+    whole = not want or n_blocks < want
+    log(f"raykd: teacher cache {path}: {n_blocks} blocks ({'the whole train set' if whole else 'what the run reads'}) in "
+        f"{n_shards} shards, {n_shards - len(todo)} already built, {len(todo)} to build "
         f"({f'top-{cfg.teacher.cache_topk}' if cfg.teacher.cache_topk else 'dense'}, {cfg.teacher.cache_dtype}, hidden of teacher layers {layers or 'none'})")
     if todo:
         gpu = {"num_gpus": 1} if cfg.scale.use_gpu else {}
@@ -336,7 +369,7 @@ def build(cfg: Config, plan, log=print) -> dict:
     tokens = sizes["blocks"] * cfg.data.block_size
     by = sizes["bytes"]
     meta.update(
-        complete=True, shards=len(files), blocks=sizes["blocks"], tokens=tokens, bytes=sum(by.values()),
+        complete=True, whole=whole, shards=len(files), blocks=sizes["blocks"], tokens=tokens, bytes=sum(by.values()),
         bytes_per_token={"logits": round((by["input_ids"] + by["logits"]) / tokens, 2),
                          "logits_and_hidden": round(sum(by.values()) / tokens, 2)},
         build_wall_s=round(time.perf_counter() - t0, 1),
@@ -345,7 +378,8 @@ def build(cfg: Config, plan, log=print) -> dict:
     return meta
 
 
-def ensure(cfg: Config, plan, log=print) -> dict:
-    """Before training or a sweep: the meta of a matching, complete cache, building or finishing it first."""
-    state, meta = status(cfg, plan)
-    return meta if state == "complete" else build(cfg, plan, log)
+def ensure(cfg: Config, plan, log=print, blocks: int | None = None) -> dict:
+    """Before training or a sweep: the meta of a matching, complete cache of `blocks` (see `build`),
+    building, finishing or extending it first."""
+    state, meta = status(cfg, plan, blocks=blocks)
+    return meta if state == "complete" else build(cfg, plan, log, blocks)
