@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _ray_procs import BIN, ROOT, SMOKE, distill_cmd, head_env, ray_head
+from _ray_procs import SMOKE, distill_cmd, head_env, ray_head
 
 pytestmark = pytest.mark.ray
 
@@ -217,16 +217,15 @@ def test_resume_after_stopped_driver(uninterrupted, tmp_path):
     _assert_continued(out, metrics, uninterrupted)
 
 
-def test_a_ray_head_running_here_is_joined_and_takes_ray_job_submit(tmp_path):
-    """One `ray start --head` (3 CPUs, its address file under a private RAY_TMPDIR) serves both ways in:
-    `raykd distill` with no RAY_ADDRESS finds the head and joins it instead of failing on num_cpus; a head too
-    small for the run is refused in one line, before any training; and `ray job submit` of the smoke job
-    against the head's dashboard succeeds and exports the student."""
+def test_a_ray_head_running_here_is_joined(tmp_path):
+    """One `ray start --head` (3 CPUs, its address file under a private RAY_TMPDIR): `raykd distill` with no
+    RAY_ADDRESS finds the head and joins it instead of failing on num_cpus; a head too small for the run is
+    refused in one line, before any training. (`ray job submit` to a head: test_autoscale, test_multinode.)"""
     env = head_env()
     tmp_root = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must stay under 107 characters
     env["RAY_TMPDIR"] = tmp_root
     head_log = tmp_path / "head.log"
-    head, dash = ray_head(env, head_log, num_cpus=3)
+    head, _ = ray_head(env, head_log, num_cpus=3)
     try:
         address_file = Path(tmp_root) / "ray" / "ray_current_cluster"
         deadline = time.time() + 120
@@ -244,21 +243,6 @@ def test_a_ray_head_running_here_is_joined_and_takes_ray_job_submit(tmp_path):
         lines = [ln for ln in small.stderr.splitlines() if "scale: the Ray instance already running here" in ln]
         assert small.returncode != 0 and lines and "has 3 CPUs and this run needs 5" in lines[0], small.stderr[-3000:]
         assert not (tmp_path / "out2" / "metrics.json").exists()
-
-        address, out = f"http://127.0.0.1:{dash}", tmp_path / "job-out"
-        for _ in range(30):  # the dashboard answers before its job agent is up
-            submit = subprocess.run(
-                [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
-                 "raykd", "distill", "jobs/smoke.yaml", f"output_dir={out}", "train.max_steps=4", "train.report_every=2"],
-                env=env, capture_output=True, text=True, timeout=500,
-            )
-            if "No available agent" not in submit.stderr:
-                break
-            time.sleep(2)
-        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
-        assert "succeeded" in submit.stdout.lower()
-        metrics = json.loads((out / "metrics.json").read_text())
-        assert metrics["steps"] == 4 and (out / "student" / "config.json").exists()
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=60)

@@ -25,13 +25,17 @@ def _run(cmd: list[str], env: dict | None = None) -> subprocess.CompletedProcess
     return run
 
 
-def test_truncated_newest_checkpoint_falls_back_to_an_intact_one(tmp_path):
+def test_truncated_newest_checkpoint_falls_back_to_an_intact_one(local_ray, tmp_path):
     """Finish a 4-step run (checkpoints at steps 2 and 4), truncate the newest checkpoint's worker0.pt
     (a full disk, a half-copied directory), run the same command again: it says in one line which
-    checkpoint it skips, resumes from step 2 and finishes at step 4 with the right token count."""
+    checkpoint it skips, resumes from step 2 and finishes at step 4 with the right token count. (Both
+    runs on this module's Ray: the first in this process, the second a CLI that RAY_ADDRESS points at it.)"""
+    from raykd.config import load_config
+    from raykd.train import distill
+
     out = tmp_path / "out"
     cmd = distill_cmd(out, "train.max_steps=4", "train.checkpoint_every=2", "train.report_every=2")
-    _run(cmd)
+    distill(load_config(cmd[4], cmd[5:]), log=lambda m: None)
     older, newest = sorted(p for p in (out / "train").glob("checkpoint_*") if p.is_dir())
     assert {p.name for p in newest.iterdir()} >= {"manifest0.json", "manifest1.json", "worker0.pt", "student"}
     size = (newest / "worker0.pt").stat().st_size

@@ -103,8 +103,10 @@ def _files(directory: Path) -> dict:
 
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     out = tmp_path / "sweep"
-    # trials long enough (seconds each, in a process that outlives its trial) that the interrupt lands mid-sweep
-    extra = ["sweep.max_concurrent=1", "sweep.num_samples=3", "sweep.scheduler=fifo", "train.max_steps=300", "sweep.eval_every=100"]
+    # trials long enough (seconds each, in a process that outlives its trial) that the interrupt lands mid-sweep;
+    # two: every trial has started when it lands (the running one is then the only unfinished trial, which a sweep
+    # once took for finished: Tune's cleanup marks it TERMINATED)
+    extra = ["sweep.max_concurrent=1", "sweep.num_samples=2", "sweep.scheduler=fifo", "train.max_steps=300", "sweep.eval_every=100"]
     first = subprocess.Popen(_sweep_cmd(out, *extra), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, start_new_session=True)
     deadline = time.time() + 400
@@ -120,7 +122,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     proc = subprocess.run(_sweep_cmd(out, *extra, "--resume"), env=ENV, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     rows = list(csv.DictReader((out / "trials.csv").open()))
-    assert len(rows) == 3 and all(r["status"] == "TERMINATED" for r in rows)
+    assert len(rows) == 2 and all(r["status"] == "TERMINATED" for r in rows)
     assert {d: _files(d) for d in finished} == before  # finished trials were not run again
 
 
@@ -133,14 +135,14 @@ def test_optuna_multi_objective_over_student_init_and_layer_map(tmp_path, tiny_t
     from raykd.models import count_params, cut_student
 
     out = tmp_path / "sweep"
-    space = ("sweep={search: optuna, objectives: [val_loss, student_params, task:sentiment_auc], num_samples: 3, scheduler: fifo, eval_every: 4, in_process: false, "
+    space = ("sweep={search: optuna, objectives: [val_loss, student_params, task:sentiment_auc], num_samples: 2, scheduler: fifo, eval_every: 4, in_process: false, "
              "max_concurrent: 1, params: {student.num_layers: {choice: [2, 3]}, student.init: {choice: [uniform, first, last]}, "
              "layer_map.strategy: {choice: [auto, uniform]}}}")
     proc = subprocess.run(_sweep_cmd(out, space, "train.max_steps=4"), env=ENV, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     rows = list(csv.DictReader((out / "trials.csv").open()))
-    assert len(rows) == 3 and all(r["status"] == "TERMINATED" for r in rows), rows
-    assert len(list(out.glob("trials/*/train/checkpoint_manager_snapshot.json"))) == 3  # each trial's own Train controller
+    assert len(rows) == 2 and all(r["status"] == "TERMINATED" for r in rows), rows
+    assert len(list(out.glob("trials/*/train/checkpoint_manager_snapshot.json"))) == 2  # each trial's own Train controller
     assert all(r["student.init"] in ("uniform", "first", "last") and r["layer_map.strategy"] in ("auto", "uniform") for r in rows)
     # both objectives reported by every trial: student_params is the size of the student of that depth
     expected = {d: count_params(cut_student(tiny_teacher, list(range(d)))) for d in (2, 3)}

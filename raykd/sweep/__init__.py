@@ -248,7 +248,7 @@ def sweep(cfg: Config, resume: bool = False, log=print) -> dict:
     for t in trials:  # judged stopped by trial order only after it had reached its last step: stopped, as in any other run
         t["status"] = "EARLY_STOPPED" if t["status"] == "TERMINATED" and t["trial_id"] in judged else t["status"]
     meta["wall_s"] = time.time() - t0
-    unfinished = max(_unfinished(results), expected_trials(sw) - len(trials))
+    unfinished = max(_unfinished(results, path), expected_trials(sw) - len(trials))
     meta["interrupted"] = bool(unfinished)
     if unfinished:
         log(f"raykd: sweep interrupted with {unfinished} trial(s) unfinished; `raykd sweep CONFIG --resume` continues it")
@@ -305,10 +305,19 @@ def expected_trials(sweep: SweepConfig) -> int:
     return sweep.num_samples * grid
 
 
-def _unfinished(results) -> int:
-    """Trials Tune has not ended (an interrupted sweep); ASHA-stopped trials count as ended."""
+def _unfinished(results, path: Path) -> int:
+    """Trials Tune has not ended (an interrupted sweep); ASHA-stopped trials count as ended. Read from the experiment
+    state Tune saved last (plain JSON) as well as from the trials it returns: after a Ctrl-C, Tune's cleanup stops the
+    running trials and marks them TERMINATED in memory, while the state it saved first still says RUNNING."""
+    ended = ("TERMINATED", "ERROR")
     analysis = getattr(results, "_experiment_analysis", None)
-    return sum(t.status not in ("TERMINATED", "ERROR") for t in getattr(analysis, "trials", None) or [])
+    live = sum(t.status not in ended for t in getattr(analysis, "trials", None) or [])
+    saved = sorted(path.glob("experiment_state-*.json"), key=lambda f: f.stat().st_mtime)
+    try:
+        rows = json.loads(saved[-1].read_text())["trial_data"] if saved else []
+        return max(live, sum(json.loads(r[0] if isinstance(r, list) else r).get("status") not in ended for r in rows))
+    except (ValueError, KeyError, TypeError, AttributeError):  # a layout this Ray does not write: what Tune returned
+        return live
 
 
 def _status(result, max_steps: int) -> str:
