@@ -14,6 +14,26 @@ def _err(msg: str, code: int = 2) -> int:
     return code
 
 
+def _cache_state(cfg, plan) -> dict | None:
+    """What `raykd distill` will find at teacher.cache (a cache built for another run raises, as distill refuses it)."""
+    if not cfg.teacher.cache:
+        return None
+    from raykd.data import cache
+
+    state, meta = cache.status(cfg, plan)
+    return {"path": cfg.teacher.cache, "state": state, "blocks": (meta or {}).get("blocks"), "whole": (meta or {}).get("whole", True),
+            "reads": cache.reads(cfg)}
+
+
+def _cache_line(c: dict) -> str:
+    held, n = c["blocks"], c["reads"]
+    what = {"complete": f"ready: holds {'all ' if c['whole'] else ''}{held} train blocks, this run reads {n}",
+            "short": f"holds {held} train blocks, this run reads {n}: raykd distill extends it first",
+            "incomplete": f"unfinished: raykd distill finishes it first ({n} train blocks)",
+            "missing": f"not built: raykd distill builds it first ({n} train blocks; or raykd cache-teacher)"}[c["state"]]
+    return f"cache      {c['path']}: {what}"
+
+
 def cmd_plan(args) -> int:
     from raykd.config import load_config
     from raykd.plan import build_plan, check_inputs, format_plan
@@ -21,12 +41,15 @@ def cmd_plan(args) -> int:
     cfg = load_config(args.config, args.overrides)
     plan = build_plan(cfg, log=lambda m: print(m, file=sys.stderr))
     data = check_inputs(cfg, plan.teacher.path, planning=True)  # what `raykd distill` refuses before Ray
+    cached = _cache_state(cfg, plan)
     if args.json:
-        print(json.dumps({**plan.to_dict(), "data": data}, indent=2))
+        print(json.dumps({**plan.to_dict(), "data": data, "cache": cached}, indent=2))
     else:
         print(format_plan(cfg, plan))
         print(f"data       {data['train_documents']:,} training / {data['validation_documents']:,} validation documents "
               f"from {data['train_files']} file(s), {data['bytes'] / 1e6:.1f} MB; eval tasks {', '.join(cfg.eval.tasks) or 'none'}")
+        if cached:
+            print(_cache_line(cached))
     return 0
 
 

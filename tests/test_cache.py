@@ -174,6 +174,22 @@ def test_cli_refuses_a_mismatching_cache_with_one_line(built, capsys):
     assert "teacher.cache=DIR" in capsys.readouterr().err
 
 
+def test_plan_says_what_distill_will_find_in_the_cache(built, tmp_path, capsys):
+    """`raykd plan` with teacher.cache: one line on whether the cache serves the run, is short of it (distill extends
+    it), or is missing; --json carries the same."""
+    from raykd.cli import main
+
+    d, _ = built
+    for extra, line in (((), "ready: holds 48 train blocks, this run reads 48"),
+                        (("train.max_steps=20",), "holds 48 train blocks, this run reads 80: raykd distill extends it first"),
+                        ((f"teacher.cache={tmp_path / 'none'}",), "not built: raykd distill builds it first (48 train blocks; or raykd cache-teacher)")):
+        assert main(["plan", SMOKE, *BASE, f"teacher.cache={d}", *extra]) == 0
+        out = capsys.readouterr().out.strip().splitlines()
+        assert out[-1].startswith("cache      ") and out[-1].endswith(line), out[-1]
+    assert main(["plan", SMOKE, *BASE, f"teacher.cache={d}", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["cache"] == {"path": str(d), "state": "complete", "blocks": 48, "whole": False, "reads": 48}
+
+
 def test_config_refuses_terms_the_cache_cannot_serve():
     from raykd.config import ConfigError, load_config
 
