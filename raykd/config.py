@@ -274,6 +274,7 @@ class ScaleConfig:
     torch_threads: int = 0  # intra-op threads per worker (0 = the node's cores / workers on it)
     storage_path: str | None = None  # Ray Train checkpoint storage every node sees (s3://... or a shared FS); required on a cluster of more than one node; default OUTPUT/
     placement_timeout_s: float = 300.0  # how long a run waits for a cluster (or its autoscaler) to offer the workers' CPUs/GPUs before failing
+    worker_start_timeout_s: float = 0.0  # seconds Ray Train waits for a worker group's resources before it tries another size (after a lost node, an elastic run first asks for the old size); 0 = Ray's (60)
 
     def __post_init__(self):
         self._check_workers()
@@ -282,6 +283,7 @@ class ScaleConfig:
         _positive("scale.cpus_per_worker", self.cpus_per_worker)
         _positive("scale.max_failures", self.max_failures, allow_zero=True)
         _positive("scale.placement_timeout_s", self.placement_timeout_s)
+        _positive("scale.worker_start_timeout_s", self.worker_start_timeout_s, allow_zero=True)
         _positive("scale.torch_threads", self.torch_threads, allow_zero=True)
         if self.deepspeed_config and not os.path.isfile(self.deepspeed_config):
             raise ConfigError(f"scale.deepspeed_config: {self.deepspeed_config} does not exist; give a DeepSpeed JSON file or drop the key to use the generated config")

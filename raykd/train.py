@@ -334,6 +334,8 @@ def build_trainer(cfg: Config, plan, log=print, callbacks: list | None = None, d
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    if cfg.scale.worker_start_timeout_s:  # read by Ray Train's controller, which gets it from this process's environment at fit()
+        os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = f"{cfg.scale.worker_start_timeout_s:g}"
     sc = cfg.scale
     resources = runtime.worker_resources(sc)
     storage, name = runtime.run_storage(cfg)

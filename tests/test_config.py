@@ -31,6 +31,7 @@ def test_teacher_shorthand():
         (["student.num_layer=3"], "student.num_layer", "did you mean 'num_layers'"),
         (["studnt.num_layers=3"], "studnt", "did you mean 'student'"),
         (["student.num_layers=0"], "student.num_layers", ">= 1"),
+        (["scale.worker_start_timeout_s=-5"], "scale.worker_start_timeout_s", ">= 0"),
         (["student.num_layers=ten"], "student.num_layers", "integer"),
         (["loss.kd=forwrd_kl"], "loss.kd", "did you mean 'forward_kl'"),
         (["loss.weights.hidden=-1"], "loss.weights.hidden", "use 0 to switch the term off"),
