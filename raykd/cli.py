@@ -21,7 +21,7 @@ def _cache_state(cfg, plan) -> dict | None:
     from raykd.data import cache
 
     state, meta = cache.status(cfg, plan)
-    return {"path": cfg.teacher.cache, "state": state, "blocks": (meta or {}).get("blocks"), "whole": (meta or {}).get("whole", True),
+    return {"path": cfg.teacher.cache, "state": state, "blocks": (meta or {}).get("blocks"), "whole": cache.holds_all(meta or {}),
             "reads": cache.reads(cfg)}
 
 
@@ -130,7 +130,7 @@ def cmd_sweep(args) -> int:
 
 def cmd_cache_teacher(args) -> int:
     from raykd.config import load_config
-    from raykd.data.cache import build
+    from raykd.data.cache import build, holds_all
     from raykd.errors import ConfigError
     from raykd.plan import resolve
 
@@ -141,7 +141,7 @@ def cmd_cache_teacher(args) -> int:
     t0 = time.time()
     meta = build(resolved, plan, log=lambda m: print(m, file=sys.stderr))
     bpt, kind = meta["bytes_per_token"], f"top-{meta['topk']}" if meta["topk"] else "dense"
-    held = "all the train blocks" if meta.get("whole", True) else "the train blocks the run reads"
+    held = "all the train blocks" if holds_all(meta) else "the train blocks the run reads"
     print(f"raykd: teacher cache {cfg.teacher.cache}: {meta['shards']} shards, {meta['blocks']} blocks ({held}), {meta['tokens']} tokens, "
           f"{meta['bytes'] / 2**20:.1f} MiB; {bpt['logits']} bytes/token logits only, {bpt['logits_and_hidden']} with hidden states "
           f"({kind}, {meta['dtype']}, layers {meta['layers'] or 'none'}); {time.time() - t0:.0f} s")

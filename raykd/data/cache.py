@@ -114,10 +114,15 @@ def reads(cfg: Config) -> int:
     return cfg.train.max_steps * cfg.train.batch_size * cfg.train.grad_accum * cfg.scale.worker_range[1]
 
 
+def holds_all(meta: dict) -> bool:
+    """Whether a cache's meta says it holds the whole train set (the stream ended first); caches from before
+    `reads` have no `whole` and hold the whole set."""
+    return meta.get("whole", True)
+
+
 def _short(meta: dict, blocks: int) -> bool:
-    """Whether a complete cache holds fewer than `blocks` of the stream (0: all of it); caches from before
-    `reads` hold the whole set."""
-    return not meta.get("whole", True) and (not blocks or meta.get("blocks", 0) < blocks)
+    """Whether a complete cache holds fewer than `blocks` of the stream (0: all of it)."""
+    return not holds_all(meta) and (not blocks or meta.get("blocks", 0) < blocks)
 
 
 def _read_meta(path: Path) -> dict | None:
@@ -305,7 +310,8 @@ def _pending_shards(train_ds, path: Path, shard_blocks: int) -> tuple[list[dict]
         n_shards, n_blocks = i + 1, n_blocks + len(ids)
         f = path / f"shard-{i:05d}.parquet"
         if f.exists():
-            have, rows = (pq.read_schema(f).metadata or {}).get(_SHA_KEY, b"").decode(), pq.read_metadata(f).num_rows
+            footer = pq.read_metadata(f)
+            have, rows = (footer.metadata or {}).get(_SHA_KEY, b"").decode(), footer.num_rows
             if rows < len(ids) and have == hashlib.sha256(ids[:rows].tobytes()).hexdigest():
                 f.unlink()  # the last shard of a build that read fewer blocks: its blocks and more
             elif have != sha:
@@ -341,8 +347,9 @@ def build(cfg: Config, plan, log=print, blocks: int | None = None) -> dict:
     path.mkdir(parents=True, exist_ok=True)
     for stale in path.glob(".shard-*.tmp"):  # a shard an interrupted build was writing
         stale.unlink()
-    if state == "incomplete" and want:  # an interrupted build: finish at least what it was building
-        want = max(want, meta.get("target", 0)) if meta.get("target", 0) else 0
+    was = meta.get("target", 0) if state == "incomplete" else None
+    if was is not None and want:  # an interrupted build: finish at least what it was building (0: all)
+        want = max(want, was) if was else 0
     meta = {**identity(cfg, teacher_dir, layers), "complete": False, "teacher": cfg.teacher.model, "target": want}
     _write_meta(path, meta)
     init_ray(cfg, log=log)

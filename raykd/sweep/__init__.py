@@ -24,6 +24,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -124,7 +125,13 @@ def _check_space(base: dict, sweep: SweepConfig, log=print) -> None:
 _READS = ("train.max_steps", "train.batch_size", "train.grad_accum", "scale.num_workers")  # what sets the blocks a trial reads
 
 
-def _cache_config(cfg: Config, sw: SweepConfig, log):
+class _CacheRun(NamedTuple):
+    cfg: Config  # the resolved config the cache is built from
+    plan: object  # its plan (raykd.plan.resolve)
+    blocks: int  # train blocks to hold (raykd.data.cache.reads; 0: all)
+
+
+def _cache_config(cfg: Config, sw: SweepConfig, log) -> _CacheRun:
     """The resolved config, plan and train blocks (`raykd.data.cache.reads`; 0: all) of the shared teacher cache
     (an existing one is checked). When trials change the student or the layer map, a `mapped` cache stores every
     teacher layer; when they change how many blocks they read, the cache holds the whole train set."""
@@ -136,7 +143,7 @@ def _cache_config(cfg: Config, sw: SweepConfig, log):
         log("raykd: the sweep changes the student or the layer map: the teacher cache stores every teacher layer")
     resolved, plan = resolve(from_dict(d), log=lambda m: None)
     cache.status(resolved, plan)
-    return resolved, plan, 0 if any(k in _READS for k in sw.params) else cache.reads(resolved)
+    return _CacheRun(resolved, plan, 0 if any(k in _READS for k in sw.params) else cache.reads(resolved))
 
 
 def _trainable(params: dict, base: dict, sweep_dict: dict, trials_root: str, datasets: tuple | None = None) -> None:
@@ -227,8 +234,8 @@ def sweep(cfg: Config, resume: bool = False, log=print) -> dict:
     how = init_ray(cfg, runs=sw.max_concurrent, per_run_extra=sw.trial_cpus, log=log)  # sized for the sweep before the cache build can start Ray smaller
     require_shared_storage(cfg, how)  # every trial's checkpoints
     if cache_run is not None:
-        cache.ensure(*cache_run[:2], log, blocks=cache_run[2])  # built once for every trial
-    datasets = _shared_datasets(cfg, sw, cache_run[0] if cache_run else None, log)
+        cache.ensure(cache_run.cfg, cache_run.plan, log, blocks=cache_run.blocks)  # built once for every trial
+    datasets = _shared_datasets(cfg, sw, cache_run.cfg if cache_run else None, log)
     # an in-process trial holds its worker's resources itself; otherwise its Train worker asks for them
     here = runtime.worker_resources(cfg.scale) if in_process(cfg, sw) else {"CPU": sw.trial_cpus}
     trainable = tune.with_resources(
