@@ -9,6 +9,7 @@ beyond the error type, so every module can use it.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from typing import Any
@@ -110,5 +111,18 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
             value = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError:
             value = raw
+        _refuse_glued_colons(key.strip(), raw, value)
         out.append((key.strip(), value))
     return out
+
+
+def _refuse_glued_colons(key: str, raw: str, value) -> None:
+    """`data.mix={sotu:1}` is YAML for a key 'sotu:1' with no value: refused here, naming the spelling that works,
+    rather than later as an unknown key or a missing weight."""
+    if isinstance(value, dict):
+        glued = next((k for k, v in value.items() if v is None and isinstance(k, str) and ":" in k.strip(":")), None)
+        if glued is not None:
+            fixed = re.sub(r"(?<=[\w'\"]):(?=[^\s/])", ": ", raw)
+            raise ConfigError(f"{key}: '{glued}' reads as one key with no value (YAML needs a space after ':'); write {key}='{fixed}'")
+        for k, v in value.items():
+            _refuse_glued_colons(f"{key}.{k}", raw, v)

@@ -62,6 +62,8 @@ def test_plan_json_and_overrides(capsys, tiny_teacher_dir):
         (["=3"], "=3: overrides look like key=value"),
         (["loss=3"], "loss: expected a mapping of fields, got 3; set its fields one by one, e.g. loss.FIELD=VALUE"),
         (["loss.weights.zzz=1"], "loss.weights.zzz: unknown key; valid keys here: ce, kd,"),
+        (["loss.weights={ce:1,kd:0.5}"], "loss.weights: 'ce:1' reads as one key with no value (YAML needs a space after ':'); "
+                                         "write loss.weights='{ce: 1,kd: 0.5}'"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(overrides, start, tiny_teacher_dir):
