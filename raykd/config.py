@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from raykd.dictconf import build as _build
-from raykd.dictconf import parse_overrides, set_dotted  # noqa: F401  (public here: sweeps set dotted keys)
+from raykd.dictconf import load_yaml_file, parse_overrides, set_dotted  # noqa: F401  (public here: sweeps set dotted keys)
 from raykd.errors import ConfigError, suggest  # noqa: F401  (ConfigError: public here too)
 from raykd.errors import check_choice as _choice
 from raykd.errors import check_positive as _positive
@@ -378,18 +378,7 @@ def from_dict(data: dict | None) -> Config:
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
     """Read a YAML file (or none: the defaults), apply `key=value` overrides, validate."""
-    data: dict = {}
-    if path is not None:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config: file not found: {path}; pass the path of a YAML config such as jobs/demo.yaml")
-        with open(path) as fh:
-            try:
-                data = yaml.safe_load(fh) or {}
-            except yaml.YAMLError as e:
-                first = str(e).splitlines()[0]
-                raise ConfigError(f"config: {path} is not valid YAML ({first}); fix the syntax") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config: {path} must hold a mapping of sections (teacher:, student:, ...)")
+    data = load_yaml_file(path) if path is not None else {}
     for key, value in parse_overrides(overrides or []):
         set_dotted(data, key, value)
     return from_dict(data)

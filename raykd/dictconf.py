@@ -9,6 +9,7 @@ beyond the error type, so every module can use it.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import types
 import typing
@@ -126,3 +127,42 @@ def _refuse_glued_colons(key: str, raw: str, value) -> None:
             raise ConfigError(f"{key}: '{glued}' reads as one key with no value (YAML needs a space after ':'); write {key}='{fixed}'")
         for k, v in value.items():
             _refuse_glued_colons(f"{key}.{k}", raw, v)
+
+
+class _Duplicate(yaml.YAMLError):
+    """A key given twice in one mapping, at line:column."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, str) and key in seen:
+                mark = key_node.start_mark
+                raise _Duplicate(f"{mark.line + 1}:{mark.column + 1}: '{key}' is given twice in one mapping (YAML would keep the last silently); keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml_file(path) -> dict:
+    """A YAML config file as a mapping (an empty file: {}), or one ConfigError naming the file, the line and the fix."""
+    if os.path.isdir(path):
+        raise ConfigError(f"config: {path} is a directory; pass the path of a YAML config such as jobs/demo.yaml")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config: file not found: {path}; pass the path of a YAML config such as jobs/demo.yaml")
+    with open(path) as fh:
+        try:
+            data = yaml.load(fh, Loader=_StrictLoader) or {}  # noqa: S506 (a SafeLoader subclass)
+        except _Duplicate as e:
+            raise ConfigError(f"config: {path}:{e}") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"config: {where}: not valid YAML ({what}); fix the syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {path} must hold a mapping of sections (teacher:, student:, ...)")
+    return data

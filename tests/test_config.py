@@ -88,9 +88,24 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("student: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+    bad.write_text("teacher:\n\tmodel: tiny-random\n")  # a tab: the line and column of the fault
+    with pytest.raises(ConfigError, match=rf"^config: {bad}:2:1: not valid YAML \(found character '\\t'"):
+        load_config(bad)
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(bad)
+    with pytest.raises(ConfigError, match=rf"^config: {tmp_path} is a directory"):
+        load_config(tmp_path)
+
+
+def test_a_key_given_twice_is_refused_not_silently_overwritten(tmp_path):
+    """PyYAML keeps the last of two equal keys: a run would drop the first section without a word."""
+    f = tmp_path / "twice.yaml"
+    f.write_text("student:\n  num_layers: 2\ntrain:\n  lr: 1.0e-3\n  max_steps: 4\n  lr: 3.0e-4\n")
+    with pytest.raises(ConfigError, match=rf"^config: {f}:6:3: 'lr' is given twice in one mapping .*; keep one$"):
+        load_config(f)
+    f.write_text("student:\n  num_layers: 2\n")
+    assert load_config(f).student.num_layers == 2
 
 
 def test_list_init_sets_depth_from_layers():
