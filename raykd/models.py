@@ -121,14 +121,20 @@ def _save_quietly(model, path: Path) -> None:
             hf_logging.enable_progress_bar()
 
 
-def convert_gguf(gguf_path: Path, target: Path) -> Path:
-    """Dequantise a GGUF checkpoint into a safetensors HF directory at `target` (atomically)."""
+def convert_gguf(gguf_path: Path, target: Path, field: str = "teacher.model") -> Path:
+    """Dequantise a GGUF checkpoint into a safetensors HF directory at `target` (atomically); a file transformers
+    cannot read (cut short, another format, an architecture it does not support) is one ConfigError naming `field`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_path = Path(gguf_path)
     kw = {"gguf_file": gguf_path.name}
-    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
+    except Exception as e:  # noqa: BLE001 (struct, value and key errors from transformers' GGUF reader)
+        why = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ConfigError(f"{field}: {gguf_path} is not a GGUF model transformers can read ({type(e).__name__}: {why}); "
+                          "give a complete .gguf file (a download cut short?) of an architecture transformers supports") from None
     config = copy.deepcopy(loaded.config)
     if hasattr(config, "quantization_config"):  # GGUF-loaded models refuse save_pretrained
         del config.quantization_config
@@ -215,7 +221,7 @@ def resolve_model(spec: str, field: str = "teacher.model", log=print) -> Path:
     if path.is_file() and path.suffix == ".gguf":
         digest = hashlib.sha1(f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode()).hexdigest()[:12]
         target = cache_root() / "teachers" / f"{path.stem}-{digest}"
-        return target if _is_model_dir(target) else convert_gguf(path, target)
+        return target if _is_model_dir(target) else convert_gguf(path, target, field)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ConfigError(f"{field}: {spec} has no config.json; point it at a Hugging Face model directory")

@@ -75,6 +75,17 @@ def test_resolve_errors(tmp_path, monkeypatch):
         resolve_model("tiny-random:layers=x")
 
 
+@pytest.mark.parametrize("content", [b"GGUF\x03\x00\x00\x00", b"GGUF" + bytes(range(256)) * 4, b"not a gguf file at all"])
+def test_an_unreadable_gguf_is_one_line_and_leaves_no_teacher_behind(tmp_path, monkeypatch, content):
+    """A download cut short or another format: one ConfigError naming the field and the fix, no half-converted teacher."""
+    monkeypatch.setenv("RAYKD_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "teacher.gguf"
+    f.write_bytes(content)
+    with pytest.raises(ConfigError, match=rf"^teacher.model: {f} is not a GGUF model transformers can read \(.*\); give a complete .gguf"):
+        resolve_model(str(f))
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))
+
+
 def test_local_dir_spec(tiny_teacher_dir, tmp_path):
     copy = tmp_path / "teacher"
     shutil.copytree(tiny_teacher_dir, copy)
