@@ -7,7 +7,9 @@ needs the teacher's weights (`student.init: importance`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -173,7 +175,7 @@ def check_static(cfg: Config, t_config) -> None:
 
 def check_inputs(cfg: Config, teacher: str, planning: bool = False, log=print) -> dict:
     """What `raykd plan`, `distill` and `sweep` refuse before Ray, in one place: the corpus (files, text fields,
-    both splits), at least one block of tokens per split, the eval tasks. `teacher`: the teacher's spec or
+    both splits), at least one block of tokens per split, the eval tasks, the directories the run writes. `teacher`: the teacher's spec or
     directory. `planning`: nothing fetched (task names and lm-eval tasks only checked), and a directory without a
     tokenizer (a planning-only directory of config.json) leaves the one-block check to the run. Returns the
     corpus summary of `preflight`."""
@@ -181,6 +183,9 @@ def check_inputs(cfg: Config, teacher: str, planning: bool = False, log=print) -
     from raykd.data import pipeline
 
     data = pipeline.preflight(cfg.data)
+    for name, where in (("output_dir", cfg.output_dir), ("teacher.cache", cfg.teacher.cache), ("scale.storage_path", cfg.scale.storage_path)):
+        if where and "://" not in where:  # a URI (s3://...) is checked by Ray Train itself
+            check_writable(where, name)
     if planning:
         tasks.check(cfg.eval.tasks)
     else:
@@ -188,6 +193,25 @@ def check_inputs(cfg: Config, teacher: str, planning: bool = False, log=print) -
     if not planning or pipeline.has_tokenizer(teacher):
         pipeline.check_tokens(cfg.data, teacher, cfg.teacher.trust_remote_code)
     return data
+
+
+def check_writable(directory: str, field: str) -> None:
+    """Refuse, before Ray starts, a directory the run could not write (read-only, a path that cannot be created):
+    the missing parts are created, a file written and removed, and what was created removed again."""
+    path = Path(directory).expanduser().absolute()
+    missing = [d for d in (path, *path.parents) if not d.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".raykd-write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{field}: cannot write {directory} ({e.strerror or e}); choose a directory you can write, "
+                          f"e.g. {field}=runs/NAME") from None
+    finally:
+        for d in missing:  # deepest first; a run that goes on creates it again
+            with contextlib.suppress(OSError):
+                d.rmdir()
 
 
 def build_plan(cfg: Config, log=print) -> Plan:
