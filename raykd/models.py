@@ -388,13 +388,8 @@ def _tied_keys(model) -> set[str]:
 
 def count_params(model, trainable_only: bool = False) -> int:
     """Unique parameters (tied weights counted once)."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        if id(p) in seen or (trainable_only and not p.requires_grad):
-            continue
-        seen.add(id(p))
-        total += p.numel()
-    return total
+    unique = {id(p): p for p in model.parameters() if p.requires_grad or not trainable_only}
+    return sum(p.numel() for p in unique.values())
 
 
 def check_same_vocab(teacher_tok, student_tok, field: str = "student.model") -> None:
