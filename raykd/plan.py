@@ -199,6 +199,8 @@ def check_writable(directory: str, field: str) -> None:
     """Refuse, before Ray starts, a directory the run could not write (read-only, a path that cannot be created):
     the missing parts are created, a file written and removed, and what was created removed again."""
     path = Path(directory).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{field}: {directory} is a file, not a directory; choose a directory you can write, e.g. {field}=runs/NAME")
     missing = [d for d in (path, *path.parents) if not d.exists()]
     try:
         path.mkdir(parents=True, exist_ok=True)

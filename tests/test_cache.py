@@ -172,6 +172,11 @@ def test_cli_refuses_a_mismatching_cache_with_one_line(built, capsys):
     assert sorted(os.listdir(d)) == before
     assert main(["cache-teacher", SMOKE]) == 2
     assert "teacher.cache=DIR" in capsys.readouterr().err
+    (d.parent / "a-file").write_text("")
+    assert main(["cache-teacher", SMOKE, *BASE, f"teacher.cache={d.parent / 'a-file' / 'cache'}"]) == 2  # refused before Ray
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"raykd: error: teacher.cache: cannot write {d.parent / 'a-file' / 'cache'} (Not a directory); choose a directory you can write, "
+        "e.g. teacher.cache=runs/NAME"]
 
 
 def test_plan_says_what_distill_will_find_in_the_cache(built, tmp_path, capsys):

@@ -149,6 +149,7 @@ def bert_dir(tmp_path_factory):
     (["generate.num_samples=0"], "generate.num_samples: must be > 0"),
     (["generate.model=BERT"], "generate.model: BERT holds a bert (BertForMaskedLM), not a causal language model"),
     (["--out", "FILE"], "--out: FILE is a file"),
+    (["--out", "FILE/gen"], "--out: cannot write FILE/gen (Not a directory); choose a directory you can write"),
     (["distill", "data.train=null", "data.mix={pydoc: 0, sotu: 0}"], "data.mix: the weights sum to 0"),
     (["distill", "data.train=null", "data.mix={pydoc: 1, /nonexistent/gen: 1}"], "data.mix: /nonexistent/gen does not exist"),
 ])
@@ -156,7 +157,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, tiny_teacher
     out, file = tmp_path / "out", tmp_path / "a-file"
     file.write_text("not a directory")
     subst = {"BERT": str(bert_dir), "FILE": str(file)}
-    args = [subst.get(a, a.replace("BERT", str(bert_dir))) for a in args]
+    args = [subst.get(a, a.replace("BERT", str(bert_dir)).replace("FILE", str(file))) for a in args]
     start = start.replace("BERT", str(bert_dir)).replace("FILE", str(file))
     if args[0] == "distill":
         proc = _cli("distill", SMOKE, f"output_dir={out}", *args[1:])

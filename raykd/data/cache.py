@@ -331,6 +331,7 @@ def build(cfg: Config, plan, log=print, blocks: int | None = None) -> dict:
     import ray.data
 
     from raykd.data import pipeline
+    from raykd.plan import check_writable
     from raykd.runtime import init_ray, quiet_data_progress
 
     t0 = time.perf_counter()
@@ -344,6 +345,7 @@ def build(cfg: Config, plan, log=print, blocks: int | None = None) -> dict:
         return meta
     pipeline.preflight(cfg.data)
     pipeline.check_tokens(cfg.data, cfg.teacher.model, cfg.teacher.trust_remote_code)
+    check_writable(str(path), "teacher.cache")
     path.mkdir(parents=True, exist_ok=True)
     for stale in path.glob(".shard-*.tmp"):  # a shard an interrupted build was writing
         stale.unlink()

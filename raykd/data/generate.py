@@ -180,9 +180,11 @@ def run(cfg: Config, out: str | os.PathLike, log=print) -> dict:
     import ray.data
 
     from raykd.data.cache import _driven
+    from raykd.plan import check_writable
     from raykd.runtime import init_ray, quiet_data_progress
 
     t0 = time.perf_counter()
+    check_writable(str(out), "--out")
     out = Path(out)
     gen = cfg.generate
     plan = prepare(cfg, out, log)
