@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import math
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -73,6 +74,7 @@ def init_ray(cfg: Config, runs: int = 1, per_run_extra: float = 0.0, log=print) 
     if ray.is_initialized():
         return "cluster"
     if os.environ.get("RAY_ADDRESS"):
+        _check_answers(os.environ["RAY_ADDRESS"])
         ray.init()
         return "cluster"
     need = math.ceil(runs * (cfg.scale.worker_range[1] * cfg.scale.cpus_per_worker + per_run_extra)) + 1
@@ -93,6 +95,21 @@ def init_ray(cfg: Config, runs: int = 1, per_run_extra: float = 0.0, log=print) 
                           f"--num-cpus={need}`), stop it, or lower scale.num_workers / scale.cpus_per_worker")
     log(f"raykd: joined the Ray instance already running on this machine ({address}, {have:g} CPUs)")
     return "joined"
+
+
+def _check_answers(address: str, timeout_s: float = 5.0) -> None:
+    """One line when nothing answers at RAY_ADDRESS's host:port (a cluster that is down, a wrong host): Ray itself
+    retries for minutes, printing warnings. `auto`, dashboard URLs and addresses without a port are left to Ray."""
+    host_port = address.split("://", 1)[1] if address.startswith("ray://") else address
+    if address in ("auto", "local") or "://" in host_port or ":" not in host_port:
+        return
+    host, _, port = host_port.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as e:
+        why = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        raise ConfigError(f"RAY_ADDRESS: no Ray cluster answers at {address} ({why}); start it (`ray start --head`), correct the "
+                          "address, or unset RAY_ADDRESS to start Ray on this machine") from None
 
 
 def _guard_local_instance() -> None:

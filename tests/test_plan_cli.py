@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from raykd.cli import main
-from raykd.config import load_config
+from raykd.config import ConfigError, load_config
 from raykd.plan import build_plan
 
 
@@ -248,3 +248,28 @@ def test_sweep_params_nested_from_the_command_line_are_dotted_keys():
 
     sw = SweepConfig(params={"loss.kd": {"choice": ["jsd"]}, "train": {"lr": {"loguniform": ["1e-4", "1e-2"]}}})
     assert sw.params == {"loss.kd": {"choice": ["jsd"]}, "train.lr": {"loguniform": [1e-4, 1e-2]}}
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_ray_address_where_nothing_answers_is_one_line_before_ray(monkeypatch, tmp_path, capsys, tiny_teacher_dir):
+    """Ray retries an unreachable RAY_ADDRESS for minutes; raykd says so in one line, before anything is written."""
+    from raykd.runtime import _check_answers
+
+    port = _closed_port()
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    assert main(["distill", "jobs/smoke.yaml", f"output_dir={tmp_path / 'out'}"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"raykd: error: RAY_ADDRESS: no Ray cluster answers at 127.0.0.1:{port} (Connection refused); start it (`ray start --head`), "
+        "correct the address, or unset RAY_ADDRESS to start Ray on this machine"]
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match=rf"^RAY_ADDRESS: no Ray cluster answers at ray://localhost:{port} "):
+        _check_answers(f"ray://localhost:{port}")
+    for left_to_ray in ("auto", "http://127.0.0.1:8265", "somehost"):
+        _check_answers(left_to_ray)
