@@ -314,3 +314,15 @@ def test_a_named_corpus_is_read_from_the_cache_of_the_node_that_reads_it(tmp_pat
     monkeypatch.setenv("RAYKD_CACHE", str(tmp_path / "worker"))  # the reading task runs on another node
     texts = [text for f in plan.files for _, text, _ in _documents(f, "text", "error", 1)]
     assert texts and all(t.startswith("The worker node's copy") for t in texts)
+
+
+def test_a_corpus_of_short_documents_names_min_chars_wherever_it_is_read_first(tmp_path):
+    """The importance search reads calibration text before the corpus preflight: both say what is wrong and the fix."""
+    from raykd.data.reader import calibration_text, preflight
+
+    (tmp_path / "table.csv").write_text("a,b\n1,2\n")  # 8 characters: shorter than data.min_chars
+    cfg = DataConfig(train=[str(tmp_path / "table.csv")], validation=[str(tmp_path / "table.csv")])
+    want = rf"^data\.train: the corpus holds no document of at least data\.min_chars={cfg.min_chars} characters after cleaning; add text or lower data\.min_chars$"
+    for read in (lambda: calibration_text(cfg, 100), lambda: preflight(cfg)):
+        with pytest.raises(ConfigError, match=want):
+            read()

@@ -322,6 +322,9 @@ def documents(data_cfg: DataConfig, split: str = "train", fetch: bool = True) ->
             yield text
 
 
+_NO_TRAIN = "data.train: the corpus holds no document of at least data.min_chars={min_chars} characters after cleaning; add text or lower data.min_chars"
+
+
 def calibration_text(data_cfg: DataConfig, n_chars: int) -> str:
     """About `n_chars` of training text, documents joined by blank lines (importance scoring)."""
     parts, total = [], 0
@@ -331,7 +334,7 @@ def calibration_text(data_cfg: DataConfig, n_chars: int) -> str:
         if total >= n_chars:
             break
     if not parts:
-        raise ConfigError("data.train: the corpus holds no text; add documents")
+        raise ConfigError(_NO_TRAIN.format(min_chars=data_cfg.min_chars))
     return "\n\n".join(parts)
 
 
@@ -369,7 +372,7 @@ def preflight(data_cfg: DataConfig) -> dict:
                 if mode == "all" or (mode == "hash" and _held_out(digest, data_cfg.val_fraction) == (split == "validation")):
                     docs[split] += 1
     if docs["train"] == 0:
-        raise ConfigError(f"data.train: the corpus holds no document of at least data.min_chars={data_cfg.min_chars} characters after cleaning; add text or lower data.min_chars")
+        raise ConfigError(_NO_TRAIN.format(min_chars=data_cfg.min_chars))
     if docs["validation"] == 0:
         if data_cfg.validation is not None:
             raise ConfigError(f"data.validation: the validation files hold no document of at least data.min_chars={data_cfg.min_chars} characters that is not also in the training data; add held-out text")
