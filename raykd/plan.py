@@ -175,8 +175,8 @@ def check_static(cfg: Config, t_config) -> None:
 
 def check_inputs(cfg: Config, teacher: str, planning: bool = False, log=print) -> dict:
     """What `raykd plan`, `distill` and `sweep` refuse before Ray, in one place: the corpus (files, text fields,
-    both splits), at least one block of tokens per split, the eval tasks, the directories the run writes. `teacher`: the teacher's spec or
-    directory. `planning`: nothing fetched (task names and lm-eval tasks only checked), and a directory without a
+    both splits), at least one block of tokens per split, the eval tasks, the directories the run writes.
+    `teacher`: the teacher's spec or directory. `planning`: nothing fetched (task names and lm-eval tasks only checked), and a directory without a
     tokenizer (a planning-only directory of config.json) leaves the one-block check to the run. Returns the
     corpus summary of `preflight`."""
     from raykd import tasks
