@@ -92,12 +92,18 @@ def test_broken_teacher_config_and_output_file_are_one_line(tmp_path, tiny_teach
     proc = run_cli("distill", "jobs/smoke.yaml", f"output_dir={tmp_path / 'out'}")  # refused before Ray starts
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"raykd: error: output_dir: {tmp_path / 'out'} is a file, not a directory; choose a directory path for the run's outputs"]
-    for verb in ("plan", "distill"):  # a directory that cannot be created (under a file here; read-only elsewhere)
-        proc = run_cli(verb, "jobs/smoke.yaml", f"output_dir={tmp_path / 'run' / 'a' / 'b'}", f"scale.storage_path={tmp_path / 'out' / 'ckpt'}")
-        assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+
+
+def test_a_directory_the_run_cannot_write_is_one_line_before_ray(tmp_path, capsys, tiny_teacher_dir):
+    """An output_dir or storage path that cannot be created (under a file here; read-only elsewhere) failed after Ray
+    started, in a pyarrow traceback; plan and distill refuse it alike, and the probe leaves nothing behind."""
+    (tmp_path / "out").write_text("a file")
+    for verb in ("plan", "distill"):
+        assert main([verb, "jobs/smoke.yaml", f"output_dir={tmp_path / 'run' / 'a' / 'b'}", f"scale.storage_path={tmp_path / 'out' / 'ckpt'}"]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [
             f"raykd: error: scale.storage_path: cannot write {tmp_path / 'out' / 'ckpt'} (Not a directory); choose a directory you can "
-            "write, e.g. scale.storage_path=runs/NAME"], proc.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "teacher"]  # output_dir's probe left nothing behind
+            "write, e.g. scale.storage_path=runs/NAME"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # output_dir's probe left nothing behind
 
 
 def test_missing_config_file_exits_2():
