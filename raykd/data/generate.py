@@ -64,10 +64,8 @@ def _abs(spec: str) -> str:
 
 
 def _check_out(out: Path, want: dict) -> dict | None:
-    """The existing generate.json of `out` (None for a new or empty directory); refuses a file, a
-    directory of other files, or one written with other settings."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out: {out} is a file; give a directory for the shards (created when missing)")
+    """The existing generate.json of `out` (None for a new or empty directory); refuses a directory of
+    other files, or one written with other settings (a file or an unwritable path: `run`'s check_writable)."""
     meta_file = out / META
     if not meta_file.is_file():
         if out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()):
